@@ -1,0 +1,41 @@
+# `make test` and `make demo` set everything up on a fresh machine: they create .venv and install the
+# pinned CPU environment. On a machine with its own interpreter (e.g. a GPU box without network) pass
+# PYTHON=python3: only the project is installed then (--no-deps --no-build-isolation).
+VENV ?= .venv
+ifeq ($(origin PYTHON), undefined)
+PYTHON := $(VENV)/bin/python
+SETUP := $(VENV)/.installed
+else
+SETUP := .external-install
+endif
+
+.PHONY: test demo bench bench-smoke lint clean
+
+$(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -r requirements-dev.txt
+	$(VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+.external-install: setup.py pyproject.toml
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+test: $(SETUP)
+	$(PYTHON) -m pytest -q tests
+
+demo: $(SETUP)
+	$(PYTHON) -m spidr_fast demo
+
+bench: $(SETUP)
+	$(PYTHON) -m pytest -q bench --benchmark-only
+
+bench-smoke: $(SETUP)
+	$(PYTHON) -m pytest -q bench --benchmark-only -k smoke
+
+lint: $(SETUP)
+	$(PYTHON) -m ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .external-install spidr_fast/_C*.so
