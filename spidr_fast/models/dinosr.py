@@ -1,0 +1,236 @@
+"""DinoSR: a student transformer predicts, at masked frames, the online-codebook labels of an EMA teacher.
+
+Read top to bottom: `forward` is the training objective of SPEC.md; `get_intermediate_outputs` and
+`get_codebooks` are the inference API of the reference. The hot paths go through
+`spidr_fast.kernels` (codebook assignment + statistics, heads + cross-entropy, attention).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spidr_fast import kernels
+from spidr_fast.config import DinoSRConfig
+from spidr_fast.models.codebook import Codebooks, perplexity
+from spidr_fast.models.feature_extractor import FeatureExtractor, FeatureProjection
+from spidr_fast.models.padding import key_mask_from_attention_mask, key_mask_from_lengths, masked_instance_norm
+from spidr_fast.models.transformer import Transformer
+
+
+def dinosr_ema_decay(step: int, start: float, final: float, final_step: int, freeze_step: int) -> float:
+    """Linear from `start` to `final` over `final_step` steps, then `final` until `freeze_step`, then 1."""
+    if step < final_step:
+        return final - (final - start) * (1 - step / final_step)
+    return final if step < freeze_step else 1.0
+
+
+def select_masked(x: Tensor, mask_indices: Tensor) -> Tensor:
+    """(B, T, D) gathered at (B, M) frame indices -> (B * M, D)."""
+    return x.gather(1, mask_indices.unsqueeze(-1).expand(-1, -1, x.shape[-1])).flatten(0, 1)
+
+
+class DinoSR(nn.Module):
+    config_class = DinoSRConfig
+
+    def __init__(self, cfg: DinoSRConfig | None = None):
+        super().__init__()
+        cfg = cfg if cfg is not None else self.config_class()
+        if not isinstance(cfg, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.feature_extractor = FeatureExtractor(
+            cfg.extractor_conv_layer_config, cfg.extractor_mode, bias=cfg.extractor_conv_bias
+        )
+        self.feature_projection = FeatureProjection(self.feature_extractor.out_channels, cfg.encoder_embed_dim)
+        self.projection_dropout = nn.Dropout(cfg.encoder_projection_dropout)
+        self.student = Transformer(
+            cfg.encoder_embed_dim,
+            cfg.encoder_num_layers,
+            cfg.encoder_num_heads,
+            cfg.encoder_ff_interm_features,
+            pos_conv_kernel=cfg.encoder_pos_conv_kernel,
+            pos_conv_groups=cfg.encoder_pos_conv_groups,
+            pos_conv_depth=cfg.encoder_pos_conv_depth,
+            qkv_bias=cfg.encoder_qkv_bias,
+            attention_dropout=cfg.encoder_attention_dropout,
+            ff_interm_dropout=cfg.encoder_ff_interm_dropout,
+            dropout=cfg.encoder_dropout,
+            layer_drop=cfg.encoder_layer_drop,
+            pre_ln=cfg.encoder_layer_norm_first,
+        )
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Linear(cfg.encoder_embed_dim, cfg.codebook_size), nn.LogSoftmax(dim=-1))
+            for _ in range(cfg.num_codebooks)
+        )
+        self.codebooks = Codebooks(cfg.num_codebooks, cfg.encoder_embed_dim, cfg.codebook_size, cfg.codebook_decay)
+        # The teacher: an fp32 copy of the student with fresh weights (as the reference), moved only by EMA.
+        self.teacher = copy.deepcopy(self.student).float()
+        self.teacher.reset_parameters()
+        self.teacher.requires_grad_(False)
+        self.mask_embedding = nn.Parameter(torch.empty(cfg.encoder_embed_dim).uniform_())
+        self.register_buffer("current_step", torch.zeros(1, dtype=torch.int64))
+        self.teacher.eval()
+
+    # ---------------------------------------------------------------- schedule and EMA
+    @property
+    def num_codebooks(self) -> int:
+        return len(self.codebooks)
+
+    def ema_decay(self, step: int) -> float:
+        c = self.cfg
+        return dinosr_ema_decay(step, c.ema_start_decay, c.ema_final_decay, c.ema_final_step, c.freeze_step)
+
+    def train(self, mode: bool = True) -> DinoSR:
+        super().train(mode)
+        self.teacher.eval()  # the teacher never drops anything
+        return self
+
+    def freeze_extractor(self) -> None:
+        self.feature_extractor.requires_grad_(False)
+        self.feature_projection.requires_grad_(False)
+
+    @torch.no_grad()
+    def update_ema(self, step: int) -> float:
+        """Move the teacher towards the student after optimizer step `step`; returns the decay used.
+
+        Two multi-tensor calls: `_foreach_lerp_` (bitwise equal to a per-parameter `lerp_`) for the
+        averaged parameters, `_foreach_copy_` for the excluded ones (the positional conv) and buffers.
+        """
+        self.current_step.fill_(step)
+        decay = self.ema_decay(step)
+        if step >= self.cfg.freeze_step:
+            self.freeze_extractor()
+        if 0.0 < decay < 1.0:
+            lerp_t, lerp_s, copy_t, copy_s = [], [], [], []
+            student_params = dict(self.student.named_parameters())
+            for name, t in self.teacher.named_parameters():
+                excluded = any(name.startswith(prefix) for prefix in self.cfg.ema_exclude_layers)
+                (copy_t if excluded else lerp_t).append(t)
+                (copy_s if excluded else lerp_s).append(student_params[name])
+            for t, s in zip(self.teacher.buffers(), self.student.buffers()):
+                copy_t.append(t)
+                copy_s.append(s)
+            if lerp_t:
+                torch._foreach_lerp_(lerp_t, [s.to(t.dtype) for t, s in zip(lerp_t, lerp_s)], 1 - decay)
+            if copy_t:
+                torch._foreach_copy_(copy_t, copy_s)
+        return decay
+
+    # ---------------------------------------------------------------- inputs
+    def _features(self, waveforms: Tensor, attention_mask: Tensor | None, lengths: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Waveforms -> projected features (B, T, D) and the key mask (B, T) (None: nothing padded)."""
+        if attention_mask is not None and lengths is not None:
+            raise ValueError("pass either attention_mask or lengths, not both")
+        sample_lengths = None
+        if lengths is not None:
+            sample_lengths = torch.as_tensor(lengths, device=waveforms.device).long()
+            if sample_lengths.shape != waveforms.shape[:1]:
+                raise ValueError(f"lengths must have shape ({waveforms.shape[0]},), got {tuple(sample_lengths.shape)}")
+            if bool((sample_lengths > waveforms.shape[-1]).any()) or bool((sample_lengths <= 0).any()):
+                raise ValueError(f"lengths must be in [1, {waveforms.shape[-1]}], got {sample_lengths.tolist()}")
+            if bool((sample_lengths == waveforms.shape[-1]).all()):
+                sample_lengths = None  # nothing is padded
+        num_frames = int(self.feature_extractor.output_lengths(torch.tensor(waveforms.shape[-1])))
+        key_mask = None
+        if sample_lengths is not None:
+            key_mask = key_mask_from_lengths(self.feature_extractor.output_lengths(sample_lengths), num_frames)
+        elif attention_mask is not None:
+            key_mask = key_mask_from_attention_mask(attention_mask, num_frames)
+            if self.cfg.extractor_mode == "group_norm":
+                # A frame mask cannot tell the real sample count: use the fewest samples that give these frames.
+                sample_lengths = self.feature_extractor.min_input_length(key_mask.sum(-1))
+        features = self.feature_projection(self.feature_extractor(waveforms, sample_lengths))
+        return features, key_mask
+
+    # ---------------------------------------------------------------- inference API
+    def get_intermediate_outputs(
+        self,
+        waveforms: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        lengths: Tensor | None = None,
+        before_residual: bool = True,
+        num_layers: int | None = None,
+    ) -> list[Tensor]:
+        """One (B, T, D) tensor per student layer: the FFN output before residual, or the layer output.
+
+        Args:
+            waveforms: (B, samples) float, 16 kHz, each standardised (the model never standardises).
+            attention_mask: the reference's (B, 1, T, T) bool mask, True where a key is a real frame.
+            lengths: (B,) real samples per waveform; the cheaper alternative to `attention_mask`.
+            num_layers: stop after this many layers (saves the work of the rest).
+        """
+        features, key_mask = self._features(waveforms, attention_mask, lengths)
+        return self.student.get_intermediate_outputs(features, key_mask, num_layers, before_residual=before_residual)
+
+    def _head_inputs_for_inference(self, features: Tensor, key_mask: Tensor | None) -> list[Tensor]:
+        """DinoSR: every head reads the student's final output."""
+        return [self.student(features, key_mask)] * self.num_codebooks
+
+    def get_codebooks(
+        self,
+        waveforms: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        lengths: Tensor | None = None,
+        onehot: bool = False,
+    ) -> list[Tensor | None]:
+        """None for the first (layers - num_codebooks) layers, then each head's probabilities (squeezed)
+        or their one-hot argmax."""
+        features, key_mask = self._features(waveforms, attention_mask, lengths)
+        out: list[Tensor | None] = [None] * (len(self.student.layers) - self.num_codebooks)
+        for head, x in zip(self.heads, self._head_inputs_for_inference(features, key_mask)):
+            probs = head(x).float().exp().squeeze()
+            out.append(F.one_hot(probs.argmax(-1), probs.shape[-1]) if onehot else probs)
+        return out
+
+    # ---------------------------------------------------------------- training objective
+    def _student_head_inputs(self, x: Tensor, key_mask: Tensor | None, mask_indices: Tensor) -> Tensor:
+        """DinoSR: all heads read the student's final output at the masked frames: (C, N, D) (a view)."""
+        y = select_masked(self.student(x, key_mask), mask_indices)
+        return y.unsqueeze(0).expand(self.num_codebooks, -1, -1)
+
+    def forward(
+        self,
+        waveforms: Tensor,
+        *,
+        mask_indices: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        lengths: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One training forward: the loss per masked frame (B * M,) and {"target_ppl", "pred_ppl"}.
+
+        In training mode the codebooks take their EMA step. `mask_indices` (B, M) int64, sorted per
+        row; None predicts every frame.
+        """
+        features, key_mask = self._features(waveforms, attention_mask, lengths)
+        batch, frames, _ = features.shape
+        x = self.projection_dropout(features)
+        if mask_indices is None:
+            mask_indices = torch.arange(frames, device=x.device).expand(batch, -1)
+        else:
+            masked = torch.zeros(batch, frames, dtype=torch.bool, device=x.device).scatter_(1, mask_indices, True)
+            x = torch.where(masked.unsqueeze(-1), self.mask_embedding.to(x.dtype), x)
+        head_inputs = self._student_head_inputs(x, key_mask, mask_indices)  # (C, N, D)
+
+        with torch.no_grad():
+            teacher_layers = self.teacher.get_intermediate_outputs(features, key_mask)[-self.num_codebooks :]
+            targets = torch.stack([select_masked(masked_instance_norm(t, key_mask), mask_indices) for t in teacher_layers])
+        labels = self.codebooks.assign(targets)  # (C, N)
+
+        weight = torch.stack([head[0].weight for head in self.heads])  # (C, K, D)
+        bias = torch.stack([head[0].bias for head in self.heads])  # (C, K)
+        losses, prob_sums = kernels.heads_cross_entropy(head_inputs, weight, bias, labels)  # (C, N), (C, K)
+
+        counts, sums, prob_sums, num_frames = self.codebooks.statistics(targets, labels, prob_sums)
+        if self.training:
+            self.codebooks.update(counts, sums)
+        metrics = {
+            "target_ppl": perplexity(counts, num_frames).mean(),
+            "pred_ppl": perplexity(prob_sums, num_frames).mean(),
+        }
+        return losses.mean(0), metrics

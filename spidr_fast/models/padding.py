@@ -1,0 +1,51 @@
+"""Padded batches: the reference's boolean attention mask and the cheaper per-utterance lengths.
+
+The reference takes a boolean attention mask (batch, 1, frames, frames), True where a key is a real
+frame. spidr_fast also takes `lengths` (batch,) in samples, which costs nothing to build and is the
+only form that gives exact group-norm statistics (a frame mask cannot tell how many samples of the
+last frame were real). Inside the model a padded batch is a (batch, frames) key mask, or None when
+nothing is padded (so attention runs with no mask at all).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def key_mask_from_attention_mask(attention_mask: Tensor, num_frames: int) -> Tensor:
+    """(B, 1, T, T) bool attention mask -> (B, T) key mask (row 0: the rows of a padding mask are equal)."""
+    if attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or attention_mask.shape[-1] != num_frames:
+        raise ValueError(
+            f"attention_mask must have shape (batch, 1, {num_frames}, {num_frames}), got {tuple(attention_mask.shape)}"
+        )
+    if attention_mask.dtype != torch.bool:
+        raise ValueError(f"attention_mask must be bool (True where attention is allowed), got {attention_mask.dtype}")
+    return attention_mask[:, 0, 0, :]
+
+
+def key_mask_from_lengths(frame_lengths: Tensor, num_frames: int) -> Tensor:
+    """(B,) frame counts -> (B, T) bool mask, True on real frames."""
+    return torch.arange(num_frames, device=frame_lengths.device) < frame_lengths.unsqueeze(-1)
+
+
+def attention_mask_from_lengths(frame_lengths: Tensor, num_frames: int) -> Tensor:
+    """The reference's (B, 1, T, T) mask from frame counts, for callers that need its form."""
+    key_mask = key_mask_from_lengths(frame_lengths, num_frames)
+    return key_mask[:, None, None, :].expand(-1, 1, num_frames, -1)
+
+
+def masked_instance_norm(x: Tensor, key_mask: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """Normalise each channel over time, in fp32: (B, T, D) -> (B, T, D).
+
+    Without padding this is exactly `F.instance_norm` (the reference); with padding, statistics
+    cover real frames only (the reference would include the padded frames).
+    """
+    x = x.float()
+    if key_mask is None:
+        return torch.nn.functional.instance_norm(x.transpose(1, 2), eps=eps).transpose(1, 2)
+    m = key_mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+    n = m.sum(1, keepdim=True).clamp_min(1)
+    mean = (x * m).sum(1, keepdim=True) / n
+    var = ((x - mean).square() * m).sum(1, keepdim=True) / n
+    return (x - mean) * torch.rsqrt(var + eps)

@@ -1,0 +1,38 @@
+"""SpidR: DinoSR where head i reads the student's layer of teacher target i, and an exponential EMA."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from torch import Tensor
+
+from spidr_fast.config import SpidRConfig
+from spidr_fast.models.dinosr import DinoSR, select_masked
+
+
+def spidr_ema_decay(step: int, start: float, timescale: float, threshold: float) -> float:
+    """1 - (1 - start) exp(-step / timescale); 1 (the EMA stops) once 1 - decay <= threshold."""
+    decay = 1 - (1 - start) * math.exp(-step / timescale)
+    return decay if 1 - decay > threshold else 1.0
+
+
+class SpidR(DinoSR):
+    config_class = SpidRConfig
+
+    def __init__(self, cfg: SpidRConfig | None = None):
+        super().__init__(cfg)
+        # The student's last normalisation never reaches the loss: the reference does not train it.
+        self.student.final_norm.requires_grad_(False)
+
+    def ema_decay(self, step: int) -> float:
+        c = self.cfg
+        return spidr_ema_decay(step, c.ema_start_decay, c.ema_timescale, c.ema_threshold)
+
+    def _head_inputs_for_inference(self, features: Tensor, key_mask: Tensor | None) -> list[Tensor]:
+        return self.student.get_intermediate_outputs(features, key_mask)[-self.num_codebooks :]
+
+    def _student_head_inputs(self, x: Tensor, key_mask: Tensor | None, mask_indices: Tensor) -> Tensor:
+        layers = self.student.get_intermediate_outputs(x, key_mask)[-self.num_codebooks :]
+        return torch.stack([select_masked(y, mask_indices) for y in layers])

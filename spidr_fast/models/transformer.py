@@ -1,0 +1,191 @@
+"""The encoder: convolutional positional embedding, then post-LN (or pre-LN) transformer layers.
+
+Inside the encoder a padded batch is a (B, T) bool key mask (True on real frames) or None when
+nothing is padded; attention then runs with no mask (see `spidr_fast.kernels.attention`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spidr_fast import kernels
+from spidr_fast.models.feature_extractor import ChannelLayerNorm
+
+
+class ConvPositionalEmbedding(nn.Module):
+    """`depth` grouped convs, each followed by LayerNorm (no affine) and GELU; padded frames zeroed."""
+
+    def __init__(self, embed_dim: int, kernel_size: int, groups: int, depth: int):
+        super().__init__()
+        self.layer_kernel_size = max(3, kernel_size // depth)
+        self.num_remove = 1 if self.layer_kernel_size % 2 == 0 else 0  # even kernels give one frame too many
+        self.layer_norm = ChannelLayerNorm(embed_dim, elementwise_affine=False)
+        self.convs = nn.ModuleList(
+            nn.Conv1d(embed_dim, embed_dim, self.layer_kernel_size, padding=self.layer_kernel_size // 2, groups=groups)
+            for _ in range(depth)
+        )
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        keep = None if key_mask is None else key_mask.unsqueeze(1).to(x.dtype)  # (B, 1, T)
+        x = x.transpose(1, 2)  # (B, T, D) -> (B, D, T)
+        for conv in self.convs:
+            if keep is not None:
+                x = x * keep
+            x = conv(x)
+            if self.num_remove:
+                x = x[..., : -self.num_remove]
+            x = F.gelu(self.layer_norm(x))
+        if keep is not None:
+            x = x * keep
+        return x.transpose(1, 2)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (q, k, v stacked in that order)."""
+
+    def __init__(self, embed_dim: int, num_heads: int, *, qkv_bias: bool, dropout: float):
+        super().__init__()
+        self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=qkv_bias)
+        self.proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        batch, seq, dim = x.shape
+        # (B, T, 3D) -> (3, B, H, T, Dh)
+        q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = kernels.attention(q, k, v, key_mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(out.transpose(1, 2).reshape(batch, seq, dim))  # (B, H, T, Dh) -> (B, T, D)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, embed_dim: int, interm_features: int, interm_dropout: float):
+        super().__init__()
+        self.intermediate_dense = nn.Linear(embed_dim, interm_features)
+        self.intermediate_dropout = nn.Dropout(interm_dropout)
+        self.output_dense = nn.Linear(interm_features, embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.output_dense(self.intermediate_dropout(F.gelu(self.intermediate_dense(x))))
+
+
+class TransformerLayer(nn.Module):
+    """One layer; returns (output, ffn_output) where ffn_output is the FFN result before dropout+residual."""
+
+    def __init__(self, embed_dim: int, attention: SelfAttention, feed_forward: FeedForward, dropout: float, *, pre_ln: bool):
+        super().__init__()
+        self.attention = attention
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(embed_dim)
+        self.feed_forward = feed_forward
+        self.final_layer_norm = nn.LayerNorm(embed_dim)
+        self.pre_ln = pre_ln
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.pre_ln:
+            x = x + self.dropout(self.attention(self.layer_norm(x), key_mask))
+            ffn = self.feed_forward(self.final_layer_norm(x))
+            return x + self.dropout(ffn), ffn
+        x = self.layer_norm(x + self.dropout(self.attention(x, key_mask)))
+        ffn = self.feed_forward(x)
+        return self.final_layer_norm(x + self.dropout(ffn)), ffn
+
+
+class Transformer(nn.Module):
+    """Positional conv + LayerNorm + layers (post-LN), or + layers + final LayerNorm (pre-LN)."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_layers: int,
+        num_heads: int,
+        ff_interm_features: int,
+        *,
+        pos_conv_kernel: int,
+        pos_conv_groups: int,
+        pos_conv_depth: int,
+        qkv_bias: bool,
+        attention_dropout: float,
+        ff_interm_dropout: float,
+        dropout: float,
+        layer_drop: float,
+        pre_ln: bool,
+    ):
+        super().__init__()
+        self.pos_conv_embed = ConvPositionalEmbedding(embed_dim, pos_conv_kernel, pos_conv_groups, pos_conv_depth)
+        self.layer_norm = nn.LayerNorm(embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.layer_drop = layer_drop
+        self.pre_ln = pre_ln
+        self.layers = nn.ModuleList(
+            TransformerLayer(
+                embed_dim,
+                SelfAttention(embed_dim, num_heads, qkv_bias=qkv_bias, dropout=attention_dropout),
+                FeedForward(embed_dim, ff_interm_features, ff_interm_dropout),
+                dropout,
+                pre_ln=pre_ln,
+            )
+            for _ in range(num_layers)
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The reference's init: N(0, 0.02) linears with zero bias, then xavier for attention."""
+        self.apply(_init_weights)
+
+    @property
+    def final_norm(self) -> nn.LayerNorm:
+        """The student's last normalisation, never reached by the SpidR loss."""
+        return self.layer_norm if self.pre_ln else self.layers[-1].final_layer_norm
+
+    def _embed(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
+        x = x + self.pos_conv_embed(x, key_mask)
+        if not self.pre_ln:
+            x = self.layer_norm(x)
+        return self.dropout(x)
+
+    def _drop_layer(self) -> bool:
+        # Drawn on the CPU generator, and only when layer drop is on: no device sync, no RNG use otherwise.
+        return self.training and self.layer_drop > 0 and bool(torch.rand(1) <= self.layer_drop)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """(B, T, D) -> (B, T, D), the encoder's final output."""
+        x = self._embed(x, key_mask)
+        for layer in self.layers:
+            if not self._drop_layer():
+                x, _ = layer(x, key_mask)
+        return self.layer_norm(x) if self.pre_ln else x
+
+    def get_intermediate_outputs(
+        self, x: Tensor, key_mask: Tensor | None = None, num_layers: int | None = None, *, before_residual: bool = True
+    ) -> list[Tensor]:
+        """Per layer: the FFN output before residual (default) or the layer's output.
+
+        A dropped layer (layer drop, training only) still reports its result but leaves x unchanged,
+        as in the reference.
+        """
+        if num_layers is not None and not 0 < num_layers <= len(self.layers):
+            raise ValueError(f"num_layers must be in [1, {len(self.layers)}], got {num_layers}")
+        outputs: list[Tensor] = []
+        x = self._embed(x, key_mask)
+        for layer in self.layers[:num_layers]:
+            out, ffn = layer(x, key_mask)
+            if not self._drop_layer():
+                x = out
+            outputs.append(ffn if before_residual else out)
+        return outputs
+
+
+def _init_weights(module: nn.Module) -> None:
+    # `apply` visits children first, so attention's xavier init overrides the generic linear init.
+    if isinstance(module, SelfAttention):
+        nn.init.xavier_uniform_(module.qkv.weight, gain=1 / math.sqrt(2))
+        nn.init.xavier_uniform_(module.proj.weight)
+        nn.init.zeros_(module.proj.bias)
+    elif isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
