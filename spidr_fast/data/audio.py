@@ -1,0 +1,105 @@
+"""Audio decoding and checks, shared by the training dataset and the extraction CLI.
+
+`load_audio` decodes one utterance with soundfile (wav, flac, ogg; a path or the bytes of a tar
+member), checks it is usable for SpidR (16 kHz, mono, at least 400 samples = one frame, finite
+samples) and standardises it (mean 0, variance 1 over the whole waveform, float32), which is what
+the model expects: the model itself never standardises. Every failure raises `AudioError` naming
+the file and the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+SAMPLE_RATE = 16_000
+MIN_SAMPLES = 400  # the conv extractor's receptive field: fewer samples give zero frames
+_LAYER_NORM_EPS = 1e-5  # torch.nn.functional.layer_norm's default, what the reference standardises with
+
+
+class AudioError(ValueError):
+    """An utterance that cannot be used: `source` names the file (or archive member), `reason` says why."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+def standardize(waveform: np.ndarray) -> np.ndarray:
+    """(x - mean) / sqrt(var + 1e-5) over the whole waveform, as a layer norm without affine.
+
+    Args:
+        waveform: float (T,).
+
+    Returns:
+        float32 (T,). Statistics are accumulated in float64 so long utterances lose no precision.
+    """
+    x = waveform.astype(np.float64, copy=False)
+    mean = x.mean()
+    var = x.var()
+    return ((x - mean) / np.sqrt(var + _LAYER_NORM_EPS)).astype(np.float32)
+
+
+@lru_cache(maxsize=256)
+def _archive_map(archive: str) -> mmap.mmap:
+    # One read-only map per archive and process (DataLoader workers each build their own), reused
+    # for every member: no open/seek/close per utterance.
+    with open(archive, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def read_archive_member(archive: str | Path, byte_offset: int, byte_size: int) -> bytes:
+    """The bytes of one member of an uncompressed tar, from its data offset and size (a manifest row)."""
+    data = _archive_map(str(archive))
+    if byte_offset < 0 or byte_offset + byte_size > len(data):
+        raise AudioError(
+            f"{archive}@{byte_offset}",
+            f"byte range [{byte_offset}, {byte_offset + byte_size}) is outside the archive ({len(data)} bytes)",
+        )
+    return data[byte_offset : byte_offset + byte_size]
+
+
+def load_audio(source: str | Path | bytes, *, name: str | None = None, normalize: bool = True) -> np.ndarray:
+    """Decode, check and (by default) standardise one utterance.
+
+    Args:
+        source: a file path, or the encoded bytes of a file (e.g. a tar member).
+        name: how errors name the source (defaults to the path; pass it for bytes).
+        normalize: standardise to mean 0, variance 1 (what SpidR is trained on).
+
+    Returns:
+        float32 (T,), T >= 400.
+
+    Raises:
+        AudioError: unreadable, not 16 kHz, not mono, empty, shorter than 400 samples, or NaN/Inf.
+    """
+    label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    try:
+        handle = io.BytesIO(source) if isinstance(source, bytes) else source
+        waveform, sample_rate = sf.read(handle, dtype="float32", always_2d=True)
+    except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError, TypeError, OSError...
+        raise AudioError(label, f"unreadable ({type(exc).__name__}: {exc})") from exc
+    check_audio(waveform, sample_rate, label)
+    waveform = waveform[:, 0]
+    return standardize(waveform) if normalize else waveform
+
+
+def check_audio(waveform: np.ndarray, sample_rate: int, name: str) -> None:
+    """Raise `AudioError` unless `waveform` (frames, channels) is usable 16 kHz mono audio."""
+    if sample_rate != SAMPLE_RATE:
+        raise AudioError(name, f"sample rate {sample_rate} Hz, expected {SAMPLE_RATE} Hz")
+    if waveform.ndim != 2 or waveform.shape[1] != 1:
+        channels = waveform.shape[1] if waveform.ndim == 2 else waveform.ndim
+        raise AudioError(name, f"{channels} channels, expected mono")
+    if waveform.shape[0] == 0:
+        raise AudioError(name, "empty (0 samples)")
+    if waveform.shape[0] < MIN_SAMPLES:
+        raise AudioError(name, f"too short: {waveform.shape[0]} samples < {MIN_SAMPLES} (one frame)")
+    if not np.isfinite(waveform).all():
+        raise AudioError(name, "holds NaN or Inf samples")

@@ -1,0 +1,89 @@
+"""Manifest-backed speech dataset: decodes with soundfile, checks, standardises.
+
+Items are addressed by `index` or by `(index, epoch)` (what `BucketBatchSampler` yields), and come
+back as `Utterance(index, epoch, waveform)` so the collator can seed its crops and masks from the
+batch itself: results then do not depend on the number of DataLoader workers.
+
+With `skip_bad=True`, an unusable file (see `spidr_fast.data.audio.load_audio`) is logged with
+its name and reason and comes back with `waveform=None`; the collator drops it and counts it in
+`Batch.num_skipped`, so the trainer can report the total. Nothing is skipped silently, and a bad
+file never hangs a worker: without `skip_bad` the `AudioError` propagates to the main process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from spidr_fast.data.audio import AudioError, load_audio, read_archive_member
+from spidr_fast.data.manifest import ManifestEntry, read_manifest
+
+logger = logging.getLogger(__name__)
+
+
+class Utterance(NamedTuple):
+    """One dataset item: `waveform` is float32 (T,) standardised, or None when skipped."""
+
+    index: int
+    epoch: int
+    waveform: torch.Tensor | None
+
+
+def load_entry(entry: ManifestEntry, *, normalize: bool = True, check_length: bool = True) -> np.ndarray:
+    """Decode one manifest entry (file or tar member); float32 (T,). Raises `AudioError`."""
+    source: str | bytes = entry.path
+    if entry.archive is not None:
+        if entry.byte_offset is None or entry.byte_size is None:
+            raise AudioError(entry.name, "archive entry without byte_offset/byte_size")
+        source = read_archive_member(entry.archive, entry.byte_offset, entry.byte_size)
+    waveform = load_audio(source, name=entry.name, normalize=normalize)
+    if check_length and waveform.shape[0] != entry.num_samples:
+        # The sampler budgets batches on manifest counts: a stale manifest would break the budget.
+        raise AudioError(entry.name, f"decoded {waveform.shape[0]} samples, the manifest says {entry.num_samples}")
+    return waveform
+
+
+class SpeechDataset(Dataset):
+    """Utterances of a manifest (.csv/.tsv/.jsonl path or a list of entries).
+
+    Args:
+        manifest: manifest path or entries.
+        normalize: standardise each utterance (mean 0, variance 1); SpidR is trained on that.
+        skip_bad: log and skip unusable files instead of raising `AudioError`.
+    """
+
+    def __init__(
+        self, manifest: str | Path | Sequence[ManifestEntry], *, normalize: bool = True, skip_bad: bool = False
+    ) -> None:
+        self.entries = read_manifest(manifest) if isinstance(manifest, (str, Path)) else list(manifest)
+        self.normalize = normalize
+        self.skip_bad = skip_bad
+        self.num_skipped = 0  # in this process; workers report theirs through Batch.num_skipped
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Samples per utterance, from the manifest (what the batch sampler budgets on)."""
+        return [e.num_samples for e in self.entries]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Utterance:
+        index, epoch = (key, 0) if isinstance(key, int) else (int(key[0]), int(key[1]))
+        try:
+            waveform = load_entry(self.entries[index], normalize=self.normalize)
+        except AudioError as exc:
+            if not self.skip_bad:
+                raise
+            self.num_skipped += 1
+            logger.warning(
+                "skipping %s: %s (%d skipped so far in this process)", exc.source, exc.reason, self.num_skipped
+            )
+            return Utterance(index, epoch, None)
+        return Utterance(index, epoch, torch.from_numpy(waveform))
