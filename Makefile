@@ -15,6 +15,9 @@ $(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q -r requirements-dev.txt
+	# The reference implementation, for side-by-side tests and benchmarks (pure Python; it declares
+	# Python >= 3.12 but runs on 3.10+). Installed, never vendored: it is CC BY-NC.
+	$(VENV)/bin/python -m pip install -q --no-deps --ignore-requires-python spidr==0.2.0
 	$(VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 

@@ -16,7 +16,9 @@ ext_modules = []
 if os.environ.get("SPIDR_FAST_SKIP_EXT") != "1" and glob("csrc/*.cpp"):
     from pybind11.setup_helpers import Pybind11Extension
 
-    ext_modules = [Pybind11Extension("spidr_fast._C", sorted(glob("csrc/*.cpp")), cxx_std=17, extra_compile_args=["-O3"])]
+    ext_modules = [
+        Pybind11Extension("spidr_fast._C", sorted(glob("csrc/*.cpp")), cxx_std=17, extra_compile_args=["-O3"])
+    ]
 
 setup(
     name="spidr_fast",
@@ -33,7 +35,7 @@ setup(
     package_dir={"spidr_fast": "spidr_fast", "spidr_fast.kernels": "kernels"},
     package_data={"spidr_fast": ["configs/*.toml"]},
     ext_modules=ext_modules,
-    install_requires=["torch>=2.8", "numpy", "soundfile", "tqdm"],
+    install_requires=["torch>=2.8", "numpy", "soundfile", "tqdm", "tomli; python_version < '3.11'"],
     extras_require={
         # CUDA builds of torch bring triton; CPU development installs it explicitly (pinned: interpreter
         # behaviour changes between releases).

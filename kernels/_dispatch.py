@@ -1,13 +1,14 @@
 """Which implementation an op runs: the fused Triton kernels or the plain-PyTorch references.
 
-`SPIDR_FAST_BACKEND=triton|reference` forces one path. Without it, Triton runs where it can
-(a CUDA tensor and an importable triton); with `TRITON_INTERPRET=1`, `triton` also runs the
-kernels on CPU tensors (slow: for tests).
+`SPIDR_FAST_BACKEND=triton|reference` forces one path. Without it, Triton runs on CUDA tensors
+(when triton imports) and the references run on CPU; with `TRITON_INTERPRET=1`,
+`SPIDR_FAST_BACKEND=triton` runs the kernels on CPU tensors (slow: for tests).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 
 import torch
@@ -17,11 +18,9 @@ BACKENDS = ("triton", "reference")
 
 @functools.cache
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # find_spec, not import: triton must not be imported before a test sets TRITON_INTERPRET=1
+    # (triton.language decorates its own helpers for the compiler or the interpreter at import).
+    return importlib.util.find_spec("triton") is not None
 
 
 def interpreter_on() -> bool:
@@ -38,13 +37,19 @@ def forced_backend() -> str | None:
 
 
 def use_triton(x: torch.Tensor) -> bool:
-    """True when an op on `x` should run its Triton kernel."""
+    """True when an op on `x` should run its Triton kernel.
+
+    Default: Triton for CUDA tensors when triton imports, the reference otherwise (also on CPU
+    under TRITON_INTERPRET=1, so that the interpreter runs only where a test asks for it).
+    `SPIDR_FAST_BACKEND=triton` forces the kernels (on CPU tensors that needs TRITON_INTERPRET=1).
+    """
     backend = forced_backend()
     if backend == "reference":
         return False
-    runnable = triton_available() and (x.is_cuda or interpreter_on())
-    if backend == "triton" and not runnable:
-        raise RuntimeError(
-            "SPIDR_FAST_BACKEND=triton needs triton and a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)"
-        )
-    return runnable
+    if backend == "triton":
+        if not (triton_available() and (x.is_cuda or interpreter_on())):
+            raise RuntimeError(
+                "SPIDR_FAST_BACKEND=triton needs triton and a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)"
+            )
+        return True
+    return x.is_cuda and triton_available()

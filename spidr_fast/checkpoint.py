@@ -11,6 +11,8 @@ import json
 import os
 import tempfile
 import urllib.error
+import urllib.parse
+import urllib.request
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -54,10 +56,10 @@ def state_dict_from_checkpoint(obj: Any, source: str = "checkpoint") -> dict[str
     """The model's state dict from a loaded checkpoint: `{"model": sd}`, a bare sd, or fairseq DinoSR."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a state dict")
+    if "_ema" in obj.get("model", obj):  # the original fairseq DinoSR layout
+        return state_dict_from_fairseq_dinosr(obj)
     if "model" in obj and isinstance(obj["model"], Mapping):
         obj = obj["model"]
-    if "_ema" in obj:  # the original fairseq DinoSR layout
-        return state_dict_from_fairseq_dinosr({"model": obj})
     if not all(isinstance(v, Tensor) for v in obj.values()):
         raise CheckpointError(f"{source} is not a model state dict (values that are not tensors)")
     return {k.removeprefix("module."): v for k, v in obj.items()}
@@ -87,9 +89,15 @@ def load_state_dict_strict(model: DinoSR, state_dict: Mapping[str, Tensor], sour
     ]
     if missing or unexpected or mismatched:
         lines = [f"{source} does not fit {type(model).__name__}({model.cfg.model_type} config):"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        ):
             if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+                lines.append(
+                    f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else "")
+                )
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(state_dict)
 
@@ -137,38 +145,58 @@ def save_model(model: DinoSR, path: str | Path, *, write_config: bool = True) ->
 
 
 # ---------------------------------------------------------------- released weights
-def _fetch(name: str, **kwargs: Any) -> Any:
-    url = RELEASED_URLS[name]
+def _download(url: str, dest: Path, timeout: float) -> None:
+    """Stream `url` into `dest` (temp file + rename), with a progress bar; fail fast without network."""
+    from tqdm import tqdm
+
     try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=False, **kwargs)
-    except (urllib.error.URLError, OSError, ConnectionError) as e:
+        response = urllib.request.urlopen(url, timeout=timeout)
+    except (urllib.error.URLError, OSError) as e:
         raise RuntimeError(
-            f"could not download {name} from {url} ({e}). Without network, download the file elsewhere and "
-            f"load it with spidr_fast.load_model('/path/to/{Path(url).name}'), or place it in "
-            f"{torch.hub.get_dir()}/checkpoints/ where the hub cache looks first."
+            f"could not download {url} ({e}). Without network, fetch the file elsewhere and load it with "
+            f"spidr_fast.load_model('/path/to/{dest.name}') (config.json beside it), or copy it to {dest}, "
+            "where the torch hub cache looks first."
         ) from e
+    total = int(response.headers.get("Content-Length") or 0) or None
+
+    def write(tmp: str) -> None:
+        with response, open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+
+    _atomic_write(dest, write)
 
 
-def spidr_base(**kwargs: Any) -> SpidR:
-    """The released SpidR base (eval mode)."""
-    model = SpidR(SpidRConfig())
-    load_state_dict_strict(model, state_dict_from_checkpoint(_fetch("spidr_base", **kwargs)), "spidr_base")
+def _fetch(name: str, *, timeout: float = 10.0) -> Any:
+    """Released checkpoint `name`, from the torch hub cache (downloaded there on first use)."""
+    url = RELEASED_URLS[name]
+    dest = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
+    if not dest.is_file():
+        _download(url, dest, timeout)
+    # The fairseq checkpoint pickles its training config (argparse/omegaconf objects): not weights-only.
+    return torch.load(dest, map_location="cpu", weights_only=not dest.name.endswith(".ckpt"))
+
+
+def _released(name: str, cfg: DinoSRConfig, timeout: float) -> DinoSR:
+    model = build_model(cfg)
+    load_state_dict_strict(model, state_dict_from_checkpoint(_fetch(name, timeout=timeout), name), name)
     return model.eval()
 
 
-def dinosr_base_reproduced(**kwargs: Any) -> DinoSR:
+def spidr_base(*, timeout: float = 10.0) -> SpidR:
+    """The released SpidR base (eval mode), fetched once into the torch hub cache."""
+    return _released("spidr_base", SpidRConfig(), timeout)
+
+
+def dinosr_base_reproduced(*, timeout: float = 10.0) -> DinoSR:
     """DinoSR base as reproduced by the SpidR authors (eval mode)."""
-    model = DinoSR(DinoSRConfig())
-    load_state_dict_strict(model, state_dict_from_checkpoint(_fetch("dinosr_base_reproduced", **kwargs)), "dinosr")
-    return model.eval()
+    return _released("dinosr_base_reproduced", DinoSRConfig(), timeout)
 
 
-def dinosr_base_original(**kwargs: Any) -> DinoSR:
-    """The original fairseq DinoSR base (qkv bias on), converted on the fly (eval mode)."""
-    model = DinoSR(DinoSRConfig(encoder_qkv_bias=True))
-    ckpt = _fetch("dinosr_base_original", **kwargs)
-    load_state_dict_strict(model, state_dict_from_fairseq_dinosr(ckpt), "dinosr_base_original")
-    return model.eval()
+def dinosr_base_original(*, timeout: float = 10.0) -> DinoSR:
+    """The original fairseq DinoSR base (q/k/v biases), converted on load (eval mode)."""
+    return _released("dinosr_base_original", DinoSRConfig(encoder_qkv_bias=True), timeout)
 
 
 # ---------------------------------------------------------------- fairseq DinoSR conversion
@@ -209,7 +237,7 @@ def _fuse_qkv(source: Mapping[str, Tensor], prefix: str, out: dict[str, Tensor])
 
 def state_dict_from_fairseq_dinosr(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
     """Map an original fairseq DinoSR checkpoint (`{"model": {..., "_ema": {...}}}`) to our keys."""
-    model = checkpoint["model"] if "model" in checkpoint else checkpoint
+    model = checkpoint.get("model", checkpoint)
     if "_ema" not in model:
         raise CheckpointError("not a fairseq DinoSR checkpoint: no '_ema' (teacher) entry")
     out: dict[str, Tensor] = {}
@@ -225,7 +253,7 @@ def state_dict_from_fairseq_dinosr(checkpoint: Mapping[str, Any]) -> dict[str, T
             out["feature_projection." + key] = value
         elif key.startswith("feature_extractor.conv_layers."):
             _, _, i, *rest = key.split(".")
-            # fairseq blocks: Sequential(conv, dropout, norm, GELU); the layer norm is itself (transpose, LN, transpose).
+            # fairseq blocks: Sequential(conv, dropout, norm, GELU); a layer norm is (transpose, LN, transpose).
             sub = ".".join(rest)
             if sub in ("0.weight", "0.bias"):
                 out[f"feature_extractor.conv_layers.{i}.conv.{rest[-1]}"] = value

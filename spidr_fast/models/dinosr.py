@@ -121,7 +121,9 @@ class DinoSR(nn.Module):
         return decay
 
     # ---------------------------------------------------------------- inputs
-    def _features(self, waveforms: Tensor, attention_mask: Tensor | None, lengths: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _features(
+        self, waveforms: Tensor, attention_mask: Tensor | None, lengths: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
         """Waveforms -> projected features (B, T, D) and the key mask (B, T) (None: nothing padded)."""
         if attention_mask is not None and lengths is not None:
             raise ValueError("pass either attention_mask or lengths, not both")
@@ -219,7 +221,9 @@ class DinoSR(nn.Module):
 
         with torch.no_grad():
             teacher_layers = self.teacher.get_intermediate_outputs(features, key_mask)[-self.num_codebooks :]
-            targets = torch.stack([select_masked(masked_instance_norm(t, key_mask), mask_indices) for t in teacher_layers])
+            targets = torch.stack(
+                [select_masked(masked_instance_norm(t, key_mask), mask_indices) for t in teacher_layers]
+            )
         labels = self.codebooks.assign(targets)  # (C, N)
 
         weight = torch.stack([head[0].weight for head in self.heads])  # (C, K, D)

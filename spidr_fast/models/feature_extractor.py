@@ -27,7 +27,9 @@ def masked_group_norm(x: Tensor, norm: nn.GroupNorm, valid: Tensor) -> Tensor:
 class ConvBlock(nn.Module):
     """conv -> norm (channel LayerNorm, GroupNorm or none) -> GELU, on (B, C, T)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, norm: str | None, *, bias: bool):
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int, norm: str | None, *, bias: bool
+    ):
         super().__init__()
         self.kernel_size, self.stride = kernel_size, stride
         self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride, bias=bias)

@@ -75,7 +75,9 @@ class FeedForward(nn.Module):
 class TransformerLayer(nn.Module):
     """One layer; returns (output, ffn_output) where ffn_output is the FFN result before dropout+residual."""
 
-    def __init__(self, embed_dim: int, attention: SelfAttention, feed_forward: FeedForward, dropout: float, *, pre_ln: bool):
+    def __init__(
+        self, embed_dim: int, attention: SelfAttention, feed_forward: FeedForward, dropout: float, *, pre_ln: bool
+    ):
         super().__init__()
         self.attention = attention
         self.dropout = nn.Dropout(dropout)
