@@ -1,7 +1,5 @@
 """spidr_fast: a fast, drop-in reimplementation of SpidR and DinoSR."""
 
-from spidr_fast.config import DinoSRConfig, SpidRConfig, read_model_config
-from spidr_fast.models import DinoSR, SpidR
 from spidr_fast.checkpoint import (
     dinosr_base_original,
     dinosr_base_reproduced,
@@ -9,6 +7,8 @@ from spidr_fast.checkpoint import (
     save_model,
     spidr_base,
 )
+from spidr_fast.config import DinoSRConfig, SpidRConfig, read_model_config
+from spidr_fast.models import DinoSR, SpidR
 
 __version__ = "0.1.0"
 
