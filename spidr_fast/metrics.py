@@ -1,0 +1,160 @@
+"""Unit-quality metrics from discrete units and frame-level phone alignments.
+
+Definitions (HuBERT, DinoSR and SpidR evaluations), with y the phone and z the unit of a frame and
+p(y, z) their joint frequency over all aligned frames:
+- phone purity   = E_z[max_y p(y | z)] = sum_z max_y p(y, z)   (how phone-pure each unit is);
+- cluster purity = E_y[max_z p(z | y)] = sum_y max_z p(y, z)   (how concentrated each phone is);
+- PNMI           = I(y; z) / H(y)                                (phone-normalised mutual information);
+- perplexity     = 2 ** H(z), H in bits over the unit frequencies (as the SpidR training log);
+- active codewords = number of distinct units used;
+- bitrate        = (units per second) x H(z) bits, after merging runs of repeated units by default
+                   (the entropy-coded rate a unit language model sees; `deduplicate=False` keeps every frame).
+
+Frame rates: SpidR units are at 50 Hz (20 ms), alignments at 100 Hz (10 ms). Each unit is repeated
+to cover its label frames (unit i -> label frames 2i and 2i + 1, i.e. both 10 ms frames inside
+its 20 ms hop), then both sequences are cut to the shorter length (the conv extractor drops the
+last partial frame, so units may end up to one frame early). Any integer ratio between the two
+rates works the same way, in either direction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class UnitMetrics:
+    """Unit quality over a set of utterances (see the module docstring for the definitions)."""
+
+    pnmi: float
+    phone_purity: float
+    cluster_purity: float
+    perplexity: float
+    active_codewords: int
+    bitrate: float
+    num_frames: int
+
+
+def align(
+    units: np.ndarray, labels: Sequence[str] | np.ndarray, unit_rate: float = 50, label_rate: float = 100
+) -> tuple[np.ndarray, np.ndarray]:
+    """Units and labels on a common frame grid: the slower sequence is repeated, both cut to the shorter.
+
+    Args:
+        units: int (frames,) at `unit_rate` Hz.
+        labels: (label_frames,) at `label_rate` Hz.
+
+    Returns:
+        (units, labels), both of the same length, at max(unit_rate, label_rate) Hz.
+    """
+    units, labels = np.asarray(units), np.asarray(labels)
+    ratio = label_rate / unit_rate
+    if ratio >= 1 and float(ratio).is_integer():
+        units = np.repeat(units, int(ratio))
+    elif ratio < 1 and float(1 / ratio).is_integer():
+        labels = np.repeat(labels, int(1 / ratio))
+    else:
+        raise ValueError(f"unit_rate {unit_rate} Hz and label_rate {label_rate} Hz are not integer multiples")
+    n = min(units.shape[0], labels.shape[0])
+    return units[:n], labels[:n]
+
+
+def contingency(
+    units: Sequence[int] | np.ndarray, labels: Sequence[str] | np.ndarray
+) -> tuple[np.ndarray, list[str], list[int]]:
+    """Counts of (phone, unit) pairs over aligned frames.
+
+    Returns:
+        (counts int64 (num_phones, num_units), phone names, unit ids), rows and columns sorted.
+    """
+    phones, y = np.unique(np.asarray(labels), return_inverse=True)
+    ids, z = np.unique(np.asarray(units), return_inverse=True)
+    counts = np.zeros((phones.size, ids.size), dtype=np.int64)
+    np.add.at(counts, (y, z), 1)
+    return counts, phones.tolist(), ids.tolist()
+
+
+def _entropy_bits(p: np.ndarray) -> float:
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+def pnmi(counts: np.ndarray) -> float:
+    """I(y; z) / H(y) from a (phones, units) count table (1 when units determine phones)."""
+    joint = counts / counts.sum()
+    h_y = _entropy_bits(joint.sum(1))
+    mutual = _entropy_bits(joint.sum(1)) + _entropy_bits(joint.sum(0)) - _entropy_bits(joint.reshape(-1))
+    return mutual / h_y if h_y > 0 else 0.0
+
+
+def phone_purity(counts: np.ndarray) -> float:
+    """sum over units of the most frequent phone's share of all frames."""
+    return float(counts.max(0).sum() / counts.sum())
+
+
+def cluster_purity(counts: np.ndarray) -> float:
+    """sum over phones of the most frequent unit's share of all frames."""
+    return float(counts.max(1).sum() / counts.sum())
+
+
+def perplexity(units: Sequence[int] | np.ndarray) -> float:
+    """2 ** (entropy in bits of the unit frequencies)."""
+    _, counts = np.unique(np.asarray(units), return_counts=True)
+    return float(2 ** _entropy_bits(counts / counts.sum()))
+
+
+def bitrate(sequences: Sequence[np.ndarray], frame_rate: float = 50, *, deduplicate: bool = True) -> float:
+    """Bits per second: (units per second) x entropy (bits) of the unit distribution.
+
+    Args:
+        sequences: int unit sequences, one per utterance, at `frame_rate` Hz.
+        deduplicate: merge runs of a repeated unit first (each run is one token).
+    """
+    seconds = sum(len(s) for s in sequences) / frame_rate
+    tokens = [np.asarray(s) for s in sequences]
+    if deduplicate:
+        tokens = [s[np.concatenate([[True], s[1:] != s[:-1]])] if s.size else s for s in tokens]
+    flat = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.int64)
+    if flat.size == 0:
+        return 0.0
+    _, counts = np.unique(flat, return_counts=True)
+    return flat.size / seconds * _entropy_bits(counts / counts.sum())
+
+
+def unit_metrics(
+    units: Mapping[str, np.ndarray],
+    alignments: Mapping[str, Sequence[str]],
+    *,
+    unit_rate: float = 50,
+    label_rate: float = 100,
+    ignore: Sequence[str] = (),
+) -> UnitMetrics:
+    """All metrics for the utterances present in both `units` and `alignments`.
+
+    Args:
+        units: fileid -> int (frames,) unit ids at `unit_rate` Hz.
+        alignments: fileid -> per-frame phone labels at `label_rate` Hz (`spidr_fast.data.corpus.read_alignments`).
+        ignore: phone labels left out of the phone metrics (e.g. ("sil",)); perplexity, active
+            codewords and bitrate always use every unit frame.
+    """
+    common = sorted(set(units) & set(alignments))
+    if not common:
+        raise ValueError("no fileid is in both `units` and `alignments`")
+    aligned = [align(units[f], alignments[f], unit_rate, label_rate) for f in common]
+    all_units = np.concatenate([u for u, _ in aligned])
+    all_labels = np.concatenate([y for _, y in aligned])
+    keep = ~np.isin(all_labels, list(ignore))
+    counts, _, _ = contingency(all_units[keep], all_labels[keep])
+    raw = [np.asarray(units[f]) for f in common]
+    return UnitMetrics(
+        pnmi=pnmi(counts),
+        phone_purity=phone_purity(counts),
+        cluster_purity=cluster_purity(counts),
+        perplexity=perplexity(np.concatenate(raw)),
+        active_codewords=int(np.unique(np.concatenate(raw)).size),
+        bitrate=bitrate(raw, unit_rate),
+        num_frames=int(keep.sum()),
+    )
