@@ -2,17 +2,24 @@
 
 The model calls only the functions exported here. Each dispatches to Triton where it runs (see
 `_dispatch`), otherwise to the reference. Kernels never import the model, trainer or configs.
+Every fused op is a `torch.library.custom_op` (namespace `spidr_fast`) with a fake kernel, so
+`torch.compile(fullgraph=True)` traces through it.
 """
 
-from spidr_fast.kernels.attention import attention_ref
-from spidr_fast.kernels.codebook import codebook_accumulate_ref, codebook_assign_ref, codebook_ema_update_
-from spidr_fast.kernels.heads_ce import heads_cross_entropy_ref
+from spidr_fast.kernels import attention as _attention
+from spidr_fast.kernels.codebook import (
+    codebook_accumulate,
+    codebook_accumulate_ref,
+    codebook_assign,
+    codebook_assign_accumulate,
+    codebook_assign_accumulate_ref,
+    codebook_assign_ref,
+    codebook_ema_update_,
+)
+from spidr_fast.kernels.heads_ce import heads_cross_entropy, heads_cross_entropy_ref, linear_cross_entropy
 
-# The seams of the model. Fused implementations replace these names as they land.
-codebook_assign = codebook_assign_ref
-codebook_accumulate = codebook_accumulate_ref
-heads_cross_entropy = heads_cross_entropy_ref
-attention = attention_ref
+attention_ref = _attention.attention_ref
+attention = getattr(_attention, "attention", attention_ref)  # the dispatching one once attention.py defines it
 
 __all__ = [
     "attention",
@@ -20,8 +27,11 @@ __all__ = [
     "codebook_accumulate",
     "codebook_accumulate_ref",
     "codebook_assign",
+    "codebook_assign_accumulate",
+    "codebook_assign_accumulate_ref",
     "codebook_assign_ref",
     "codebook_ema_update_",
     "heads_cross_entropy",
     "heads_cross_entropy_ref",
+    "linear_cross_entropy",
 ]

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -16,11 +15,14 @@ import torch
 BACKENDS = ("triton", "reference")
 
 
-@functools.cache
+# find_spec, not import: triton must not be imported before a test sets TRITON_INTERPRET=1
+# (triton.language decorates its own helpers for the compiler or the interpreter at import).
+# A constant, so that torch.compile traces `use_triton` without a cached-function warning.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    # find_spec, not import: triton must not be imported before a test sets TRITON_INTERPRET=1
-    # (triton.language decorates its own helpers for the compiler or the interpreter at import).
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def interpreter_on() -> bool:

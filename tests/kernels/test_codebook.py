@@ -1,0 +1,143 @@
+"""Fused codebook assignment / accumulation against the references (CPU: Triton interpreter)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spidr_fast import kernels
+from spidr_fast.kernels.codebook import (
+    codebook_accumulate_ref,
+    codebook_assign_accumulate,
+    codebook_assign_ref,
+    codebook_ema_update_,
+)
+from tests.kernels.utils import max_diff
+
+LOW = (torch.bfloat16, torch.float16)
+
+# (C, N, K, D): N = 0 and 1, N not a multiple of the 64-frame block, D = 59 (not a power of two),
+# K not a multiple of the codeword tile, K = 1, K > 256 (two codeword tiles: the running argmin).
+SHAPES = [(1, 0, 16, 64), (2, 1, 16, 64), (2, 100, 100, 59), (1, 70, 300, 40), (3, 65, 1, 16)]
+
+
+def make_codebook(C: int, N: int, K: int, D: int, dtype: torch.dtype, device: str):
+    x = torch.randn(C, N, D, device=device).to(dtype)
+    counts = torch.rand(C, K, device=device) * 3 + 0.5
+    codebook = torch.randn(C, K, D, device=device) * counts.unsqueeze(-1)  # codewords ~ N(0, 1), like x
+    return x, codebook, counts
+
+
+def distances(x: torch.Tensor, codebook: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(C, N, K) fp64 Euclidean distances to the fp32 codewords (the ones both implementations use)."""
+    centers = (codebook / counts.unsqueeze(-1)).double()
+    return torch.cdist(x.double(), centers)
+
+
+def assert_labels_near_best(x, codebook, counts, labels, tol: float = 1e-3) -> None:
+    """Judge labels by distance, not index: d(x, c[label]) <= min_k d(x, c_k) + tol."""
+    assert labels.shape == x.shape[:2] and labels.dtype == torch.int64
+    if labels.numel() == 0:
+        return
+    d = distances(x, codebook, counts)
+    got = d.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    best = d.min(-1).values
+    print(f"labels: {(labels != d.argmin(-1)).sum().item()} of {labels.numel()} differ from the fp64 argmin")
+    assert (got <= best + tol).all(), f"max excess distance {(got - best).max().item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_assign(triton_backend, shape, dtype):
+    if dtype != torch.float32 and shape[1] < 2:
+        pytest.skip("edge sizes run in fp32 only")
+    x, codebook, counts = make_codebook(*shape, dtype, triton_backend)
+    labels = kernels.codebook_assign(x, codebook, counts)
+    assert_labels_near_best(x, codebook, counts, labels)
+    ref = codebook_assign_ref(x, codebook, counts)
+    assert_labels_near_best(x, codebook, counts, ref)  # the reference obeys the same rule
+
+
+def test_assign_ties_go_to_the_lowest_index(triton_backend):
+    """Duplicate codewords (within a tile and across the two tiles of K = 300): torch.argmin's rule."""
+    C, N, K, D = 2, 40, 300, 24
+    x, codebook, counts = make_codebook(C, N, K, D, torch.float32, triton_backend)
+    dup = {3: 7, 10: 290, 100: 260}  # original -> duplicate with a higher index
+    for src, dst in dup.items():
+        codebook[:, dst], counts[:, dst] = codebook[:, src], counts[:, src]
+    centers = codebook / counts.unsqueeze(-1)
+    srcs = torch.tensor(list(dup), device=triton_backend)
+    x[:, : 3 * len(dup)] = centers[:, srcs.repeat(3)]  # frames sitting exactly on a duplicated codeword
+    labels = kernels.codebook_assign(x, codebook, counts)
+    assert torch.equal(labels[:, : 3 * len(dup)], srcs.repeat(3).expand(C, -1))
+    assert_labels_near_best(x, codebook, counts, labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_accumulate(triton_backend, shape, dtype):
+    C, N, K, D = shape
+    if K > 100:
+        pytest.skip("one program per codeword: slow under the interpreter, covered by the fused test")
+    x, _, _ = make_codebook(C, N, K, D, dtype, triton_backend)
+    labels = torch.randint(0, K, (C, N), device=triton_backend)
+    counts, sums = kernels.codebook_accumulate(x, labels, K)
+    ref_counts, ref_sums = codebook_accumulate_ref(x, labels, K)
+    assert counts.dtype == sums.dtype == torch.float32
+    assert torch.equal(counts, ref_counts)
+    print(f"sums max diff {max_diff(sums, ref_sums):.3g}")
+    torch.testing.assert_close(sums, ref_sums, atol=1e-5, rtol=1e-5)
+
+
+def test_assign_accumulate_fused(triton_backend):
+    x, codebook, counts = make_codebook(2, 150, 40, 59, torch.float32, triton_backend)
+    labels, batch_counts, sums = codebook_assign_accumulate(x, codebook, counts)
+    assert_labels_near_best(x, codebook, counts, labels)
+    ref_counts, ref_sums = codebook_accumulate_ref(x, labels, 40)
+    assert torch.equal(batch_counts, ref_counts)
+    torch.testing.assert_close(sums, ref_sums, atol=1e-5, rtol=1e-5)
+    assert batch_counts.sum().item() == 2 * 150
+
+
+def test_deterministic(triton_backend):
+    """Two runs are bitwise equal (no float atomics in the sums)."""
+    x, codebook, counts = make_codebook(2, 300, 20, 33, torch.float32, triton_backend)
+    first = codebook_assign_accumulate(x, codebook, counts)
+    second = codebook_assign_accumulate(x, codebook, counts)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_reference_backend_is_the_reference(reference_backend):
+    x, codebook, counts = make_codebook(2, 50, 16, 24, torch.float32, reference_backend)
+    assert torch.equal(kernels.codebook_assign(x, codebook, counts), codebook_assign_ref(x, codebook, counts))
+
+
+def test_ema_update_moves_only_assigned_codewords():
+    C, K, D, decay = 2, 5, 3, 0.9
+    codebook, counts = torch.randn(C, K, D), torch.rand(C, K) + 1
+    batch_counts = torch.tensor([[0.0, 2, 0, 1, 4], [3, 0, 0, 0, 1]])
+    batch_sums = torch.randn(C, K, D) * batch_counts.unsqueeze(-1)
+    new_codebook, new_counts = codebook.clone(), counts.clone()
+    codebook_ema_update_(new_codebook, new_counts, batch_counts, batch_sums, decay)
+    hit = batch_counts != 0
+    alpha = torch.tensor(decay, dtype=torch.float32)  # fp32 constants, as in the reference
+    assert torch.equal(new_counts[~hit], counts[~hit]) and torch.equal(new_codebook[~hit], codebook[~hit])
+    assert torch.equal(new_counts[hit], alpha * counts[hit] + (1 - alpha) * batch_counts[hit])
+    assert torch.equal(new_codebook[hit], alpha * codebook[hit] + (1 - alpha) * batch_sums[hit])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize(
+    "shape", [(8, 4097, 256, 768), (8, 40_000, 256, 768), (2, 1000, 100, 100), (1, 1000, 4096, 1024), (3, 97, 16, 64)]
+)
+def test_gpu_grid(triton_backend, shape, dtype):
+    C, N, K, D = shape
+    x, codebook, counts = make_codebook(C, N, K, D, dtype, triton_backend)
+    labels, batch_counts, sums = codebook_assign_accumulate(x, codebook, counts)
+    assert_labels_near_best(x, codebook, counts, labels)
+    ref_counts, ref_sums = codebook_accumulate_ref(x, labels, K)
+    assert torch.equal(batch_counts, ref_counts)
+    torch.testing.assert_close(sums, ref_sums, atol=1e-4, rtol=1e-5)
+    assert torch.equal(kernels.codebook_assign(x, codebook, counts), labels)
