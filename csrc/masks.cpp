@@ -46,7 +46,7 @@ void draw_lengths(int64_t num_mask, int64_t size, const MaskParams& p, Rng& rng,
       // max(1, round-half-even(N(mask_length, mask_other))); nearbyint uses the default
       // round-to-nearest-even mode, as torch.round does.
       for (auto& v : out) {
-        const double x = std::nearbyint(p.mask_length + p.mask_other * rng.normal());
+        const double x = std::nearbyint(static_cast<double>(p.mask_length) + p.mask_other * rng.normal());
         v = static_cast<int64_t>(std::max(1.0, x));
       }
       break;

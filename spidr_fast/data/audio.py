@@ -23,12 +23,16 @@ _LAYER_NORM_EPS = 1e-5  # torch.nn.functional.layer_norm's default, what the ref
 
 
 class AudioError(ValueError):
-    """An utterance that cannot be used: `source` names the file (or archive member), `reason` says why."""
+    """An utterance that cannot be used: `source` names the file (or archive member), `reason` says why.
 
-    def __init__(self, source: str, reason: str) -> None:
-        super().__init__(f"{source}: {reason}")
+    One argument is taken as a whole message: that is how DataLoader re-raises a worker's error in the
+    main process (with the worker's traceback), so the type survives and can be caught there.
+    """
+
+    def __init__(self, source: str, reason: str | None = None) -> None:
+        super().__init__(source if reason is None else f"{source}: {reason}")
         self.source = source
-        self.reason = reason
+        self.reason = source if reason is None else reason
 
 
 def standardize(waveform: np.ndarray) -> np.ndarray:

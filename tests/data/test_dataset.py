@@ -92,3 +92,24 @@ def test_stale_manifest_is_an_error(audio_dir: Path, tone: Callable[..., Path]) 
     tone(audio_dir / "u5.wav", 5000)
     with pytest.raises(AudioError, match="manifest says 6000"):
         SpeechDataset(entries)[4]
+
+
+def test_worker_raises_or_skips_without_hanging(audio_dir: Path, tone: Callable[..., Path]) -> None:
+    from torch.utils.data import DataLoader
+
+    from spidr_fast.data.batching import BatchingConfig, BucketBatchSampler, Collator
+
+    entries = scan_folder(audio_dir, progress=False)
+    tone(audio_dir / "b" / "u3.wav", 5200, channels=2)  # bad after the scan
+    cfg = BatchingConfig(num_buckets=4, min_sample_size=2000, max_sample_size=8000, max_batch_length=8000)
+
+    def loader(skip_bad: bool) -> DataLoader:
+        dataset = SpeechDataset(entries, skip_bad=skip_bad)
+        sampler = BucketBatchSampler(dataset.lengths, cfg)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(cfg), num_workers=1, timeout=60)
+
+    with pytest.raises(AudioError, match=r"u3\.wav: 2 channels"):
+        list(loader(skip_bad=False))
+    batches = list(loader(skip_bad=True))
+    assert sum(b.num_skipped for b in batches) == 1
+    assert sum(b.waveforms.shape[0] for b in batches) == 4
