@@ -241,7 +241,10 @@ class Collator:
             crops.append(w[start : start + size])
         waveforms = torch.stack(crops)  # (B, T)
         frames = int(num_frames(size))
-        mask = compute_mask_indices((len(crops), frames), config=self.masking, rng=rng)
+        # Per-row lengths (all equal) give per-row rounding of the span count, as the reference's
+        # training path does: its collator always passes a padding mask, even an all-False one.
+        rows = len(crops)
+        mask = compute_mask_indices((rows, frames), lengths=[frames] * rows, config=self.masking, rng=rng)
         lengths = torch.full((len(crops),), size, dtype=torch.int64)
         return Batch(waveforms, torch.from_numpy(mask), lengths, num_skipped=skipped)
 

@@ -7,8 +7,9 @@ sequence of a packed batch as if it were alone and returns global positions in t
 axis (no trimming: the packed batch is one row).
 
 Semantics (the reference recipe, in distribution): per row, num_spans = max(min_masks,
-int(mask_prob * frames / mask_length + u)) with u ~ U[0, 1) (one draw for the batch when all rows
-have the same length, one per row otherwise); span lengths by strategy (static: mask_length;
+int(mask_prob * frames / mask_length + u)) with u ~ U[0, 1) (one draw for the batch when `lengths`
+is None, one per row when it is given, as in the reference's training path, which always passes a
+padding mask); span lengths by strategy (static: mask_length;
 uniform: integers in [int(mask_other), 2 * mask_length]; normal: max(1, round(N(mask_length,
 mask_other))); poisson: Poisson(U[0, mask_length)) per span); if all lengths are 0 the first
 becomes min(mask_length, frames - 1). With overlap: distinct starts drawn uniformly in
