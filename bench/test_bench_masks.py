@@ -11,6 +11,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+from pytest_benchmark.fixture import BenchmarkFixture
 
 from spidr_fast.data import masks
 from spidr_fast.data.masks import MaskingConfig, compute_mask_indices
@@ -54,7 +55,7 @@ def _skip_missing(name: str) -> None:
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_masks_12x1000(benchmark: pytest.FixtureRequest, provider: str) -> None:
+def test_masks_12x1000(benchmark: BenchmarkFixture, provider: str) -> None:
     _skip_missing(provider)
     benchmark.group = "masks 12x1000 static"
     out = benchmark(_provider(provider, 12, 1000))
@@ -62,7 +63,7 @@ def test_masks_12x1000(benchmark: pytest.FixtureRequest, provider: str) -> None:
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_masks_smoke(benchmark: pytest.FixtureRequest, provider: str) -> None:
+def test_masks_smoke(benchmark: BenchmarkFixture, provider: str) -> None:
     _skip_missing(provider)
     benchmark.group = "masks 2x100 smoke"
     out = benchmark.pedantic(_provider(provider, 2, 100), rounds=3, iterations=1)
