@@ -1,0 +1,103 @@
+"""Fused heads + cross-entropy (forward, backward, probability sums) against the reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from spidr_fast import kernels
+from spidr_fast.kernels.heads_ce import heads_cross_entropy_ref
+from tests.kernels.utils import assert_close_to_truth
+
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
+
+# (C, N, H, V, expanded): N = 0 and 1, N not a multiple of the 64-frame block, H = 59, V = 1, V not a
+# power of two and wider than 256, and an expanded h (DinoSR: every head reads the same layer).
+SHAPES = [
+    (2, 70, 59, 40, False),
+    (1, 1, 16, 1, False),
+    (3, 0, 32, 16, False),
+    (2, 65, 48, 256, True),
+    (1, 130, 24, 300, False),
+]
+
+
+def make_inputs(C, N, H, V, expanded, dtype, device):
+    base = torch.randn((N, H) if expanded else (C, N, H), device=device)
+    weight = torch.randn(C, V, H, device=device) / math.sqrt(H)
+    bias = torch.randn(C, V, device=device) * 0.1
+    labels = torch.randint(0, V, (C, N), device=device)
+    grad_loss = torch.rand(C, N, device=device)
+    return [t.to(dtype).requires_grad_() for t in (base, weight, bias)], labels, grad_loss
+
+
+def run(fn, leaves, labels, grad_loss, C, expanded, dtype=None):
+    """loss, prob_sums and the gradients of sum(loss * grad_loss) w.r.t. (base, weight, bias)."""
+    if dtype is not None:
+        leaves = [t.detach().to(dtype).requires_grad_() for t in leaves]
+    base, weight, bias = leaves
+    h = base.expand(C, *base.shape) if expanded else base
+    loss, prob_sums = fn(h, weight, bias, labels)
+    grads = torch.autograd.grad((loss * grad_loss).sum(), leaves, allow_unused=True) if loss.numel() else (None,) * 3
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+    return [loss, prob_sums, *grads]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_heads_cross_entropy(triton_backend, shape, dtype):
+    C, N, _, V, expanded = shape
+    if dtype != torch.float32 and N < 2:
+        pytest.skip("edge sizes run in fp32 only")
+    leaves, labels, grad_loss = make_inputs(*shape, dtype, triton_backend)
+    got = run(kernels.heads_cross_entropy, leaves, labels, grad_loss, C, expanded)
+    pt = run(heads_cross_entropy_ref, leaves, labels, grad_loss, C, expanded)
+    truth = run(heads_cross_entropy_ref, leaves, labels, grad_loss, C, expanded, dtype=torch.float64)
+    assert got[0].dtype == got[1].dtype == torch.float32 and got[0].shape == (C, N) and got[1].shape == (C, V)
+    assert not got[1].requires_grad
+    for name, g, p, t in zip(["loss", "prob_sums", "grad_h", "grad_weight", "grad_bias"], got, pt, truth):
+        assert g.shape == t.shape
+        assert g.dtype == p.dtype, name
+        assert_close_to_truth(name, g, p, t, ATOL[dtype])
+
+
+def test_grad_of_mean_loss(triton_backend):
+    """A broadcast (stride-0) incoming gradient, as loss.mean().backward() produces."""
+    leaves, labels, _ = make_inputs(2, 40, 32, 24, False, torch.float32, triton_backend)
+    loss, _ = kernels.heads_cross_entropy(*leaves, labels)
+    got = torch.autograd.grad(loss.mean(), leaves)
+    loss, _ = heads_cross_entropy_ref(*leaves, labels)
+    want = torch.autograd.grad(loss.mean(), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+
+
+def test_deterministic(triton_backend):
+    leaves, labels, grad_loss = make_inputs(2, 150, 40, 48, True, torch.float32, triton_backend)
+    first = run(kernels.heads_cross_entropy, leaves, labels, grad_loss, 2, True)
+    second = run(kernels.heads_cross_entropy, leaves, labels, grad_loss, 2, True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_autocast_casts_like_the_reference(triton_backend):
+    """Under autocast the fused path computes in the autocast dtype; fp32 parameters get fp32 grads."""
+    leaves, labels, grad_loss = make_inputs(2, 30, 32, 16, False, torch.float32, triton_backend)
+    with torch.autocast(triton_backend, dtype=torch.bfloat16):
+        got = run(kernels.heads_cross_entropy, leaves, labels, grad_loss, 2, False)
+        pt = run(heads_cross_entropy_ref, leaves, labels, grad_loss, 2, False)
+    truth = run(heads_cross_entropy_ref, leaves, labels, grad_loss, 2, False, dtype=torch.float64)
+    for name, g, p, t in zip(["loss", "prob_sums", "grad_h", "grad_weight", "grad_bias"], got, pt, truth):
+        assert g.dtype == p.dtype, name
+        assert_close_to_truth(name, g, p, t, 2e-2)  # both round h and W to bf16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape", [(8, 40_000, 768, 256, False), (8, 4097, 768, 256, True), (3, 1000, 100, 100, False)]
+)
+def test_gpu_grid(triton_backend, shape, dtype):
+    test_heads_cross_entropy(triton_backend, shape, dtype)
