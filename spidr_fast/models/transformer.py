@@ -1,7 +1,8 @@
 """The encoder: convolutional positional embedding, then post-LN (or pre-LN) transformer layers.
 
-Inside the encoder a padded batch is a (B, T) bool key mask (True on real frames) or None when
-nothing is padded; attention then runs with no mask (see `spidr_fast.kernels.attention`).
+The encoder takes a padded batch as a (B, T) bool key mask (True on real frames), or None when
+nothing is padded; attention then runs with no mask at all. A key mask becomes a `Padding` once per
+forward (flat indices and cumulative lengths for the variable-length attention backends).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spidr_fast import kernels
+from spidr_fast.kernels.attention import Padding
 from spidr_fast.models.feature_extractor import ChannelLayerNorm
 
 
@@ -29,8 +31,8 @@ class ConvPositionalEmbedding(nn.Module):
             for _ in range(depth)
         )
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        keep = None if key_mask is None else key_mask.unsqueeze(1).to(x.dtype)  # (B, 1, T)
+    def forward(self, x: Tensor, padding: Padding | None = None) -> Tensor:
+        keep = None if padding is None else padding.mask.unsqueeze(1).to(x.dtype)  # (B, 1, T)
         x = x.transpose(1, 2)  # (B, T, D) -> (B, D, T)
         for conv in self.convs:
             if keep is not None:
@@ -53,11 +55,11 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=qkv_bias)
         self.proj = nn.Linear(embed_dim, embed_dim)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, padding: Padding | None = None) -> Tensor:
         batch, seq, dim = x.shape
         # (B, T, 3D) -> (3, B, H, T, Dh)
         q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = kernels.attention(q, k, v, key_mask, dropout_p=self.dropout if self.training else 0.0)
+        out = kernels.attention(q, k, v, padding, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(batch, seq, dim))  # (B, H, T, Dh) -> (B, T, D)
 
 
@@ -86,12 +88,12 @@ class TransformerLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(embed_dim)
         self.pre_ln = pre_ln
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, padding: Padding | None = None) -> tuple[Tensor, Tensor]:
         if self.pre_ln:
-            x = x + self.dropout(self.attention(self.layer_norm(x), key_mask))
+            x = x + self.dropout(self.attention(self.layer_norm(x), padding))
             ffn = self.feed_forward(self.final_layer_norm(x))
             return x + self.dropout(ffn), ffn
-        x = self.layer_norm(x + self.dropout(self.attention(x, key_mask)))
+        x = self.layer_norm(x + self.dropout(self.attention(x, padding)))
         ffn = self.feed_forward(x)
         return self.final_layer_norm(x + self.dropout(ffn)), ffn
 
@@ -143,8 +145,8 @@ class Transformer(nn.Module):
         """The student's last normalisation, never reached by the SpidR loss."""
         return self.layer_norm if self.pre_ln else self.layers[-1].final_layer_norm
 
-    def _embed(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
-        x = x + self.pos_conv_embed(x, key_mask)
+    def _embed(self, x: Tensor, padding: Padding | None) -> Tensor:
+        x = x + self.pos_conv_embed(x, padding)
         if not self.pre_ln:
             x = self.layer_norm(x)
         return self.dropout(x)
@@ -155,10 +157,11 @@ class Transformer(nn.Module):
 
     def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
         """(B, T, D) -> (B, T, D), the encoder's final output."""
-        x = self._embed(x, key_mask)
+        padding = None if key_mask is None else Padding.from_mask(key_mask)
+        x = self._embed(x, padding)
         for layer in self.layers:
             if not self._drop_layer():
-                x, _ = layer(x, key_mask)
+                x, _ = layer(x, padding)
         return self.layer_norm(x) if self.pre_ln else x
 
     def get_intermediate_outputs(
@@ -172,9 +175,10 @@ class Transformer(nn.Module):
         if num_layers is not None and not 0 < num_layers <= len(self.layers):
             raise ValueError(f"num_layers must be in [1, {len(self.layers)}], got {num_layers}")
         outputs: list[Tensor] = []
-        x = self._embed(x, key_mask)
+        padding = None if key_mask is None else Padding.from_mask(key_mask)
+        x = self._embed(x, padding)
         for layer in self.layers[:num_layers]:
-            out, ffn = layer(x, key_mask)
+            out, ffn = layer(x, padding)
             if not self._drop_layer():
                 x = out
             outputs.append(ffn if before_residual else out)
