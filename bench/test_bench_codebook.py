@@ -1,0 +1,139 @@
+"""Codebook assignment + EMA statistics: fused Triton kernels vs the references.
+
+Providers:
+  spidr_loop   the official recipe's formulation, one codebook at a time
+               (cdist + argmin + one_hot + matmul per codebook)
+  ref          `codebook_assign_accumulate_ref`: the same, batched over the C codebooks
+  compile_ref  torch.compile(ref)
+  triton       the fused custom op (IEEE fp32 dots, like the reference); `triton_tf32x3` on a GPU
+               runs the same kernel with 3xTF32 tensor-core dots (~fp32 accuracy)
+GPU shape: the SpidR base step (C=8 codebooks, N=40k masked frames, D=768, K=256). Each record's
+extra_info holds the device, versions, peak memory, and the achieved GB/s (x read once) and
+TFLOP/s (2 N K D per codebook for the distances) at the median time.
+Run: `pytest bench/test_bench_codebook.py --benchmark-only` (GPU), or with `-k smoke` on CPU
+(tiny shapes; the Triton providers then need TRITON_INTERPRET=1 and measure the interpreter only).
+This file also holds the helpers the heads benchmark imports (bench/ has no shared conftest of ours).
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spidr_fast.kernels import codebook as cb
+from spidr_fast.kernels._dispatch import interpreter_on, triton_available
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GPU_SHAPE = {"C": 8, "N": 40_000, "K": 256, "D": 768}
+SMOKE_SHAPE = {"C": 2, "N": 200, "K": 32, "D": 48}
+
+
+# ---- helpers shared with test_bench_heads_ce.py ---------------------------------------------
+
+
+def skip_unless_runnable(provider: str, device: str) -> None:
+    """Triton providers run on CUDA, or on CPU under the interpreter."""
+    if provider.startswith("triton"):
+        if not triton_available() or (device == "cpu" and not interpreter_on()):
+            pytest.skip("Triton needs a GPU (or TRITON_INTERPRET=1 on CPU)")
+        if device == "cpu" and provider != "triton":
+            pytest.skip("GPU-only variant")
+
+
+def device_info(device: str) -> dict:
+    info = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"}
+    info["torch"] = torch.__version__
+    if triton_available():
+        import triton
+
+        info["triton"] = triton.__version__
+    return info
+
+
+def measure(benchmark, fn: Callable[[], object], device: str, *, bytes_moved: float = 0.0, flops: float = 0.0) -> None:
+    """Time `fn` (CUDA synchronised inside the timed callable) and record peak memory, GB/s, TFLOP/s."""
+
+    def timed() -> object:
+        out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    on_gpu = device == "cuda"
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    benchmark.pedantic(timed, rounds=20 if on_gpu else 3, warmup_rounds=3 if on_gpu else 1, iterations=1)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(device_info(device))
+    benchmark.extra_info["median_ms"] = median * 1e3
+    if on_gpu:
+        benchmark.extra_info["peak_mem_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    if bytes_moved:
+        benchmark.extra_info["GB/s"] = bytes_moved / median / 1e9
+    if flops:
+        benchmark.extra_info["TFLOP/s"] = flops / median / 1e12
+
+
+# ---- codebook providers ------------------------------------------------------------------------
+
+
+def spidr_loop(x: torch.Tensor, codebook: torch.Tensor, counts: torch.Tensor):
+    """The official recipe, per codebook: cdist + argmin, one_hot, one_hot^T x."""
+    out = []
+    for xc, code, cnt in zip(x, codebook, counts):
+        labels = torch.cdist(xc.float(), code / cnt.unsqueeze(1), p=2).argmin(1)
+        onehot = F.one_hot(labels, code.shape[0]).float()
+        out.append((labels, onehot.sum(0), onehot.t() @ xc.float()))
+    return out
+
+
+def fused(precision: str):
+    return lambda x, code, cnt: torch.ops.spidr_fast.codebook_assign_accumulate(x, code, cnt, precision)
+
+
+PROVIDERS = {
+    "spidr_loop": lambda: spidr_loop,
+    "ref": lambda: cb.codebook_assign_accumulate_ref,
+    "compile_ref": lambda: torch.compile(cb.codebook_assign_accumulate_ref, fullgraph=True, dynamic=False),
+    "triton": lambda: fused("ieee"),
+    "triton_tf32x3": lambda: fused("tf32x3"),
+}
+
+
+def codebook_inputs(C: int, N: int, K: int, D: int, device: str):
+    x = torch.randn(C, N, D, device=device)
+    counts = torch.rand(C, K, device=device) + 0.5
+    return x, torch.randn(C, K, D, device=device) * counts.unsqueeze(-1), counts
+
+
+def run_codebook(benchmark, provider: str, shape: dict, device: str) -> None:
+    skip_unless_runnable(provider, device)
+    C, N, K, D = shape["C"], shape["N"], shape["K"], shape["D"]
+    x, codebook, counts = codebook_inputs(C, N, K, D, device)
+    fn = PROVIDERS[provider]()
+    benchmark.group = f"codebook assign+accumulate C={C} N={N} K={K} D={D} {device}"
+    measure(
+        benchmark,
+        lambda: fn(x, codebook, counts),
+        device,
+        bytes_moved=x.numel() * x.element_size(),
+        flops=2 * C * N * K * D,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_codebook_gpu(benchmark, provider):
+    run_codebook(benchmark, provider, GPU_SHAPE, "cuda")
+
+
+@pytest.mark.parametrize("provider", ["spidr_loop", "ref", "compile_ref", "triton"])
+def test_codebook_smoke(benchmark, provider):
+    run_codebook(benchmark, provider, SMOKE_SHAPE, "cpu")
