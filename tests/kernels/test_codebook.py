@@ -141,3 +141,12 @@ def test_gpu_grid(triton_backend, shape, dtype):
     assert torch.equal(batch_counts, ref_counts)
     torch.testing.assert_close(sums, ref_sums, atol=1e-4, rtol=1e-5)
     assert torch.equal(kernels.codebook_assign(x, codebook, counts), labels)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["tf32x3", "tf32"])
+def test_gpu_reduced_precision_labels(triton_backend, precision):
+    """The interpreter ignores input_precision: only a GPU tests the tensor-core variants."""
+    x, codebook, counts = make_codebook(8, 20_000, 256, 768, torch.float32, triton_backend)
+    labels = kernels.codebook_assign(x, codebook, counts, precision=precision)
+    assert_labels_near_best(x, codebook, counts, labels, tol=1e-3 if precision == "tf32x3" else 2e-2)
