@@ -8,6 +8,7 @@ from spidr_fast.checkpoint import (
     spidr_base,
 )
 from spidr_fast.config import DinoSRConfig, SpidRConfig, read_model_config
+from spidr_fast.extraction import FeatureExtractor
 from spidr_fast.models import DinoSR, SpidR
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DinoSR",
     "DinoSRConfig",
+    "FeatureExtractor",
     "SpidR",
     "SpidRConfig",
     "__version__",

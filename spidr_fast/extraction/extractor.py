@@ -1,0 +1,330 @@
+"""`FeatureExtractor`: batched, chunked extraction of layer features and discrete units.
+
+Waveforms of any lengths go in (16 kHz mono, numpy or torch; standardised here, per utterance,
+over the whole utterance); per waveform a dict comes out:
+`{"layer6": (frames, D) float32, ..., "units": (frames,) int64}`. Layers are numbered from 1.
+
+How it runs (all of it transparent to the results):
+- Utterances longer than `chunk_seconds + 2 * overlap_seconds` are split into pieces of
+  `chunk_seconds` of kept frames with `overlap_seconds` of context on each side; the context
+  frames are computed and dropped, the kept frames are concatenated (see `plan_pieces`).
+  Shorter utterances are one piece, computed whole. Memory is then bounded by the piece size,
+  never by the file length, and no (T, T) mask is ever built (padding is a (B, T) key mask).
+- Pieces are sorted by length and batched under `max_batch_seconds` of padded audio, with
+  `lengths=` padding: on real frames a padded batch equals each piece alone.
+- The transformer stops at the deepest layer needed.
+
+Units (`units=`), for `units_layer` (default: the deepest requested layer); they exist only for
+the last `num_codebooks` layers (SpidR base: layers 5..12):
+- `"heads"`: argmax of the student's prediction head for that layer, what
+  `get_codebooks(onehot=True)[layer - 1].argmax(-1)` gives. SpidR: head i reads the FFN output
+  (before residual) of layer L - C + i; DinoSR: every head reads the final output.
+- `"codebooks"`: nearest codeword (L2, fp32) of the layer's FFN output (before residual)
+  instance-normalised over the utterance's frames: the teacher-target recipe, applied to the
+  student. For chunked files the normalisation statistics cover the whole file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from spidr_fast import kernels
+from spidr_fast.models.padding import key_mask_from_lengths, masked_instance_norm
+
+SAMPLE_RATE = 16_000
+RECEPTIVE_FIELD = 400  # samples of the first frame
+HOP = 320  # samples between frames
+_EPS = 1e-5  # the standardisation's variance epsilon (a layer norm without affine)
+
+UnitsKind = Literal["heads", "codebooks"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def standardize(waveform: np.ndarray | Tensor) -> Tensor:
+    """(x - mean) / sqrt(var + 1e-5) over the whole waveform (statistics in float64): (S,) -> float32 (S,)."""
+    x = torch.as_tensor(np.asarray(waveform) if not isinstance(waveform, Tensor) else waveform).detach()
+    x = x.to("cpu", torch.float64).reshape(-1)
+    mean = x.mean()
+    var = (x - mean).square().mean()
+    return ((x - mean) / torch.sqrt(var + _EPS)).float()
+
+
+def num_frames(num_samples: int) -> int:
+    return max(0, (num_samples - RECEPTIVE_FIELD) // HOP + 1)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Samples [start, stop) of an utterance; its frames [keep_from, keep_to) are kept (piece-relative)."""
+
+    start: int
+    stop: int
+    keep_from: int
+    keep_to: int
+
+
+def plan_pieces(num_samples: int, chunk_frames: int, overlap_frames: int) -> list[Piece]:
+    """Split an utterance into pieces of `chunk_frames` kept frames with `overlap_frames` of context each side.
+
+    A piece starts on a frame boundary (a multiple of 320 samples), so its frame j is frame
+    start / 320 + j of the whole utterance: the conv front-end gives the same frames as on the whole
+    file (extractor_mode="layer_norm"); only attention and the positional conv see less context.
+    """
+    total = num_frames(num_samples)
+    if total <= chunk_frames + 2 * overlap_frames:
+        return [Piece(0, num_samples, 0, total)]
+    pieces = []
+    for first in range(0, total, chunk_frames):
+        last = min(total, first + chunk_frames)
+        lo, hi = max(0, first - overlap_frames), min(total, last + overlap_frames)
+        stop = num_samples if hi == total else (hi - 1) * HOP + RECEPTIVE_FIELD
+        pieces.append(Piece(lo * HOP, stop, first - lo, last - lo))
+    return pieces
+
+
+@dataclass
+class _Pending:
+    """An utterance whose pieces are being computed."""
+
+    key: Any
+    pieces: list[Piece]
+    outputs: list[dict[str, Tensor] | None] = field(default_factory=list)
+    done: int = 0
+
+
+class FeatureExtractor:
+    """Extract layer features and/or units from waveforms with a SpidR or DinoSR model.
+
+    Args:
+        model: a `spidr_fast.SpidR` / `DinoSR` (put in eval mode and moved to `device`).
+        layers: layers whose features to return, numbered from 1 (the reference's extraction
+            numbering; 6 is the usual choice). Empty: units only.
+        units: None, "heads" or "codebooks" (see the module docstring).
+        units_layer: layer the units are for; default the deepest of `layers`.
+        device: where to run (default: cuda if available, else cpu).
+        dtype: "float32" (default), "bfloat16" or "float16" (autocast; units are always assigned in fp32).
+        compile: torch.compile the forward; shapes are bucketed (frames rounded up on a fixed
+            ladder, batch rows to a power of two) so few graphs are compiled.
+        max_batch_seconds: padded audio per forward (default 300 s on GPU, 40 s on CPU).
+        chunk_seconds, overlap_seconds: long-utterance chunking (see `plan_pieces`).
+        before_residual: features are the FFN output before residual (default, the reference's
+            `get_intermediate_outputs`), or the layer output.
+
+    Calling it on a list of waveforms returns, per waveform, {"layer{l}": (frames, D) float32 on the
+    CPU, ..., "units": (frames,) int64}.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layers: Sequence[int] = (6,),
+        units: UnitsKind | None = None,
+        *,
+        units_layer: int | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype = "float32",
+        compile: bool = False,
+        max_batch_seconds: float | None = None,
+        chunk_seconds: float = 60.0,
+        overlap_seconds: float = 5.0,
+        before_residual: bool = True,
+    ) -> None:
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        if self.dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype}")
+        self.model = model.eval().to(self.device)
+        num_layers = len(model.student.layers)
+        self.layers = sorted({int(layer) for layer in layers})
+        for layer in self.layers:
+            if not 1 <= layer <= num_layers:
+                raise ValueError(f"layer {layer} does not exist: the model has layers 1..{num_layers}")
+        if units not in (None, "heads", "codebooks"):
+            raise ValueError(f"units must be None, 'heads' or 'codebooks', got {units!r}")
+        if units is None and not self.layers:
+            raise ValueError("nothing to extract: give at least one layer or units")
+        self.units = units
+        self.units_layer = self.units_head = None
+        if units is not None:
+            self.units_layer = int(units_layer if units_layer is not None else max(self.layers))
+            first = num_layers - model.num_codebooks + 1
+            if not first <= self.units_layer <= num_layers:
+                raise ValueError(
+                    f"units for layer {self.units_layer}: only layers {first}..{num_layers} have a head and codebook"
+                )
+            self.units_head = self.units_layer - first  # index of the head / codebook
+        self.is_dinosr_heads = units == "heads" and model.cfg.model_type == "dinosr"
+        # Deepest layer the transformer must run: DinoSR heads read the final output.
+        self.depth = num_layers if self.is_dinosr_heads else max([*self.layers, self.units_layer or 0])
+        self.before_residual = before_residual
+        if max_batch_seconds is None:
+            max_batch_seconds = 300.0 if self.device.type == "cuda" else 40.0
+        self.max_batch_samples = int(max_batch_seconds * SAMPLE_RATE)
+        self.chunk_frames = max(1, round(chunk_seconds * SAMPLE_RATE / HOP))
+        self.overlap_frames = max(0, round(overlap_seconds * SAMPLE_RATE / HOP))
+        # Inert forward hooks on the layers we read (they act only while `_forward_impl` runs).
+        self._captured: dict[int, tuple[Tensor, Tensor]] | None = None
+        wanted = set(self.layers) | {self.units_layer if not self.is_dinosr_heads else self.depth} - {None}
+        for number in sorted(wanted):
+            model.student.layers[number - 1].register_forward_hook(self._capture_hook(number))
+        self.compiled = compile
+        self._forward = self._forward_impl
+        if compile:
+            # Every bucket is its own graph: allow enough of them before dynamo falls back to eager.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._forward = torch.compile(self._forward_impl, dynamic=False)
+
+    # ---------------------------------------------------------------- public API
+    def __call__(self, waveforms: Sequence[np.ndarray | Tensor]) -> list[dict[str, Tensor]]:
+        """Extract every waveform (any lengths); results in input order."""
+        results: list[dict[str, Tensor] | None] = [None] * len(waveforms)
+        for index, result in self.stream(enumerate(waveforms), presorted=False):
+            results[index] = result
+        return results  # type: ignore[return-value]
+
+    def stream(
+        self, items: Iterable[tuple[Any, np.ndarray | Tensor]], *, presorted: bool = True, window: int = 4
+    ) -> Iterator[tuple[Any, dict[str, Tensor]]]:
+        """Extract (key, waveform) pairs as they come; yields (key, result) as each utterance completes.
+
+        Pieces are queued until they fill `window` batches, then sorted by length and batched (the
+        last, partial batch waits for more). With `presorted` (items arrive roughly sorted, e.g. by
+        file size) this keeps padding small with bounded memory; `presorted=False` collects every
+        item first and sorts globally.
+        """
+        budget = math.inf if not presorted else window * self.max_batch_samples
+        queue: list[tuple[_Pending, int, Tensor]] = []
+        queued = 0
+        for key, waveform in items:
+            wave = standardize(waveform)
+            if wave.numel() < RECEPTIVE_FIELD:
+                raise ValueError(f"{key}: {wave.numel()} samples, fewer than one frame ({RECEPTIVE_FIELD})")
+            pending = _Pending(key, plan_pieces(wave.numel(), self.chunk_frames, self.overlap_frames))
+            pending.outputs = [None] * len(pending.pieces)
+            queue.extend((pending, i, wave[p.start : p.stop]) for i, p in enumerate(pending.pieces))
+            queued += wave.numel()
+            if queued >= budget:
+                yield from self._drain(queue, keep_tail=True)
+                queued = sum(q[2].numel() for q in queue)
+        while queue:
+            yield from self._drain(queue, keep_tail=False)
+
+    # ---------------------------------------------------------------- batching
+    def _padded(self, length: int) -> int:
+        """Sample count a piece is padded to: itself, or (compiled) the next bucket of the frame ladder."""
+        if not self.compiled:
+            return length
+        frames = num_frames(length)
+        bucket = 8
+        while bucket < frames:
+            bucket = math.ceil(bucket * 2**0.25 / 8) * 8  # multiples of 8 frames, ~19% apart
+        return (bucket - 1) * HOP + RECEPTIVE_FIELD
+
+    def _drain(self, queue: list[tuple[_Pending, int, Tensor]], *, keep_tail: bool) -> Iterator[tuple[Any, dict]]:
+        """Run batches from `queue` (longest first); with `keep_tail`, leave the last partial batch queued."""
+        queue.sort(key=lambda q: -q[2].numel())
+        batches: list[list[tuple[_Pending, int, Tensor]]] = []
+        current: list[tuple[_Pending, int, Tensor]] = []
+        for entry in queue:
+            longest = self._padded(current[0][2].numel() if current else entry[2].numel())
+            if current and (len(current) + 1) * longest > self.max_batch_samples:
+                batches.append(current)
+                current = []
+            current.append(entry)
+        if current and not keep_tail:
+            batches.append(current)
+            current = []
+        queue[:] = current
+        for batch in batches:
+            for (pending, index, _), out in zip(batch, self._run_batch([b[2] for b in batch])):
+                pending.outputs[index] = out
+                pending.done += 1
+                if pending.done == len(pending.pieces):
+                    yield pending.key, self._finish(pending)
+
+    # ---------------------------------------------------------------- compute
+    @torch.inference_mode()
+    def _run_batch(self, waves: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Pad, forward and split: per piece {name: (frames, D)} on the device."""
+        lengths = [w.numel() for w in waves]
+        width = self._padded(max(lengths))
+        rows = len(waves) if not self.compiled else 1 << (len(waves) - 1).bit_length()
+        batch = torch.zeros(rows, width)
+        for i, w in enumerate(waves):
+            batch[i, : w.numel()] = w
+        sample_lengths = torch.tensor(lengths + [RECEPTIVE_FIELD] * (rows - len(waves)))
+        padded = self.compiled or any(n != width for n in lengths)
+        batch = batch.to(self.device, non_blocking=True)
+        sample_lengths = sample_lengths.to(self.device) if padded else None
+        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
+        with autocast:
+            outputs = self._forward(batch, sample_lengths)
+        return [{name: y[i, : num_frames(n)] for name, y in outputs.items()} for i, n in enumerate(lengths)]
+
+    def _capture_hook(self, number: int) -> Any:
+        def hook(_module: torch.nn.Module, _args: Any, output: tuple[Tensor, Tensor]) -> None:
+            if self._captured is not None:
+                self._captured[number] = output  # (layer output, FFN output before residual)
+
+        return hook
+
+    def _forward_impl(self, waveforms: Tensor, sample_lengths: Tensor | None) -> dict[str, Tensor]:
+        """(B, S) standardised waveforms, (B,) real samples or None -> {name: (B, T, D)}.
+
+        Only public pieces of the model: the conv extractor + projection, then the student's
+        `get_intermediate_outputs` stopped at `self.depth`; forward hooks on the layers we need
+        catch both their output and their FFN output (features and units may need different ones).
+        """
+        model, student = self.model, self.model.student
+        extractor_lengths = sample_lengths if model.cfg.extractor_mode == "group_norm" else None
+        features = model.feature_projection(model.feature_extractor(waveforms, extractor_lengths))
+        key_mask = None
+        if sample_lengths is not None:
+            key_mask = key_mask_from_lengths(model.feature_extractor.output_lengths(sample_lengths), features.shape[1])
+        self._captured = {}
+        try:
+            student.get_intermediate_outputs(features, key_mask, self.depth)
+            captured = self._captured
+        finally:
+            self._captured = None
+        outputs = {f"layer{n}": captured[n][1 if self.before_residual else 0] for n in self.layers}
+        if self.is_dinosr_heads:
+            last = captured[self.depth][0]
+            outputs["units_input"] = student.layer_norm(last) if student.pre_ln else last
+        elif self.units is not None:
+            outputs["units_input"] = captured[self.units_layer][1]
+        return outputs
+
+    def _finish(self, pending: _Pending) -> dict[str, Tensor]:
+        """Stitch the kept frames of the pieces, compute units over the whole utterance, move to the CPU."""
+        joined = {
+            name: torch.cat([out[name][p.keep_from : p.keep_to] for p, out in zip(pending.pieces, pending.outputs)])
+            for name in pending.outputs[0]
+        }
+        units_input = joined.pop("units_input", None)
+        result = {name: y.float().cpu() for name, y in joined.items()}
+        if units_input is not None:
+            result["units"] = self.units_of(units_input).cpu()
+        return result
+
+    @torch.inference_mode()
+    def units_of(self, x: Tensor) -> Tensor:
+        """(T, D) units input of one whole utterance -> (T,) int64, in fp32."""
+        x = x.float()
+        c = self.units_head
+        if self.units == "heads":
+            head = self.model.heads[c]
+            with torch.autocast(x.device.type, enabled=False):
+                return head(x).argmax(-1)
+        codebook, counts = self.model.codebooks.stacked()
+        # (1, T, D), statistics over the utterance; the masked form also takes T = 1 (F.instance_norm refuses it).
+        target = masked_instance_norm(x.unsqueeze(0), torch.ones(1, x.shape[0], dtype=torch.bool, device=x.device))
+        return kernels.codebook_assign(target, codebook[c : c + 1].float(), counts[c : c + 1].float())[0]

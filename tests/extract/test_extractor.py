@@ -1,0 +1,156 @@
+"""`FeatureExtractor`: batched and chunked extraction equals each utterance alone, units as documented."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import spidr_fast
+from spidr_fast.extraction import FeatureExtractor, plan_pieces, standardize
+from spidr_fast.extraction.extractor import HOP, RECEPTIVE_FIELD, num_frames
+from tests.extract.conftest import TINY, tiny_model
+
+LENGTHS = [400, 719, 720, 1234, 3200, 8000, 16000, 5555]
+
+
+def waves(lengths: list[int] = LENGTHS, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [(0.3 * rng.standard_normal(n) + 0.05).astype(np.float32) for n in lengths]
+
+
+def alone(model: spidr_fast.DinoSR, wave: np.ndarray, **kw: object) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [y[0] for y in model.get_intermediate_outputs(standardize(wave)[None], **kw)]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-4) -> None:
+    assert actual.shape == expected.shape
+    err = (actual - expected).abs().max().item()
+    assert err <= tol * max(1.0, expected.abs().max().item()), f"max error {err:.3g}"
+
+
+@pytest.mark.parametrize("mode", ["layer_norm", "group_norm"])
+@pytest.mark.parametrize("batch_seconds", [0.05, 1.0, 100.0])
+def test_batched_equals_single(mode: str, batch_seconds: float) -> None:
+    model = tiny_model(extractor_mode=mode)
+    extractor = FeatureExtractor(model, layers=[1, 2, 3], max_batch_seconds=batch_seconds, device="cpu")
+    inputs = waves()
+    outputs = extractor([torch.from_numpy(w) if i % 2 else w for i, w in enumerate(inputs)])  # numpy and torch
+    for wave, out in zip(inputs, outputs):
+        expected = alone(model, wave)
+        assert sorted(out) == ["layer1", "layer2", "layer3"]
+        for layer in (1, 2, 3):
+            assert out[f"layer{layer}"].dtype == torch.float32
+            assert out[f"layer{layer}"].shape[0] == num_frames(len(wave))
+            assert_close(out[f"layer{layer}"], expected[layer - 1])
+
+
+def test_after_residual_and_early_stop() -> None:
+    model = tiny_model()
+    extractor = FeatureExtractor(model, layers=[2], before_residual=False, max_batch_seconds=0.5, device="cpu")
+    assert extractor.depth == 2  # layer 3 is never computed
+    for wave, out in zip(waves(), extractor(waves())):
+        assert list(out) == ["layer2"]
+        assert_close(out["layer2"], alone(model, wave, before_residual=False)[1])
+
+
+@pytest.mark.parametrize("model_type", ["spidr", "dinosr"])
+@pytest.mark.parametrize("layer", [2, 3])
+def test_head_units_are_get_codebooks_argmax(model_type: str, layer: int) -> None:
+    model = tiny_model(model_type)
+    extractor = FeatureExtractor(model, layers=[1], units="heads", units_layer=layer, max_batch_seconds=0.5)
+    for wave, out in zip(waves(), extractor(waves())):
+        with torch.no_grad():
+            probs = model.get_codebooks(standardize(wave)[None], onehot=True)[layer - 1]
+        assert out["units"].dtype == torch.int64
+        assert torch.equal(out["units"], probs.reshape(-1, TINY["codebook_size"]).argmax(-1))
+
+
+def test_codebook_units_are_nearest_codewords() -> None:
+    model = tiny_model()
+    extractor = FeatureExtractor(model, layers=[3], units="codebooks", max_batch_seconds=0.5)
+    codebook = model.codebooks[1].codebook / model.codebooks[1].counts[:, None]  # layer 3 = last codebook
+    for wave, out in zip(waves(), extractor(waves())):
+        x = alone(model, wave)[2]
+        x = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)  # instance norm over time
+        dist = torch.cdist(x.double(), codebook.double())  # (T, K)
+        got = dist.gather(1, out["units"][:, None])[:, 0]
+        # Compare distances, not indices: ties and rounding cannot fail the test.
+        assert torch.all(got <= dist.min(1).values + 1e-4)
+
+
+def test_units_only_and_argument_errors() -> None:
+    model = tiny_model()
+    out = FeatureExtractor(model, layers=[], units="heads", units_layer=3)(waves([2000]))[0]
+    assert list(out) == ["units"]
+    with pytest.raises(ValueError, match="layer 4 does not exist"):
+        FeatureExtractor(model, layers=[4])
+    with pytest.raises(ValueError, match=r"only layers 2\.\.3 have a head"):
+        FeatureExtractor(model, layers=[1], units="heads")
+    with pytest.raises(ValueError, match="fewer than one frame"):
+        FeatureExtractor(model, layers=[1])(waves([399]))
+
+
+@pytest.mark.parametrize("total", [1, 2, 50, 119, 120, 121, 1000])
+def test_pieces_cover_every_frame_once(total: int) -> None:
+    samples = (total - 1) * HOP + RECEPTIVE_FIELD + 123
+    pieces = plan_pieces(samples, chunk_frames=40, overlap_frames=10)
+    kept = []
+    for p in pieces:
+        assert p.start % HOP == 0 and 0 <= p.keep_from < p.keep_to <= num_frames(p.stop - p.start)
+        kept += [p.start // HOP + j for j in range(p.keep_from, p.keep_to)]
+    assert kept == list(range(total))
+    assert len(pieces) == (1 if total <= 60 else -(-total // 40))
+
+
+def test_chunked_long_file() -> None:
+    model = tiny_model()
+    wave = waves([16000 * 12])[0]
+    whole = alone(model, wave)[0]
+    chunked = FeatureExtractor(model, layers=[1], chunk_seconds=2.0, overlap_seconds=1.0, max_batch_seconds=5)
+    out = chunked([wave])[0]["layer1"]
+    assert out.shape == whole.shape
+    # Frames more than the positional conv's reach + attention away from a cut differ only by
+    # attention context; close to the whole-file result but not equal.
+    rel = ((out - whole).norm(dim=-1) / whole.norm(dim=-1)).mean().item()
+    assert 0 < rel < 0.5
+    # With enough overlap to see the whole file, a file is one piece: exact.
+    exact = FeatureExtractor(model, layers=[1], chunk_seconds=2.0, overlap_seconds=10.0)([wave])[0]["layer1"]
+    assert_close(exact, whole)
+
+
+def test_bfloat16_close_to_float32() -> None:
+    model = tiny_model()
+    ref = FeatureExtractor(model, layers=[3])(waves())
+    low = FeatureExtractor(model, layers=[3], dtype="bfloat16")(waves())
+    for a, b in zip(low, ref):
+        assert a["layer3"].dtype == torch.float32
+        rel = (a["layer3"] - b["layer3"]).norm() / b["layer3"].norm()
+        assert rel < 0.05
+
+
+def test_reference_model_parity(tmp_path: object) -> None:
+    """A model built by the reference package, saved in its format, gives the reference's outputs."""
+    pytest.importorskip("spidr")
+    from spidr.config import SpidRConfig
+    from spidr.models import SpidR
+
+    torch.manual_seed(0)
+    config = SpidRConfig(**TINY)
+    ref = SpidR(config).eval()
+    path = tmp_path / "ref.pt"
+    torch.save({"model": ref.state_dict()}, path)
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(config)))  # the reference's full config
+    model = spidr_fast.load_model(path)
+    outputs = FeatureExtractor(model, layers=[1, 3], units="heads", max_batch_seconds=0.5)(waves())
+    for wave, out in zip(waves(), outputs):
+        with torch.no_grad():
+            expected = ref.get_intermediate_outputs(standardize(wave)[None])
+            onehot = ref.get_codebooks(standardize(wave)[None], onehot=True)[2]
+        assert_close(out["layer1"], expected[0][0])
+        assert_close(out["layer3"], expected[2][0])
+        assert torch.equal(out["units"], onehot.reshape(-1, TINY["codebook_size"]).argmax(-1))
