@@ -1,0 +1,288 @@
+"""Channel LayerNorm + exact GELU of a (B, C, T) conv output, in one pass over memory.
+
+Inputs and outputs (B batch, C channels, T frames):
+    x       (B, C, T) fp32/bf16/fp16   a Conv1d output (any strides with unit stride along T)
+    weight  (C,) | None, bias (C,) | None   the LayerNorm's affine parameters (any float dtype)
+    y       (B, C, T) x.dtype          gelu(layer_norm over C of every (b, t) column), exact erf GELU
+    mean, rstd (B, T) fp32             per-column statistics, kept for the backward
+
+Why: the feature extractor's first block writes ~760k frames x 512 channels per step; the
+reference runs transpose -> LayerNorm -> transpose -> GELU over it (each a full read and write,
+in fp32 under autocast). Here x is read once and y written once, in x's own layout: no transposes.
+
+Fused path (Triton):
+  * forward: grid (T blocks, B). A program loads a (BLOCK_C, BLOCK_T) tile (whole columns: C <=
+    MAX_C; rows along T are contiguous in memory, so loads coalesce), computes the column mean and
+    variance in fp32 (two-pass, in registers), normalises, applies the affine and GELU, and stores
+    y in x's dtype plus the (B, T) fp32 mean and rstd (8 bytes per frame).
+  * backward: grid (T-block groups, B). A program recomputes x_hat and z = x_hat w + b from x and
+    the saved statistics, forms dz = dy gelu'(z), writes
+    dx = rstd (dz w - mean_C(dz w) - x_hat mean_C(dz w x_hat)), and accumulates sum_t dz x_hat and
+    sum_t dz over its T blocks in registers. Each program writes one (C,) partial row for
+    grad_weight and grad_bias; torch sums the rows in a fixed order: no float atomics, so the
+    gradients are bitwise reproducible.
+Math is fp32 for every input dtype (bf16/fp16 converted after the load, stored back rounded).
+Under autocast, the custom op runs in x's dtype (the reference's LayerNorm would output fp32): the
+next conv rounds its input to the autocast dtype anyway, so only the last block's output differs
+by one rounding. The reference below is the CPU path and the ground truth for the kernels.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from spidr_fast.kernels._dispatch import use_triton
+from spidr_fast.kernels._utils import cdiv, jit_in_place, kernel_out_dtype, next_pow2
+
+MAX_C = 1024  # whole columns live in registers; wider inputs take the reference path
+FWD_TILE = 16384  # elements per forward tile (BLOCK_C * BLOCK_T): 64 fp32 values per thread at 8 warps
+BWD_TILE = 8192  # the backward keeps ~4 tile-sized fp32 values live: a smaller tile avoids spills
+MAX_BLOCK_T = 128
+PARTIAL_ROWS = 1024  # aim for about this many (C,) partial rows of grad_weight/grad_bias (4 KB each at C=1024)
+MAX_ITERS = 16  # T blocks per backward program, at most
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+# Plain functions here, `triton.jit`-decorated at the first launch (see `_utils.jit_in_place`).
+KERNELS = ("_cln_gelu_fwd_kernel", "_cln_gelu_bwd_kernel")
+
+if TYPE_CHECKING:
+    import triton.language as tl
+
+
+def _cln_gelu_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
+    C, T, s_xb, s_xc, s_yb, s_yc, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cs = tl.arange(0, BLOCK_C)
+    cmask = cs < C
+    ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = ts < T
+    mask = cmask[:, None] & tmask[None, :]  # (BLOCK_C, BLOCK_T)
+    x = tl.load(x_ptr + b * s_xb + cs.to(tl.int64)[:, None] * s_xc + ts[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)  # bf16/fp16 converted before any math (also what the interpreter needs)
+    mean = tl.sum(x, axis=0) / C  # (BLOCK_T,)
+    xc = tl.where(mask, x - mean[None, :], 0.0)
+    var = tl.sum(xc * xc, axis=0) / C  # biased, as LayerNorm's
+    rstd = tl.math.rsqrt(var + eps)
+    z = xc * rstd[None, :]
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+        z = z * w[:, None]
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+        z = z + bias[:, None]
+    y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))  # exact GELU
+    y_ptrs = y_ptr + b * s_yb + cs.to(tl.int64)[:, None] * s_yc + ts[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + b * T + ts, mean, mask=tmask)
+    tl.store(rstd_ptr + b * T + ts, rstd, mask=tmask)
+
+
+def _cln_gelu_bwd_kernel(
+    x_ptr, w_ptr, b_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr,
+    C, T, ITERS, s_xb, s_xc, s_gb, s_gc, s_db, s_dc,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cs = tl.arange(0, BLOCK_C)
+    cmask = cs < C
+    c_off = cs.to(tl.int64)[:, None]
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros((BLOCK_C,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+        db_acc = tl.zeros((BLOCK_C,), tl.float32)
+    for i in range(0, ITERS):  # consecutive T blocks; those past T are fully masked
+        ts = (pid * ITERS + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+        tmask = ts < T
+        mask = cmask[:, None] & tmask[None, :]
+        x = tl.load(x_ptr + b * s_xb + c_off * s_xc + ts[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + b * s_gb + c_off * s_gc + ts[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + b * T + ts, mask=tmask, other=0.0)
+        rstd = tl.load(rstd_ptr + b * T + ts, mask=tmask, other=0.0)
+        xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
+        z = xhat
+        if HAS_WEIGHT:
+            z = z * w[:, None]
+        if HAS_BIAS:
+            z = z + bias[:, None]
+        # gelu'(z) = Phi(z) + z phi(z); dy is 0 outside the mask, so dz is too
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # 1 / sqrt(2 pi)
+        dz = dy * (cdf + z * pdf)
+        dxhat = dz
+        if HAS_WEIGHT:
+            dw_acc += tl.sum(dz * xhat, axis=1)
+            dxhat = dz * w[:, None]
+        if HAS_BIAS:
+            db_acc += tl.sum(dz, axis=1)
+        c1 = tl.sum(dxhat * xhat, axis=0) / C  # (BLOCK_T,)
+        c2 = tl.sum(dxhat, axis=0) / C
+        dx = (dxhat - (xhat * c1[None, :] + c2[None, :])) * rstd[None, :]
+        tl.store(dx_ptr + b * s_db + c_off * s_dc + ts[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    row = b * tl.num_programs(0) + pid  # this program's partial row
+    if HAS_WEIGHT:
+        tl.store(dw_ptr + row * C + cs, dw_acc, mask=cmask)
+    if HAS_BIAS:
+        tl.store(db_ptr + row * C + cs, db_acc, mask=cmask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _unit_t_stride(t: Tensor) -> Tensor:
+    """The kernels address T with stride 1 (contiguous, vectorisable rows); other strides are free."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _blocks(C: int, T: int, tile: int) -> tuple[int, int, int]:
+    block_c = next_pow2(C)
+    block_t = max(1, min(MAX_BLOCK_T, tile // block_c, next_pow2(T)))
+    num_warps = 8 if block_c * block_t >= 8192 else 4
+    return block_c, block_t, num_warps
+
+
+def _fwd_launch(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    jit_in_place(globals(), KERNELS)
+    B, C, T = x.shape
+    x = _unit_t_stride(x)
+    y = torch.empty((B, C, T), dtype=kernel_out_dtype(x.dtype), device=x.device)
+    mean = torch.empty((B, T), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((B, T), dtype=torch.float32, device=x.device)
+    if B and C and T:
+        block_c, block_t, num_warps = _blocks(C, T, FWD_TILE)
+        _cln_gelu_fwd_kernel[(cdiv(T, block_t), B)](
+            x, weight, bias, y, mean, rstd,
+            C, T, x.stride(0), x.stride(1), y.stride(0), y.stride(1), eps,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_T=block_t,
+            num_warps=num_warps,
+        )  # fmt: skip
+    return y.to(x.dtype), mean, rstd
+
+
+def _bwd_launch(
+    grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    jit_in_place(globals(), KERNELS)
+    B, C, T = x.shape
+    x, grad_y = _unit_t_stride(x), _unit_t_stride(grad_y)
+    grad_x = torch.empty((B, C, T), dtype=kernel_out_dtype(x.dtype), device=x.device)
+    block_c, block_t, num_warps = _blocks(C, T, BWD_TILE)
+    n_tblocks = cdiv(T, block_t)
+    # Few T blocks per program when B*T is small (enough programs to fill the GPU), up to MAX_ITERS
+    # when it is large (bounded partial rows). A function of the shape only: reproducible sums.
+    iters = max(1, min(MAX_ITERS, B * n_tblocks // PARTIAL_ROWS))
+    n_prog = cdiv(n_tblocks, iters) if B and C and T else 0
+    f32 = torch.float32
+    dw_part = torch.zeros((B * n_prog, C) if weight is not None else (0,), dtype=f32, device=x.device)
+    db_part = torch.zeros((B * n_prog, C) if bias is not None else (0,), dtype=f32, device=x.device)
+    if n_prog:
+        _cln_gelu_bwd_kernel[(n_prog, B)](
+            x, weight, bias, grad_y, mean, rstd, grad_x, dw_part, db_part,
+            C, T, iters, x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1),
+            grad_x.stride(0), grad_x.stride(1),
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_T=block_t,
+            num_warps=num_warps,
+        )  # fmt: skip
+    # fixed-order reductions of the per-program partial rows (an empty sum is zeros: T = 0)
+    grad_w = dw_part.view(-1, C).sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
+    grad_b = db_part.view(-1, C).sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
+    return grad_x.to(x.dtype), grad_w, grad_b
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops + autograd
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("spidr_fast::channel_layer_norm_gelu", mutates_args=())
+def _cln_gelu_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd); mean and rstd (B, T) fp32 are kept for the backward."""
+    return _fwd_launch(x, weight, bias, eps)
+
+
+@_cln_gelu_op.register_fake
+def _(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    B, _, T = x.shape
+    return x.new_empty(x.shape), x.new_empty((B, T), dtype=torch.float32), x.new_empty((B, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("spidr_fast::channel_layer_norm_gelu_backward", mutates_args=())
+def _cln_gelu_backward_op(
+    grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_weight, grad_bias); an absent weight or bias gets an empty (0,) gradient."""
+    return _bwd_launch(grad_y, x, weight, bias, mean, rstd)
+
+
+@_cln_gelu_backward_op.register_fake
+def _(
+    grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    grad_w = torch.empty_like(weight) if weight is not None else x.new_empty(0)
+    grad_b = torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    return x.new_empty(x.shape), grad_w, grad_b
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    x, weight, bias, _ = inputs
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+    ctx.save_for_backward(x, weight, bias, output[1], output[2])
+
+
+def _backward(ctx, grad_y: Tensor, grad_mean: Tensor | None, grad_rstd: Tensor | None) -> tuple:
+    # mean and rstd are statistics (the public function returns only y): no gradient flows from them
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    grad_x, grad_w, grad_b = _cln_gelu_backward_op(grad_y, x, weight, bias, mean, rstd)
+    return grad_x, grad_w if ctx.has_weight else None, grad_b if ctx.has_bias else None, None
+
+
+_cln_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public function (dispatch: Triton where it runs, else the reference)
+# --------------------------------------------------------------------------------------------
+
+
+def channel_layer_norm_gelu(
+    x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
+) -> Tensor:
+    """gelu(LayerNorm over the channels of x), exact erf GELU, without transposing x.
+
+    Args:
+        x: (B, C, T) fp32/bf16/fp16, e.g. a Conv1d output. Unit stride along T avoids a copy.
+        weight: (C,) LayerNorm scale, or None (no scale).
+        bias: (C,) LayerNorm shift, or None (no shift).
+        eps: added to the variance, as in `nn.LayerNorm`.
+
+    Returns:
+        (B, C, T) in x's dtype, contiguous. Differentiable in x, weight, bias. Math in fp32.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape (B, C, T), got {tuple(x.shape)}")
+    if use_triton(x) and x.shape[1] <= MAX_C:
+        return _cln_gelu_op(x, weight, bias, eps)[0]
+    return channel_layer_norm_gelu_ref(x, weight, bias, eps)
+
+
+def channel_layer_norm_gelu_ref(
+    x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
+) -> Tensor:
+    """Reference: the model's ChannelLayerNorm (transpose, LayerNorm, transpose) then exact GELU."""
+    # (B, C, T) -> (B, T, C) -> LayerNorm over C -> (B, C, T)
+    return F.gelu(F.layer_norm(x.transpose(1, 2), (x.shape[1],), weight, bias, eps).transpose(1, 2))

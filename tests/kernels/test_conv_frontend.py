@@ -1,0 +1,172 @@
+"""Fused channel LayerNorm + GELU (forward, backward, parameter gradients) against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spidr_fast.kernels import conv_frontend as cf
+from spidr_fast.kernels.conv_frontend import channel_layer_norm_gelu, channel_layer_norm_gelu_ref
+from tests.kernels.utils import assert_close_to_truth
+
+ATOL = {torch.bfloat16: 1e-3, torch.float16: 1e-4}
+NAMES = ("y", "grad_x", "grad_weight", "grad_bias")
+
+
+def make_inputs(B, C, T, affine, dtype, device):
+    """x with a non-zero mean (the centring matters), an affine with scales around 1, an upstream grad."""
+    x = torch.randn(B, C, T, device=device) * 2 + 0.5
+    weight = torch.randn(C, device=device) * 0.5 + 1 if affine else None
+    bias = torch.randn(C, device=device) * 0.5 if affine else None
+    leaves = [None if t is None else t.to(dtype).requires_grad_() for t in (x, weight, bias)]
+    return leaves, torch.randn(B, C, T, device=device).to(dtype)
+
+
+def run(fn, leaves, grad_y, dtype=None):
+    """y and the gradients of sum(y * grad_y) w.r.t. (x, weight, bias); None where there is no leaf."""
+    if dtype is not None:
+        leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in leaves]
+        grad_y = grad_y.to(dtype)
+    y = fn(*leaves)
+    present = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(y, present, grad_y))
+    return [y] + [None if t is None else next(grads) for t in leaves]
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("T", [1, 7, 130])
+@pytest.mark.parametrize("C", [16, 59, 512])
+def test_fp32(triton_backend, C, T, B, affine):
+    leaves, grad_y = make_inputs(B, C, T, affine, torch.float32, triton_backend)
+    got = run(channel_layer_norm_gelu, leaves, grad_y)
+    want = run(channel_layer_norm_gelu_ref, leaves, grad_y)
+    for name, g, w in zip(NAMES, got, want):
+        if w is None:
+            assert g is None, name
+            continue
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("T", [1, 7, 130])
+@pytest.mark.parametrize("C", [16, 59, 512])
+def test_low_precision(triton_backend, C, T, affine, dtype, B=3):
+    """bf16/fp16: the kernel's error against fp64 is at most twice PyTorch's own at that dtype (+ atol)."""
+    leaves, grad_y = make_inputs(B, C, T, affine, dtype, triton_backend)
+    got = run(channel_layer_norm_gelu, leaves, grad_y)
+    pt = run(channel_layer_norm_gelu_ref, leaves, grad_y)
+    truth = run(channel_layer_norm_gelu_ref, leaves, grad_y, dtype=torch.float64)
+    for name, g, p, t in zip(NAMES, got, pt, truth):
+        if t is None:
+            continue
+        assert g.dtype == p.dtype == dtype and g.shape == t.shape, name
+        assert_close_to_truth(name, g, p, t, ATOL[dtype])
+
+
+def test_bf16_input_fp32_parameters(triton_backend):
+    """The model under autocast: a bf16 conv output with the fp32 LayerNorm parameters.
+
+    y comes back in bf16 (one rounding of the fp32 result), the parameter gradients in fp32."""
+    leaves, grad_y = make_inputs(3, 59, 40, True, torch.float32, triton_backend)
+    x16 = leaves[0].detach().bfloat16().requires_grad_()
+    got = run(channel_layer_norm_gelu, [x16, *leaves[1:]], grad_y.bfloat16())
+    want = run(channel_layer_norm_gelu_ref, [x16.detach().float().requires_grad_(), *leaves[1:]], grad_y.bfloat16())
+    assert [g.dtype for g in got] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g.float(), w.float(), atol=1e-2, rtol=1e-2, msg=name)
+
+
+@pytest.mark.parametrize(("B", "T"), [(2, 0), (0, 5)])
+def test_empty(triton_backend, B, T):
+    leaves, grad_y = make_inputs(B, 24, T, True, torch.float32, triton_backend)
+    y, grad_x, grad_w, grad_b = run(channel_layer_norm_gelu, leaves, grad_y)
+    assert y.shape == grad_x.shape == (B, 24, T)
+    assert torch.equal(grad_w, torch.zeros(24)) and torch.equal(grad_b, torch.zeros(24))
+
+
+def test_several_blocks_per_backward_program(triton_backend, monkeypatch):
+    """Backward programs looping over several T blocks, the last ones past T (fully masked)."""
+    monkeypatch.setattr(cf, "MAX_BLOCK_T", 16)  # T=130 -> 9 blocks
+    monkeypatch.setattr(cf, "PARTIAL_ROWS", 4)  # 2 batches x 9 blocks // 4 -> 4 blocks per program
+    leaves, grad_y = make_inputs(2, 59, 130, True, torch.float32, triton_backend)
+    got = run(channel_layer_norm_gelu, leaves, grad_y)
+    want = run(channel_layer_norm_gelu_ref, leaves, grad_y)
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_strided_inputs(triton_backend):
+    """x sliced along T (the positional conv drops its last frame) and a transposed upstream gradient."""
+    leaves, _ = make_inputs(2, 40, 31, True, torch.float32, triton_backend)
+    base = leaves[0]
+    x = base[..., :-1]  # (B, C, T - 1) with stride(1) = T
+    grad_y = torch.randn(2, 30, 40).transpose(1, 2)  # (B, C, T - 1), stride 1 along C
+    got = run(lambda x, w, b: channel_layer_norm_gelu(x, w, b), [x, *leaves[1:]], grad_y)
+    want = run(lambda x, w, b: channel_layer_norm_gelu_ref(x, w, b), [x, *leaves[1:]], grad_y)
+    assert got[0].is_contiguous()
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_deterministic(triton_backend, monkeypatch):
+    monkeypatch.setattr(cf, "PARTIAL_ROWS", 2)
+    leaves, grad_y = make_inputs(3, 59, 130, True, torch.float32, triton_backend)
+    first = run(channel_layer_norm_gelu, leaves, grad_y)
+    second = run(channel_layer_norm_gelu, leaves, grad_y)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_dispatch(monkeypatch):
+    """CPU default and SPIDR_FAST_BACKEND=reference run the reference (bitwise); so does C > MAX_C."""
+    leaves, _ = make_inputs(2, 20, 9, True, torch.float32, "cpu")
+    want = channel_layer_norm_gelu_ref(*leaves)
+    monkeypatch.delenv("SPIDR_FAST_BACKEND", raising=False)
+    assert torch.equal(channel_layer_norm_gelu(*leaves), want)
+    monkeypatch.setenv("SPIDR_FAST_BACKEND", "reference")
+    assert torch.equal(channel_layer_norm_gelu(*leaves), want)
+    monkeypatch.setenv("SPIDR_FAST_BACKEND", "triton")
+    wide, _ = make_inputs(1, cf.MAX_C + 1, 2, False, torch.float32, "cpu")
+    assert torch.equal(channel_layer_norm_gelu(wide[0]), channel_layer_norm_gelu_ref(wide[0]))
+    with pytest.raises(ValueError, match="B, C, T"):
+        channel_layer_norm_gelu(torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_fullgraph_compile(triton_backend, affine):
+    torch._dynamo.reset()
+    leaves, grad_y = make_inputs(2, 59, 9, affine, torch.float32, triton_backend)
+    compiled = torch.compile(channel_layer_norm_gelu, fullgraph=True, backend="aot_eager", dynamic=False)
+    got = run(compiled, leaves, grad_y)
+    want = run(channel_layer_norm_gelu, leaves, grad_y)
+    for name, g, w in zip(NAMES, got, want):
+        if w is not None:
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_custom_op_registrations(triton_backend):
+    """torch.library.opcheck: schema, fake tensors, autograd registration, AOT dispatch."""
+    leaves, grad_y = make_inputs(2, 20, 9, True, torch.float32, triton_backend)
+    x, weight, bias = leaves
+    ops = torch.ops.spidr_fast
+    torch.library.opcheck(ops.channel_layer_norm_gelu, (x, weight, bias, 1e-5))
+    torch.library.opcheck(ops.channel_layer_norm_gelu, (x, None, None, 1e-5))
+    x, weight, bias = (t.detach() for t in leaves)  # the backward op has no autograd formula of its own
+    _, mean, rstd = ops.channel_layer_norm_gelu(x, weight, bias, 1e-5)
+    torch.library.opcheck(ops.channel_layer_norm_gelu_backward, (grad_y, x, weight, bias, mean, rstd))
+    torch.library.opcheck(ops.channel_layer_norm_gelu_backward, (grad_y, x, None, None, mean, rstd))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("B", "C", "T", "affine"), [(4, 512, 16_000, True), (2, 768, 1500, False), (3, 1024, 333, True)]
+)
+def test_gpu_grid(triton_backend, B, C, T, affine, dtype):
+    if dtype == torch.float32:
+        test_fp32(triton_backend, C, T, B, affine)
+    else:
+        test_low_precision(triton_backend, C, T, affine, dtype, B)
