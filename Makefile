@@ -32,10 +32,10 @@ demo: $(SETUP)
 	$(PYTHON) -m spidr_fast demo
 
 bench: $(SETUP)
-	$(PYTHON) -m pytest -q bench --benchmark-only
+	$(PYTHON) bench/run.py
 
 bench-smoke: $(SETUP)
-	$(PYTHON) -m pytest -q bench --benchmark-only -k smoke
+	$(PYTHON) bench/run.py --smoke --out $${TMPDIR:-/tmp}/spidr_fast_bench_smoke
 
 lint: $(SETUP)
 	$(PYTHON) -m ruff check .

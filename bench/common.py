@@ -1,0 +1,63 @@
+"""What every benchmark result carries: the machine, the software versions, the commit; and a writer."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        status = ["git", "status", "--porcelain", "--untracked-files=no"]
+        dirty = subprocess.run(status, capture_output=True, text=True)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cuda = device.type == "cuda"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if cuda else f"cpu {platform.machine()}",
+        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda if cuda else None,
+        "python": platform.python_version(),
+        "commit": git_commit(),
+    }
+
+
+def append_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
+    """Append records as JSON lines (one write call per record; a crash leaves whole lines)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    return path
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

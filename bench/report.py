@@ -1,0 +1,133 @@
+"""Render bench/results/*.jsonl as a Markdown report (and PNG plots when matplotlib is installed).
+
+    python bench/report.py                       # every results file -> bench/results/REPORT.md
+    python bench/report.py FILE.jsonl --out R.md
+
+Tables: training throughput (ours vs the reference, eager and compiled, MFU) and extraction
+throughput across batch sizes and lengths. Every row names its device, versions and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def load(paths: list[Path]) -> list[dict[str, Any]]:
+    records = []
+    for path in paths:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{path}:{n}: not a JSON line ({e})") from e
+    return records
+
+
+def fmt(value: Any, spec: str = ".1f") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+def train_table(records: list[dict[str, Any]]) -> list[str]:
+    rows = [r for r in records if r.get("benchmark") == "train_throughput"]
+    if not rows:
+        return []
+    lines = [
+        "## Training throughput (per GPU)",
+        "",
+        "| device | config | impl | mode | ms/step | audio s/s | frames/s | MFU | peak GiB | vs reference | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ref = {(r["device"], r["config"], r["compiled"], r["commit"]): r for r in rows if r["impl"] == "reference"}
+    for r in rows:
+        base = ref.get((r["device"], r["config"], r["compiled"], r["commit"]))
+        ratio = r["audio_seconds_per_s"] / base["audio_seconds_per_s"] if base and r["impl"] != "reference" else None
+        lines.append(
+            f"| {r['device']} | {r['config']} | {r['impl']} | {'compiled' if r['compiled'] else 'eager'} | "
+            f"{r['step_time_s'] * 1e3:.1f} | {r['audio_seconds_per_s']:.1f} | {r['frames_per_s']:.0f} | "
+            f"{fmt(r['mfu'], '.1%')} | {fmt(r.get('peak_memory_gib'), '.1f')} | {fmt(ratio, '.2f') + ('x' if ratio else '')} | {r['commit']} |"
+        )
+    return [*lines, ""]
+
+
+def extract_table(records: list[dict[str, Any]]) -> list[str]:
+    rows = [r for r in records if r.get("benchmark") == "extract_throughput"]
+    if not rows:
+        return []
+    keys = sorted({k for r in rows for k in r if k not in ("benchmark",)} - set(_ENV_KEYS))
+    lines = ["## Extraction throughput", "", "| device | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append(f"| {r.get('device')} | " + " | ".join(fmt(r.get(k), ".3g") for k in keys) + " |")
+    return [*lines, ""]
+
+
+_ENV_KEYS = ("date", "device", "gpu_count", "cpu_threads", "torch", "triton", "cuda", "python", "commit")
+
+
+def plot(records: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """Bar chart of training audio-seconds/s per implementation and mode, one per device and config."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r.get("benchmark") == "train_throughput":
+            groups[r["device"], r["config"]].append(r)
+    paths = []
+    for (device, config), rows in groups.items():
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        labels = [f"{r['impl']}\n{'compiled' if r['compiled'] else 'eager'}" for r in rows]
+        ax.bar(
+            labels,
+            [r["audio_seconds_per_s"] for r in rows],
+            color=["C0" if r["impl"] == "spidr_fast" else "C1" for r in rows],
+        )
+        ax.set_ylabel("audio seconds / s / GPU")
+        ax.set_title(f"training throughput: {config} on {device}")
+        fig.tight_layout()
+        path = folder / f"train_throughput_{config}_{device.split()[0].lower()}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="*", type=Path, help="JSONL results (default: bench/results/*.jsonl)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "REPORT.md")
+    args = parser.parse_args(argv)
+    files = args.files or sorted(RESULTS_DIR.glob("*.jsonl"))
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise SystemExit(f"no such results file: {', '.join(map(str, missing))}")
+    records = load(files)
+    lines = ["# spidr_fast benchmark report", "", f"From: {', '.join(f.name for f in files) or '(no results)'}", ""]
+    lines += train_table(records) + extract_table(records)
+    images = plot(records, args.out.parent)
+    lines += [f"![{p.stem}]({p.name})" for p in images]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(args.out)
+    print(f"wrote {args.out}" + (f" and {len(images)} plot(s)" if images else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Training throughput per GPU: spidr_fast side by side with the reference `spidr` package.
+
+Both implementations run the same training step (bf16 autocast forward, loss over the masked
+frames, backward, grad clip, AdamW, teacher EMA) on the same batches, in the same process: utterance
+lengths drawn from a LibriSpeech-like distribution (2-35 s), bucketed under the reference's budget
+(3.8M samples per GPU for the base config) and cropped to the shortest of each batch, span masks as
+in the recipe. The reference is run as its trainer runs it: with the all-True (B, 1, T, T) attention
+mask its collator always passes (`--reference-mask none` passes no mask instead).
+
+Reported per implementation and mode (eager, compiled): step time, audio seconds per second, frames
+per second, MFU (FLOPs of one step counted with torch.utils.flop_counter; peak from the device
+name) and peak memory. Results are appended as JSON lines to bench/results/.
+
+    python bench/train_throughput.py --config base --steps 20             # one GPU
+    python bench/train_throughput.py --smoke                              # CPU, tiny, < 1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, append_jsonl, environment, synchronize
+
+from spidr_fast import SpidR, SpidRConfig
+from spidr_fast.data.batching import BatchingConfig, BucketBatchSampler, librispeech_like_lengths
+from spidr_fast.data.masks import compute_mask_indices
+from spidr_fast.train.flops import count_step_flops, peak_flops
+
+SAMPLE_RATE = 16_000
+SMALL = dict(
+    extractor_conv_layer_config=[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2,
+    encoder_embed_dim=128,
+    encoder_num_heads=4,
+    encoder_num_layers=4,
+    encoder_ff_interm_features=512,
+    encoder_pos_conv_kernel=95,
+    encoder_pos_conv_groups=16,
+    codebook_size=64,
+    num_codebooks=4,
+)
+TINY = dict(SMALL, encoder_num_layers=2, num_codebooks=2, encoder_ff_interm_features=256)
+# name -> (model fields, samples per batch, max samples per utterance)
+PRESETS: dict[str, tuple[dict[str, Any], int, int]] = {
+    "base": ({}, 3_800_000, 320_000),
+    "small": (SMALL, 320_000, 96_000),
+    "tiny": (TINY, 32_000, 16_000),
+}
+
+
+@dataclasses.dataclass
+class Batch:
+    waveforms: torch.Tensor
+    mask_indices: torch.Tensor
+
+    @property
+    def audio_seconds(self) -> float:
+        return self.waveforms.numel() / SAMPLE_RATE
+
+    @property
+    def frames(self) -> int:
+        return (self.waveforms.shape[1] - 400) // 320 + 1
+
+
+def make_batches(num: int, budget: int, max_len: int, seed: int, device: torch.device) -> list[Batch]:
+    """`num` batches as the reference's data pipeline forms them, with random audio."""
+    lengths = librispeech_like_lengths(max(400, num * budget // 200_000), seed=seed)
+    config = BatchingConfig(max_batch_length=budget, max_sample_size=max_len, seed=seed)
+    batch_indices = BucketBatchSampler(lengths, config, rank=0, world_size=1).all_batches(0)
+    rng = np.random.default_rng(seed)
+    batches = []
+    for indices in batch_indices[:num]:
+        crop = int(min(min(lengths[i] for i in indices), max_len))
+        mask = compute_mask_indices((len(indices), (crop - 400) // 320 + 1), rng=rng)
+        waveforms = torch.from_numpy(rng.standard_normal((len(indices), crop), dtype=np.float32))
+        batches.append(Batch(waveforms.to(device), torch.from_numpy(mask).to(device)))
+    return batches
+
+
+def build(impl: str, fields: dict[str, Any], device: torch.device, compile_model: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if impl == "spidr_fast":
+        model = SpidR(SpidRConfig(**fields))
+    else:
+        from spidr.config import SpidRConfig as RefConfig
+        from spidr.models import SpidR as RefSpidR
+
+        model = RefSpidR(RefConfig(**fields))
+    model = model.to(device).train()
+    if compile_model:
+        if impl == "spidr_fast":
+            for layer in model.student.layers:  # per layer, full graph: what the trainer does
+                layer.compile(fullgraph=True)
+        else:
+            model.compile(dynamic=True)  # what the reference's trainer does
+    return model
+
+
+def run(impl: str, compile_model: bool, args: argparse.Namespace, batches: list[Batch]) -> dict[str, Any]:
+    device = torch.device(args.device)
+    fields, _, _ = PRESETS[args.config]
+    model = build(impl, fields, device, compile_model)
+    params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("teacher")]
+    optimizer = torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.01)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+
+    def attention_mask(b: Batch) -> torch.Tensor | None:
+        if impl == "spidr_fast" or args.reference_mask == "none":
+            return None
+        return torch.ones(b.waveforms.shape[0], 1, b.frames, b.frames, dtype=torch.bool, device=device)
+
+    def step(b: Batch, n: int) -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            losses, _ = model(b.waveforms, mask_indices=b.mask_indices, attention_mask=attention_mask(b))
+        (losses.float().sum() / losses.numel()).backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.update_ema(n)
+
+    for i in range(args.warmup):
+        step(batches[i % len(batches)], i)
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, audio, frames = [], 0.0, 0
+    for i in range(args.steps):
+        b = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        step(b, args.warmup + i)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+        audio += b.audio_seconds
+        frames += b.waveforms.shape[0] * b.frames
+    total = sum(times)
+    # FLOPs of the timed batches, counted on the eager model (compiled kernels do the same math).
+    flops_model = build(impl, fields, device, False) if compile_model else model
+    flops = sum(
+        count_step_flops(copy.deepcopy(flops_model), b.waveforms, b.mask_indices, dtype)
+        for b in batches[: min(len(batches), args.steps)]
+    ) * (args.steps / min(len(batches), args.steps))
+    peak = peak_flops(device)
+    return {
+        "benchmark": "train_throughput",
+        "impl": impl,
+        "compiled": compile_model,
+        "config": args.config,
+        "dtype": args.dtype,
+        "reference_mask": args.reference_mask if impl == "reference" else None,
+        "steps": args.steps,
+        "step_time_s": total / args.steps,
+        "step_time_median_s": statistics.median(times),
+        "audio_seconds_per_s": audio / total,
+        "frames_per_s": frames / total,
+        "flops_per_step": flops / args.steps,
+        "mfu": (flops / total) / peak if peak else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(PRESETS), default=None, help="model size (default: base on GPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--impl", nargs="+", choices=["spidr_fast", "reference"], default=["spidr_fast", "reference"])
+    parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per implementation and mode")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens there)")
+    parser.add_argument("--batches", type=int, default=5, help="distinct batches, cycled")
+    parser.add_argument("--reference-mask", choices=["all-true", "none"], default="all-true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="JSONL file to append to")
+    parser.add_argument("--smoke", action="store_true", help="tiny config, 2 steps, eager only: checks the harness")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.config, args.steps, args.warmup, args.batches, args.modes = "tiny", 2, 1, 2, ["eager"]
+    args.config = args.config or ("base" if args.device.startswith("cuda") else "small")
+    device = torch.device(args.device)
+    _, budget, max_len = PRESETS[args.config]
+    batches = make_batches(args.batches, budget, max_len, args.seed, device)
+    env = environment(device)
+    out = args.out or RESULTS_DIR / f"train_throughput_{env['device'].split()[0].lower()}.jsonl"
+    records = []
+    for mode in args.modes:
+        for impl in args.impl:
+            record = {**env, **run(impl, mode == "compiled", args, batches)}
+            records.append(record)
+            mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a"
+            print(
+                f"{impl:>10} {mode:>8}: {record['step_time_s'] * 1e3:8.1f} ms/step  "
+                f"{record['audio_seconds_per_s']:9.1f} audio s/s  {record['frames_per_s']:10.0f} frames/s  MFU {mfu}"
+            )
+    by = {(r["impl"], r["compiled"]): r for r in records}
+    for compiled in (False, True):
+        if ("spidr_fast", compiled) in by and ("reference", compiled) in by:
+            ours, ref = by["spidr_fast", compiled], by["reference", compiled]
+            ratio = ours["audio_seconds_per_s"] / ref["audio_seconds_per_s"]
+            print(f"spidr_fast / reference ({'compiled' if compiled else 'eager'}): {ratio:.2f}x")
+    append_jsonl(out, records)
+    print(f"results appended to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
