@@ -148,7 +148,7 @@ def _launch_cfg(h: Tensor, V: int) -> dict:
     tf32 = h.is_cuda and torch.backends.cuda.matmul.allow_tf32  # follow torch's own fp32 matmul setting
     block_v = block_size(V, 16, next_pow2(MAX_V))
     return {
-        "BLOCK_N": BLOCK_N,
+        "BLOCK_N": max(16, BLOCK_N * 256 // max(block_v, 256)),  # <= 64 x 256 fp32 logits per program
         "BLOCK_V": block_v,
         "BLOCK_H": BLOCK_H,
         "DOT_FP32": fp32,
@@ -163,14 +163,15 @@ def _fwd_launch(h: Tensor, weight: Tensor, bias: Tensor, labels: Tensor) -> tupl
     V = weight.shape[1]
     loss = torch.empty((C, N), dtype=torch.float32, device=h.device)
     lse = torch.empty((C, N), dtype=torch.float32, device=h.device)
-    nblk = cdiv(N, BLOCK_N) if N else 0
+    cfg = _launch_cfg(h, V)
+    nblk = cdiv(N, cfg["BLOCK_N"]) if N else 0
     partial = torch.zeros((C, max(nblk, 1), V), dtype=torch.float32, device=h.device)
     if C and N:
         _heads_ce_fwd_kernel[(nblk, C)](
             h, weight, bias, labels, loss, lse, partial,
             N, H, V,
             *h.stride(), *weight.stride(), bias.stride(0), labels.stride(0), loss.stride(0), *partial.stride()[:2],
-            **_launch_cfg(h, V),
+            **cfg,
         )  # fmt: skip
     return loss, lse, partial.sum(1)  # fixed-order reduction of the per-block probability sums
 
@@ -184,7 +185,8 @@ def _bwd_launch(
     grad_h = torch.empty((C, N, H), dtype=kernel_out_dtype(h.dtype), device=h.device)
     dl_dtype = torch.float32 if dot_in_fp32(h.dtype) else h.dtype
     dlogits = torch.empty((C, N, V), dtype=dl_dtype, device=h.device)
-    nblk = cdiv(N, BLOCK_N) if N else 0
+    cfg = _launch_cfg(h, V)
+    nblk = cdiv(N, cfg["BLOCK_N"]) if N else 0
     partial = torch.zeros((C, max(nblk, 1), V), dtype=torch.float32, device=h.device)
     if C and N:
         _heads_ce_bwd_kernel[(nblk, C)](
@@ -192,7 +194,7 @@ def _bwd_launch(
             N, H, V,
             *h.stride(), *weight.stride(), bias.stride(0), labels.stride(0), lse.stride(0), *grad_loss.stride(),
             *grad_h.stride()[:2], *dlogits.stride()[:2], *partial.stride()[:2],
-            **_launch_cfg(h, V),
+            **cfg,
         )  # fmt: skip
     with torch.autocast(h.device.type, enabled=False):  # a backward may run inside an autocast region
         grad_w = torch.bmm(dlogits.transpose(1, 2), h.to(dl_dtype))  # (C, V, H)
