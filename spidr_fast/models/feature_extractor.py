@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spidr_fast.kernels.conv_frontend import channel_layer_norm_gelu
+
 
 class ChannelLayerNorm(nn.LayerNorm):
     """LayerNorm over the channels of a (B, C, T) tensor."""
@@ -46,6 +48,8 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         x = self.conv(x)
+        if isinstance(self.layer_norm, ChannelLayerNorm):  # fused: no transposes, one read and one write
+            return channel_layer_norm_gelu(x, self.layer_norm.weight, self.layer_norm.bias, self.layer_norm.eps)
         if isinstance(self.layer_norm, nn.GroupNorm) and lengths is not None:
             x = masked_group_norm(x, self.layer_norm, self.output_lengths(lengths))
         elif self.layer_norm is not None:

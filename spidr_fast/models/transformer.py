@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from spidr_fast import kernels
 from spidr_fast.kernels.attention import Padding
+from spidr_fast.kernels.conv_frontend import channel_layer_norm_gelu
 from spidr_fast.models.feature_extractor import ChannelLayerNorm
 
 
@@ -40,7 +41,7 @@ class ConvPositionalEmbedding(nn.Module):
             x = conv(x)
             if self.num_remove:
                 x = x[..., : -self.num_remove]
-            x = F.gelu(self.layer_norm(x))
+            x = channel_layer_norm_gelu(x, self.layer_norm.weight, self.layer_norm.bias, self.layer_norm.eps)
         if keep is not None:
             x = x * keep
         return x.transpose(1, 2)
