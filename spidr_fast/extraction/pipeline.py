@@ -93,6 +93,8 @@ def _decoded(
 def run(args: argparse.Namespace) -> int:
     """Extract every input of this rank; returns the exit status (1 when any file failed)."""
     start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rank, world = rank_and_world()
     out_dir = Path(args.output_dir)
     layers = [] if args.units_only else (args.layer or [6])
