@@ -28,6 +28,11 @@ def dinosr_ema_decay(step: int, start: float, final: float, final_step: int, fre
     return final if step < freeze_step else 1.0
 
 
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2), else the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def select_masked(x: Tensor, mask_indices: Tensor) -> Tensor:
     """(B, T, D) gathered at (B, M) frame indices -> (B * M, D)."""
     return x.gather(1, mask_indices.unsqueeze(-1).expand(-1, -1, x.shape[-1])).flatten(0, 1)
@@ -114,6 +119,9 @@ class DinoSR(nn.Module):
             for t, s in zip(self.teacher.buffers(), self.student.buffers()):
                 copy_t.append(t)
                 copy_s.append(s)
+            # FSDP2 shards student and teacher alike: the EMA runs on the local shards (DTensor has no
+            # sharding rule for _foreach_copy_, and skipping its dispatch saves host time).
+            lerp_t, lerp_s, copy_t, copy_s = ([_local(t) for t in ts] for ts in (lerp_t, lerp_s, copy_t, copy_s))
             if lerp_t:
                 torch._foreach_lerp_(lerp_t, [s.to(t.dtype) for t, s in zip(lerp_t, lerp_s)], 1 - decay)
             if copy_t:
