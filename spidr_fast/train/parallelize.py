@@ -80,3 +80,11 @@ def parallelize(
     if parallelism == "ddp":
         return apply_ddp(model, device), float(world_size)
     raise ValueError(f"unknown run.parallelism {parallelism!r}: fsdp, ddp or none")
+
+
+def rewrap_after_freeze(called: nn.Module, model: DinoSR, device: torch.device) -> nn.Module:
+    """Call after the step at which the extractor froze: a DDP wrapper must be rebuilt to stop expecting
+    gradients for the frozen parameters (FSDP2 and the plain model need nothing)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return apply_ddp(model, device) if isinstance(called, DistributedDataParallel) else called

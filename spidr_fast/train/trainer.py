@@ -27,7 +27,7 @@ from spidr_fast.train.env import close_env, init_env, seed_everything, setup_tor
 from spidr_fast.train.flops import count_step_flops, peak_flops
 from spidr_fast.train.logs import RunLog, Throughput
 from spidr_fast.train.optim import build_optimizer
-from spidr_fast.train.parallelize import apply_ddp, parallelize
+from spidr_fast.train.parallelize import parallelize, rewrap_after_freeze
 from spidr_fast.train.step import DTYPES, Meters, StepContext, train_step
 from spidr_fast.train.validate import validate
 
@@ -119,8 +119,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 tput.update(
                     batch.waveforms.numel(), batch.waveforms.shape[0] * int(num_frames(batch.waveforms.shape[-1]))
                 )
-                if cfg.run.parallelism == "ddp" and env.world_size > 1 and step == cfg.model.freeze_step:
-                    ctx.model = apply_ddp(model, env.device)  # DDP must stop expecting the frozen gradients
+                if step == cfg.model.freeze_step:
+                    ctx.model = rewrap_after_freeze(ctx.model, model, env.device)
                 pbar.update()
                 stop = step >= max_steps or (cfg.run.max_time_s > 0 and time.monotonic() - start > cfg.run.max_time_s)
                 if step % cfg.run.log_interval == 0 or stop:
