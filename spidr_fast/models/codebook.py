@@ -44,25 +44,22 @@ class Codebooks(nn.ModuleList):
         return torch.stack([c.codebook for c in self]), torch.stack([c.counts for c in self])
 
     @torch.no_grad()
-    def assign(self, targets: Tensor) -> Tensor:
-        """(C, N, D) targets -> (C, N) int64 labels, in fp32 whatever the autocast state."""
+    def assign(self, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(C, N, D) targets -> labels (C, N) int64, and this rank's per-codeword counts (C, K) and sums
+        (C, K, D) of the targets, in one fused pass and in fp32 whatever the autocast state."""
         codebook, counts = self.stacked()
         with torch.autocast(targets.device.type, enabled=False):
-            return kernels.codebook_assign(targets.float(), codebook, counts)
+            return kernels.codebook_assign_accumulate(targets.float(), codebook, counts)
 
+    @staticmethod
     @torch.no_grad()
-    def statistics(self, targets: Tensor, labels: Tensor, prob_sums: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Per-codeword counts and sums of the targets, the heads' probability sums and the frame count,
-        summed over ranks in one all-reduce: (C, K), (C, K, D), (C, K), scalar."""
-        counts, sums = kernels.codebook_accumulate(targets, labels, self.size)
-        num_frames = torch.tensor([labels.shape[1]], dtype=torch.float32, device=labels.device)
-        parts = [counts, sums, prob_sums.float(), num_frames]
-        if dist.is_available() and dist.is_initialized():
-            packed = torch.cat([p.reshape(-1) for p in parts])
-            dist.all_reduce(packed)
-            parts = [chunk.view_as(p) for chunk, p in zip(packed.split([p.numel() for p in parts]), parts)]
-        counts, sums, prob_sums, num_frames = parts
-        return counts, sums, prob_sums, num_frames.squeeze(0)
+    def all_reduce(*stats: Tensor) -> tuple[Tensor, ...]:
+        """Sum the step's statistics over ranks in ONE all-reduce of a packed fp32 buffer."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return stats
+        packed = torch.cat([s.float().reshape(-1) for s in stats])
+        dist.all_reduce(packed)
+        return tuple(chunk.view_as(s) for chunk, s in zip(packed.split([s.numel() for s in stats]), stats))
 
     @torch.no_grad()
     def update(self, batch_counts: Tensor, batch_sums: Tensor) -> None:

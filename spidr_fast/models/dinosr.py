@@ -232,13 +232,14 @@ class DinoSR(nn.Module):
             targets = torch.stack(
                 [select_masked(masked_instance_norm(t, key_mask), mask_indices) for t in teacher_layers]
             )
-        labels = self.codebooks.assign(targets)  # (C, N)
+        labels, counts, sums = self.codebooks.assign(targets)  # (C, N), (C, K), (C, K, D)
 
         weight = torch.stack([head[0].weight for head in self.heads])  # (C, K, D)
         bias = torch.stack([head[0].bias for head in self.heads])  # (C, K)
         losses, prob_sums = kernels.heads_cross_entropy(head_inputs, weight, bias, labels)  # (C, N), (C, K)
 
-        counts, sums, prob_sums, num_frames = self.codebooks.statistics(targets, labels, prob_sums)
+        num_frames = torch.full((), labels.shape[1], dtype=torch.float32, device=labels.device)
+        counts, sums, prob_sums, num_frames = self.codebooks.all_reduce(counts, sums, prob_sums, num_frames)
         if self.training:
             self.codebooks.update(counts, sums)
         metrics = {
