@@ -68,6 +68,4 @@ class Codebooks(nn.ModuleList):
             return
         codebook, counts = self.stacked()
         kernels.codebook_ema_update_(codebook, counts, batch_counts, batch_sums, self.decay)
-        for c, new_codebook, new_counts in zip(self, codebook, counts):
-            c.codebook.copy_(new_codebook)
-            c.counts.copy_(new_counts)
+        torch._foreach_copy_([c.codebook for c in self] + [c.counts for c in self], [*codebook, *counts])
