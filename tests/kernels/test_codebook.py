@@ -18,7 +18,18 @@ LOW = (torch.bfloat16, torch.float16)
 
 # (C, N, K, D): N = 0 and 1, N not a multiple of the 64-frame block, D = 59 (not a power of two),
 # K not a multiple of the codeword tile, K = 1, K > 256 (two codeword tiles: the running argmin).
-SHAPES = [(1, 0, 16, 64), (2, 1, 16, 64), (2, 100, 100, 59), (1, 70, 300, 40), (3, 65, 1, 16)]
+# Plus the grid points: N in (1000, 4097), K in (16, 100, 256), D in (64, 100, 768), the
+# realistic K = 256, D = 768 among them.
+SHAPES = [
+    (1, 0, 16, 64),
+    (2, 1, 16, 64),
+    (2, 100, 100, 59),
+    (1, 70, 300, 40),
+    (3, 65, 1, 16),
+    (1, 1000, 256, 768),
+    (1, 4097, 100, 100),
+    (2, 1000, 16, 64),
+]
 
 
 def make_codebook(C: int, N: int, K: int, D: int, dtype: torch.dtype, device: str):
