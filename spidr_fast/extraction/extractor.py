@@ -244,13 +244,25 @@ class FeatureExtractor:
             current = []
         queue[:] = current
         for batch in batches:
-            for (pending, index, _), out in zip(batch, self._run_batch([b[2] for b in batch])):
+            for (pending, index, _), out in zip(batch, self._run_splitting([b[2] for b in batch])):
                 pending.outputs[index] = out
                 pending.done += 1
                 if pending.done == len(pending.pieces):
                     yield pending.key, self._finish(pending)
 
     # ---------------------------------------------------------------- compute
+    def _run_splitting(self, waves: list[Tensor]) -> list[dict[str, Tensor]]:
+        """`_run_batch`, halving the batch on out-of-memory (a piece alone that does not fit still raises)."""
+        try:
+            return self._run_batch(waves)
+        except torch.OutOfMemoryError:
+            if len(waves) == 1:
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(waves) // 2
+            return self._run_splitting(waves[:half]) + self._run_splitting(waves[half:])
+
     @torch.inference_mode()
     def _run_batch(self, waves: list[Tensor]) -> list[dict[str, Tensor]]:
         """Pad, forward and split: per piece {name: (frames, D)} on the device."""

@@ -154,3 +154,21 @@ def test_reference_model_parity(tmp_path: object) -> None:
         assert_close(out["layer1"], expected[0][0])
         assert_close(out["layer3"], expected[2][0])
         assert torch.equal(out["units"], onehot.reshape(-1, TINY["codebook_size"]).argmax(-1))
+
+
+def test_out_of_memory_splits_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model()
+    extractor = FeatureExtractor(model, layers=[2], max_batch_seconds=100)
+    run_batch = extractor._run_batch
+    sizes = []
+
+    def flaky(waves: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        sizes.append(len(waves))
+        if len(waves) > 2:
+            raise torch.OutOfMemoryError("simulated")
+        return run_batch(waves)
+
+    monkeypatch.setattr(extractor, "_run_batch", flaky)
+    for wave, out in zip(waves(), extractor(waves())):
+        assert_close(out["layer2"], alone(model, wave)[1])
+    assert sizes[:3] == [len(LENGTHS), len(LENGTHS) // 2, len(LENGTHS) // 4]  # halved until it fits
