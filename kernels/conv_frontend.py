@@ -15,8 +15,9 @@ Fused path (Triton):
     MAX_C; rows along T are contiguous in memory, so loads coalesce), computes the column mean and
     variance in fp32 (two-pass, in registers), normalises, applies the affine and GELU, and stores
     y in x's dtype plus the (B, T) fp32 mean and rstd (8 bytes per frame).
-  * backward: grid (T-block groups, B). A program recomputes x_hat and z = x_hat w + b from x and
-    the saved statistics, forms dz = dy gelu'(z), writes
+  * backward: grid (T-block groups, B), on contiguous x and dy (a copy only for the positional
+    conv's sliced output). A program loops over consecutive T blocks; in each it recomputes x_hat
+    and z = x_hat w + b from x and the saved statistics, forms dz = dy gelu'(z), writes
     dx = rstd (dz w - mean_C(dz w) - x_hat mean_C(dz w x_hat)), and accumulates sum_t dz x_hat and
     sum_t dz over its T blocks in registers. Each program writes one (C,) partial row for
     grad_weight and grad_bias; torch sums the rows in a fixed order: no float atomics, so the
@@ -39,8 +40,12 @@ from spidr_fast.kernels._dispatch import use_triton
 from spidr_fast.kernels._utils import cdiv, jit_in_place, kernel_out_dtype, next_pow2
 
 MAX_C = 1024  # whole columns live in registers; wider inputs take the reference path
-FWD_TILE = 16384  # elements per forward tile (BLOCK_C * BLOCK_T): 64 fp32 values per thread at 8 warps
-BWD_TILE = 8192  # the backward keeps ~4 tile-sized fp32 values live: a smaller tile avoids spills
+# Tile sizes from register counts of the sm_90 cubins (cuobjdump --dump-resource-usage, triton 3.9;
+# not yet timed on a GPU). Forward: 16 elements per thread -> ~84 registers, no spills (32 -> ~130,
+# 64 -> 255 + spills). Backward (more live values per element, and the loop-invariant broadcasts of
+# w, b and the offsets held across its T loop): 8 per thread -> ~102 registers, 16 -> 233.
+FWD_TILE, FWD_PER_THREAD = 4096, 16  # BLOCK_C * BLOCK_T elements; num_warps = tile / (32 * per_thread)
+BWD_TILE, BWD_PER_THREAD = 4096, 8
 MAX_BLOCK_T = 128
 PARTIAL_ROWS = 1024  # aim for about this many (C,) partial rows of grad_weight/grad_bias (4 KB each at C=1024)
 MAX_ITERS = 16  # T blocks per backward program, at most
@@ -90,14 +95,17 @@ def _cln_gelu_fwd_kernel(
 
 def _cln_gelu_bwd_kernel(
     x_ptr, w_ptr, b_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr,
-    C, T, ITERS, s_xb, s_xc, s_gb, s_gc, s_db, s_dc,
+    C, T, ITERS,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     cs = tl.arange(0, BLOCK_C)
     cmask = cs < C
-    c_off = cs.to(tl.int64)[:, None]
+    # x, dy and dx are contiguous (B, C, T): one int32 offset tile serves all three (C * T < 2**31)
+    x_ptr += b * C * T
+    dy_ptr += b * C * T
+    dx_ptr += b * C * T
     if HAS_WEIGHT:
         w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
         dw_acc = tl.zeros((BLOCK_C,), tl.float32)
@@ -108,8 +116,9 @@ def _cln_gelu_bwd_kernel(
         ts = (pid * ITERS + i) * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = ts < T
         mask = cmask[:, None] & tmask[None, :]
-        x = tl.load(x_ptr + b * s_xb + c_off * s_xc + ts[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + b * s_gb + c_off * s_gc + ts[None, :], mask=mask, other=0.0).to(tl.float32)
+        offs = cs[:, None] * T + ts[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + b * T + ts, mask=tmask, other=0.0)
         rstd = tl.load(rstd_ptr + b * T + ts, mask=tmask, other=0.0)
         xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
@@ -131,7 +140,7 @@ def _cln_gelu_bwd_kernel(
         c1 = tl.sum(dxhat * xhat, axis=0) / C  # (BLOCK_T,)
         c2 = tl.sum(dxhat, axis=0) / C
         dx = (dxhat - (xhat * c1[None, :] + c2[None, :])) * rstd[None, :]
-        tl.store(dx_ptr + b * s_db + c_off * s_dc + ts[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     row = b * tl.num_programs(0) + pid  # this program's partial row
     if HAS_WEIGHT:
         tl.store(dw_ptr + row * C + cs, dw_acc, mask=cmask)
@@ -145,14 +154,14 @@ def _cln_gelu_bwd_kernel(
 
 
 def _unit_t_stride(t: Tensor) -> Tensor:
-    """The kernels address T with stride 1 (contiguous, vectorisable rows); other strides are free."""
+    """The forward addresses T with stride 1 (contiguous, vectorisable rows); other strides are free."""
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def _blocks(C: int, T: int, tile: int) -> tuple[int, int, int]:
+def _blocks(C: int, T: int, tile: int, per_thread: int) -> tuple[int, int, int]:
     block_c = next_pow2(C)
     block_t = max(1, min(MAX_BLOCK_T, tile // block_c, next_pow2(T)))
-    num_warps = 8 if block_c * block_t >= 8192 else 4
+    num_warps = max(1, min(16, block_c * block_t // (32 * per_thread)))
     return block_c, block_t, num_warps
 
 
@@ -164,7 +173,7 @@ def _fwd_launch(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: floa
     mean = torch.empty((B, T), dtype=torch.float32, device=x.device)
     rstd = torch.empty((B, T), dtype=torch.float32, device=x.device)
     if B and C and T:
-        block_c, block_t, num_warps = _blocks(C, T, FWD_TILE)
+        block_c, block_t, num_warps = _blocks(C, T, FWD_TILE, FWD_PER_THREAD)
         _cln_gelu_fwd_kernel[(cdiv(T, block_t), B)](
             x, weight, bias, y, mean, rstd,
             C, T, x.stride(0), x.stride(1), y.stride(0), y.stride(1), eps,
@@ -179,9 +188,9 @@ def _bwd_launch(
 ) -> tuple[Tensor, Tensor, Tensor]:
     jit_in_place(globals(), KERNELS)
     B, C, T = x.shape
-    x, grad_y = _unit_t_stride(x), _unit_t_stride(grad_y)
+    x, grad_y = x.contiguous(), grad_y.contiguous()  # no-ops for a conv output and its usual gradient
     grad_x = torch.empty((B, C, T), dtype=kernel_out_dtype(x.dtype), device=x.device)
-    block_c, block_t, num_warps = _blocks(C, T, BWD_TILE)
+    block_c, block_t, num_warps = _blocks(C, T, BWD_TILE, BWD_PER_THREAD)
     n_tblocks = cdiv(T, block_t)
     # Few T blocks per program when B*T is small (enough programs to fill the GPU), up to MAX_ITERS
     # when it is large (bounded partial rows). A function of the shape only: reproducible sums.
@@ -193,8 +202,7 @@ def _bwd_launch(
     if n_prog:
         _cln_gelu_bwd_kernel[(n_prog, B)](
             x, weight, bias, grad_y, mean, rstd, grad_x, dw_part, db_part,
-            C, T, iters, x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1),
-            grad_x.stride(0), grad_x.stride(1),
+            C, T, iters,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_T=block_t,
             num_warps=num_warps,
         )  # fmt: skip
@@ -275,6 +283,8 @@ def channel_layer_norm_gelu(
     """
     if x.dim() != 3:
         raise ValueError(f"x must have shape (B, C, T), got {tuple(x.shape)}")
+    if x.shape[1] * x.shape[2] >= 2**31:  # beyond the backward kernel's int32 offsets
+        return channel_layer_norm_gelu_ref(x, weight, bias, eps)
     if use_triton(x) and x.shape[1] <= MAX_C:
         return _cln_gelu_op(x, weight, bias, eps)[0]
     return channel_layer_norm_gelu_ref(x, weight, bias, eps)
