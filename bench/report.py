@@ -39,6 +39,10 @@ def fmt(value: Any, spec: str = ".1f") -> str:
     return str(value)
 
 
+def fmt_ratio(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}x"
+
+
 def train_table(records: list[dict[str, Any]]) -> list[str]:
     rows = [r for r in records if r.get("benchmark") == "train_throughput"]
     if not rows:
@@ -56,7 +60,28 @@ def train_table(records: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {r['device']} | {r['config']} | {r['impl']} | {'compiled' if r['compiled'] else 'eager'} | "
             f"{r['step_time_s'] * 1e3:.1f} | {r['audio_seconds_per_s']:.1f} | {r['frames_per_s']:.0f} | "
-            f"{fmt(r['mfu'], '.1%')} | {fmt(r.get('peak_memory_gib'), '.1f')} | {fmt(ratio, '.2f') + ('x' if ratio else '')} | {r['commit']} |"
+            f"{fmt(r['mfu'], '.1%')} | {fmt(r.get('peak_memory_gib'), '.1f')} | {fmt_ratio(ratio)} | {r['commit']} |"
+        )
+    return [*lines, ""]
+
+
+def ablation_table(records: list[dict[str, Any]]) -> list[str]:
+    rows = [r for r in records if r.get("benchmark") == "train_ablation"]
+    if not rows:
+        return []
+    lines = [
+        "## Training step ablation (each row adds one change)",
+        "",
+        "| device | config | step | fused ops that ran | audio s/s | MFU | vs reference | commit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    base = next((r for r in rows if r["impl"] == "reference"), None)
+    for r in rows:
+        ratio = r["audio_seconds_per_s"] / base["audio_seconds_per_s"] if base else None
+        lines.append(
+            f"| {r['device']} | {r['config']} | {r['ablation']} | {', '.join(r.get('fused_ops') or []) or '-'} | "
+            f"{r['audio_seconds_per_s']:.1f} | "
+            f"{fmt(r['mfu'], '.1%')} | {fmt_ratio(ratio)} | {r['commit']} |"
         )
     return [*lines, ""]
 
@@ -118,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no such results file: {', '.join(map(str, missing))}")
     records = load(files)
     lines = ["# spidr_fast benchmark report", "", f"From: {', '.join(f.name for f in files) or '(no results)'}", ""]
-    lines += train_table(records) + extract_table(records)
+    lines += train_table(records) + ablation_table(records) + extract_table(records)
     images = plot(records, args.out.parent)
     lines += [f"![{p.stem}]({p.name})" for p in images]
     args.out.parent.mkdir(parents=True, exist_ok=True)

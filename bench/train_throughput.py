@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import statistics
 import sys
 import time
@@ -35,6 +36,7 @@ from common import RESULTS_DIR, append_jsonl, environment, synchronize
 from spidr_fast import SpidR, SpidRConfig
 from spidr_fast.data.batching import BatchingConfig, BucketBatchSampler, librispeech_like_lengths
 from spidr_fast.data.masks import compute_mask_indices
+from spidr_fast.kernels._dispatch import OPS, use_triton
 from spidr_fast.train.flops import count_step_flops, peak_flops
 
 SAMPLE_RATE = 16_000
@@ -168,6 +170,43 @@ def run(impl: str, compile_model: bool, args: argparse.Namespace, batches: list[
     }
 
 
+# The additive ablation of the training step: each row adds one change to the row above it.
+ABLATION: list[tuple[str, str, bool, dict[str, str]]] = [
+    ("reference", "reference", False, {}),
+    ("+ no-mask attention (all ops on references)", "spidr_fast", False, {"SPIDR_FAST_BACKEND": "reference"}),
+    ("+ fused front-end", "spidr_fast", False, {"SPIDR_FAST_REFERENCE_OPS": "codebook,heads_ce"}),
+    ("+ fused codebooks", "spidr_fast", False, {"SPIDR_FAST_REFERENCE_OPS": "heads_ce"}),
+    ("+ fused heads", "spidr_fast", False, {}),
+    ("+ compile", "spidr_fast", True, {}),
+]
+
+
+def run_ablation(args: argparse.Namespace, batches: list[Batch], env: dict[str, Any]) -> list[dict[str, Any]]:
+    records = []
+    saved = {k: os.environ.get(k) for k in ("SPIDR_FAST_BACKEND", "SPIDR_FAST_REFERENCE_OPS")}
+    try:
+        for name, impl, compiled, variables in ABLATION:
+            for k in saved:
+                os.environ.pop(k, None)
+            os.environ.update(variables)
+            probe = torch.empty(0, device=args.device)
+            fused = [op for op in OPS if impl == "spidr_fast" and use_triton(probe, op)]
+            record = {**env, **run(impl, compiled, args, batches), "benchmark": "train_ablation", "ablation": name}
+            record["fused_ops"] = fused  # what actually ran fused (on CPU: none, the rows measure the same code)
+            records.append(record)
+            print(f"{name:>46}: {record['audio_seconds_per_s']:9.1f} audio s/s  MFU {fmt_mfu(record)}")
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
+    return records
+
+
+def fmt_mfu(record: dict[str, Any]) -> str:
+    return f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(PRESETS), default=None, help="model size (default: base on GPU)")
@@ -181,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-mask", choices=["all-true", "none"], default="all-true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="JSONL file to append to")
+    parser.add_argument("--ablation", action="store_true", help="also run the additive ablation of the step")
     parser.add_argument("--smoke", action="store_true", help="tiny config, 2 steps, eager only: checks the harness")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -196,10 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         for impl in args.impl:
             record = {**env, **run(impl, mode == "compiled", args, batches)}
             records.append(record)
-            mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a"
             print(
                 f"{impl:>10} {mode:>8}: {record['step_time_s'] * 1e3:8.1f} ms/step  "
-                f"{record['audio_seconds_per_s']:9.1f} audio s/s  {record['frames_per_s']:10.0f} frames/s  MFU {mfu}"
+                f"{record['audio_seconds_per_s']:9.1f} audio s/s  {record['frames_per_s']:10.0f} frames/s  "
+                f"MFU {fmt_mfu(record)}"
             )
     by = {(r["impl"], r["compiled"]): r for r in records}
     for compiled in (False, True):
@@ -207,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             ours, ref = by["spidr_fast", compiled], by["reference", compiled]
             ratio = ours["audio_seconds_per_s"] / ref["audio_seconds_per_s"]
             print(f"spidr_fast / reference ({'compiled' if compiled else 'eager'}): {ratio:.2f}x")
+    if args.ablation:
+        records += run_ablation(args, batches, env)
     append_jsonl(out, records)
     print(f"results appended to {out}")
     return 0

@@ -3,6 +3,8 @@
 `SPIDR_FAST_BACKEND=triton|reference` forces one path. Without it, Triton runs on CUDA tensors
 (when triton imports) and the references run on CPU; with `TRITON_INTERPRET=1`,
 `SPIDR_FAST_BACKEND=triton` runs the kernels on CPU tensors (slow: for tests).
+`SPIDR_FAST_REFERENCE_OPS=codebook,heads_ce,conv_frontend` keeps the listed ops on their
+references whatever the backend (for ablations: one fused op at a time).
 """
 
 from __future__ import annotations
@@ -38,15 +40,25 @@ def forced_backend() -> str | None:
     return backend
 
 
-def use_triton(x: torch.Tensor) -> bool:
-    """True when an op on `x` should run its Triton kernel.
+OPS = ("codebook", "heads_ce", "conv_frontend")
+
+
+def reference_ops() -> set[str]:
+    ops = {op for op in os.environ.get("SPIDR_FAST_REFERENCE_OPS", "").split(",") if op}
+    if ops - set(OPS):
+        raise ValueError(f"SPIDR_FAST_REFERENCE_OPS names unknown op(s) {sorted(ops - set(OPS))}; known: {OPS}")
+    return ops
+
+
+def use_triton(x: torch.Tensor, op: str | None = None) -> bool:
+    """True when op `op` on `x` should run its Triton kernel.
 
     Default: Triton for CUDA tensors when triton imports, the reference otherwise (also on CPU
     under TRITON_INTERPRET=1, so that the interpreter runs only where a test asks for it).
     `SPIDR_FAST_BACKEND=triton` forces the kernels (on CPU tensors that needs TRITON_INTERPRET=1).
     """
     backend = forced_backend()
-    if backend == "reference":
+    if backend == "reference" or (op is not None and op in reference_ops()):
         return False
     if backend == "triton":
         if not (triton_available() and (x.is_cuda or interpreter_on())):

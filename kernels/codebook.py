@@ -224,7 +224,7 @@ def codebook_assign(x: Tensor, codebook: Tensor, counts: Tensor, *, precision: s
     reference), or on a GPU "tf32x3" (~fp32 on tensor cores) / "tf32" (faster, flips some labels).
     """
     _check(x, codebook, counts, precision)
-    if use_triton(x):
+    if use_triton(x, "codebook"):
         return _codebook_assign_op(x, codebook, counts, precision)
     return codebook_assign_ref(x, codebook, counts)
 
@@ -232,7 +232,7 @@ def codebook_assign(x: Tensor, codebook: Tensor, counts: Tensor, *, precision: s
 def codebook_accumulate(x: Tensor, labels: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
     """Per-codeword counts (C, K) and sums (C, K, D) of the frames assigned to each codeword (fp32)."""
     _check(x)
-    if use_triton(x):
+    if use_triton(x, "codebook"):
         return _codebook_accumulate_op(x, labels, num_codes)
     return codebook_accumulate_ref(x, labels, num_codes)
 
@@ -242,7 +242,7 @@ def codebook_assign_accumulate(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`codebook_assign` then `codebook_accumulate` as one op: (labels, batch_counts, sums)."""
     _check(x, codebook, counts, precision)
-    if use_triton(x):
+    if use_triton(x, "codebook"):
         return _codebook_assign_accumulate_op(x, codebook, counts, precision)
     return codebook_assign_accumulate_ref(x, codebook, counts)
 

@@ -285,7 +285,7 @@ def channel_layer_norm_gelu(
         raise ValueError(f"x must have shape (B, C, T), got {tuple(x.shape)}")
     if x.shape[1] * x.shape[2] >= 2**31:  # beyond the backward kernel's int32 offsets
         return channel_layer_norm_gelu_ref(x, weight, bias, eps)
-    if use_triton(x) and x.shape[1] <= MAX_C:
+    if use_triton(x, "conv_frontend") and x.shape[1] <= MAX_C:
         return _cln_gelu_op(x, weight, bias, eps)[0]
     return channel_layer_norm_gelu_ref(x, weight, bias, eps)
 

@@ -260,7 +260,7 @@ def heads_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor, labels: Tensor)
     """
     if (h.dim(), weight.dim(), bias.dim()) != (3, 3, 2):
         raise ValueError(f"h, weight, bias must be (C,N,H), (C,V,H), (C,V): {h.shape}, {weight.shape}, {bias.shape}")
-    if use_triton(h) and weight.shape[1] <= MAX_V:
+    if use_triton(h, "heads_ce") and weight.shape[1] <= MAX_V:
         device = h.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         if h.dtype != dtype and h.stride(0) == 0:  # cast the one shared layer, not C copies of it
