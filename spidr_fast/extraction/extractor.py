@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from spidr_fast import kernels
+from spidr_fast.extraction.frontend import ChannelsLastFrontend
 from spidr_fast.models.padding import key_mask_from_lengths, masked_instance_norm
 
 SAMPLE_RATE = 16_000
@@ -113,10 +114,13 @@ class FeatureExtractor:
         dtype: "float32" (default), "bfloat16" or "float16" (autocast; units are always assigned in fp32).
         compile: torch.compile the forward; shapes are bucketed (frames rounded up on a fixed
             ladder, batch rows to a power of two) so few graphs are compiled.
-        max_batch_seconds: padded audio per forward (default 300 s on GPU, 40 s on CPU).
+        max_batch_seconds: padded audio per forward (default 300 s on GPU, 20 s on CPU).
         chunk_seconds, overlap_seconds: long-utterance chunking (see `plan_pieces`).
         before_residual: features are the FFN output before residual (default, the reference's
             `get_intermediate_outputs`), or the layer output.
+        channels_last_frontend: run the conv front-end as channels-last GEMMs
+            (`extraction.frontend`, ~20% faster on CPU, equal to 1e-6); default: on the CPU in
+            layer_norm mode. It snapshots the conv weights: build the extractor after loading them.
 
     Calling it on a list of waveforms returns, per waveform, {"layer{l}": (frames, D) float32 on the
     CPU, ..., "units": (frames,) int64}.
@@ -136,6 +140,7 @@ class FeatureExtractor:
         chunk_seconds: float = 60.0,
         overlap_seconds: float = 5.0,
         before_residual: bool = True,
+        channels_last_frontend: bool | None = None,
     ) -> None:
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -166,10 +171,14 @@ class FeatureExtractor:
         self.depth = num_layers if self.is_dinosr_heads else max([*self.layers, self.units_layer or 0])
         self.before_residual = before_residual
         if max_batch_seconds is None:
-            max_batch_seconds = 300.0 if self.device.type == "cuda" else 40.0
+            # CPU: small batches keep the front-end's activations in cache (measured faster than 100 s).
+            max_batch_seconds = 300.0 if self.device.type == "cuda" else 20.0
         self.max_batch_samples = int(max_batch_seconds * SAMPLE_RATE)
         self.chunk_frames = max(1, round(chunk_seconds * SAMPLE_RATE / HOP))
         self.overlap_frames = max(0, round(overlap_seconds * SAMPLE_RATE / HOP))
+        if channels_last_frontend is None:
+            channels_last_frontend = self.device.type == "cpu" and model.cfg.extractor_mode == "layer_norm"
+        self.frontend = ChannelsLastFrontend(model.feature_extractor) if channels_last_frontend else None
         # Inert forward hooks on the layers we read (they act only while `_forward_impl` runs).
         self._captured: dict[int, tuple[Tensor, Tensor]] | None = None
         wanted = set(self.layers) | {self.units_layer if not self.is_dinosr_heads else self.depth} - {None}
@@ -297,7 +306,10 @@ class FeatureExtractor:
         """
         model, student = self.model, self.model.student
         extractor_lengths = sample_lengths if model.cfg.extractor_mode == "group_norm" else None
-        features = model.feature_projection(model.feature_extractor(waveforms, extractor_lengths))
+        if self.frontend is not None:
+            features = model.feature_projection(self.frontend(waveforms))
+        else:
+            features = model.feature_projection(model.feature_extractor(waveforms, extractor_lengths))
         key_mask = None
         if sample_lengths is not None:
             key_mask = key_mask_from_lengths(model.feature_extractor.output_lengths(sample_lengths), features.shape[1])

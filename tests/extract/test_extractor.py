@@ -35,9 +35,16 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-4
 
 @pytest.mark.parametrize("mode", ["layer_norm", "group_norm"])
 @pytest.mark.parametrize("batch_seconds", [0.05, 1.0, 100.0])
-def test_batched_equals_single(mode: str, batch_seconds: float) -> None:
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_batched_equals_single(mode: str, batch_seconds: float, channels_last: bool) -> None:
     model = tiny_model(extractor_mode=mode)
-    extractor = FeatureExtractor(model, layers=[1, 2, 3], max_batch_seconds=batch_seconds, device="cpu")
+    if mode == "group_norm" and channels_last:
+        with pytest.raises(ValueError, match="layer_norm"):
+            FeatureExtractor(model, layers=[1], channels_last_frontend=True)
+        return
+    extractor = FeatureExtractor(
+        model, layers=[1, 2, 3], max_batch_seconds=batch_seconds, channels_last_frontend=channels_last
+    )
     inputs = waves()
     outputs = extractor([torch.from_numpy(w) if i % 2 else w for i, w in enumerate(inputs)])  # numpy and torch
     for wave, out in zip(inputs, outputs):
