@@ -235,7 +235,11 @@ class FeatureExtractor:
         bucket = 8
         while bucket < frames:
             bucket = math.ceil(bucket * 2**0.25 / 8) * 8  # multiples of 8 frames, ~19% apart
-        return (bucket - 1) * HOP + RECEPTIVE_FIELD
+        return (bucket - 1) * HOP + RECEPTIVE_FIELD + HOP - 1  # the widest input giving `bucket` frames
+
+    def _rows(self, count: int) -> int:
+        """Rows a batch of `count` pieces takes: itself, or (compiled) the next power of two."""
+        return count if not self.compiled else 1 << (count - 1).bit_length()
 
     def _drain(self, queue: list[tuple[_Pending, int, Tensor]], *, keep_tail: bool) -> Iterator[tuple[Any, dict]]:
         """Run batches from `queue` (longest first); with `keep_tail`, leave the last partial batch queued."""
@@ -244,7 +248,7 @@ class FeatureExtractor:
         current: list[tuple[_Pending, int, Tensor]] = []
         for entry in queue:
             longest = self._padded(current[0][2].numel() if current else entry[2].numel())
-            if current and (len(current) + 1) * longest > self.max_batch_samples:
+            if current and self._rows(len(current) + 1) * longest > self.max_batch_samples:
                 batches.append(current)
                 current = []
             current.append(entry)
@@ -277,7 +281,7 @@ class FeatureExtractor:
         """Pad, forward and split: per piece {name: (frames, D)} on the device."""
         lengths = [w.numel() for w in waves]
         width = self._padded(max(lengths))
-        rows = len(waves) if not self.compiled else 1 << (len(waves) - 1).bit_length()
+        rows = self._rows(len(waves))
         batch = torch.zeros(rows, width)
         for i, w in enumerate(waves):
             batch[i, : w.numel()] = w
