@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -19,7 +20,9 @@ import torch
 
 import spidr_fast
 from spidr_fast.__main__ import main
+from spidr_fast.data.manifest import scan_tar, write_manifest
 from spidr_fast.extraction import standardize
+from spidr_fast.extraction.files import list_inputs, shard
 from tests.extract.conftest import TINY, write_audio
 
 
@@ -232,3 +235,27 @@ def test_cli_reproduces_reference_on_its_checkpoint(corpus: Path, tmp_path: Path
         stem = out / f.relative_to(corpus).with_suffix("")
         np.testing.assert_allclose(np.load(f"{stem}.layer3.npy"), layer3, atol=1e-4)
         np.testing.assert_array_equal(np.load(f"{stem}.units.npy"), units)
+
+
+def test_shards_depend_on_the_key_only(corpus: Path) -> None:
+    inputs = list_inputs(corpus)
+    for world in (1, 2, 3):
+        parts = [shard(inputs, rank, world) for rank in range(world)]
+        assert sorted(i.key for p in parts for i in p) == sorted(i.key for i in inputs)  # covering, disjoint
+        # A rank that restarts on a grown (or shrunk) input list keeps the same files.
+        assert all(set(shard(inputs[:3], r, world)) <= set(parts[r]) for r in range(world))
+
+
+def test_tar_members_from_a_manifest(corpus: Path, checkpoint: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "corpus.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(corpus, arcname="corpus")
+    manifest = write_manifest(scan_tar(archive, progress=False), tmp_path / "tar.csv")
+    out = tmp_path / "out"
+    assert extract(manifest, out, "--checkpoint", checkpoint, "--layer", 1) == 0
+    for f in audio_files(corpus):
+        key = Path("corpus") / f.relative_to(corpus).with_suffix(".npy")
+        wave = standardize(sf.read(f, dtype="float32")[0])[None]
+        with torch.no_grad():
+            expected = spidr_fast.load_model(checkpoint).get_intermediate_outputs(wave)[0][0].numpy()
+        np.testing.assert_allclose(np.load(out / key), expected, atol=1e-4)
