@@ -11,7 +11,8 @@ Fused path (Triton, one launch per stage for all C codebooks):
   * assignment: grid (N blocks, C). A program holds BLOCK_N frames and streams the codewords in
     BLOCK_K tiles, each as a D-chunked fp32 `tl.dot` (IEEE by default, like the reference), keeping
     a running (min, argmin) of ||c_k||^2 - 2 x.c_k (||x||^2 is the same for every k: dropped). The
-    N x K distances never leave registers; x is read once per codeword tile (once when K <= 256).
+    N x K distances never leave registers; x is read once per codeword tile (once when K <= 256 in
+    IEEE, K <= 128 with tf32x3: tiles chosen for sm_90 registers, see `assign_config`).
   * accumulation: stable sort of the labels by value (torch), then a segment-sum kernel, grid
     (K, D blocks, C), in which each (codeword, D block) sums its frames in row order. No float
     atomics: the sums are bitwise reproducible. It reads x once more (gathered by label): the
@@ -125,6 +126,44 @@ def _check(x: Tensor, codebook: Tensor | None = None, counts: Tensor | None = No
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
+def assign_config(K: int, D: int, precision: str) -> dict:
+    """Tiles and launch options of `_assign_kernel` (also read by the offline sm_90 checks in
+    tests/kernels/test_codebook.py; figures in bench/results/sm90_static_analysis.md).
+
+    "ieee": the fp32 `tl.dot` runs on FFMA, each thread holding its accumulators plus, for every
+    d of a BLOCK_D chunk, its rows' and columns' operands: BLOCK_D = 16 and 32 accumulators a
+    thread (BLOCK_N x BLOCK_K / threads) keep a 64 x 256 tile at 128 registers without spills
+    (BLOCK_D = 32 and 8 warps: 255 registers and 24 B of stack). One codeword tile when K <= 256,
+    so x is read once.
+    "tf32x3"/"tf32": tensor cores (wgmma); the operand split into tf32 halves costs registers, so
+    a 64 x 128 tile (172 registers; 64 x 256 spilled at 255): x is read once per 128 codewords
+    (the second read of a 64-frame block mostly hits L2).
+    BLOCK_D never changes the ieee sum order (an FFMA chain over d, chunk after chunk).
+    """
+    if precision == "ieee":
+        block_k = block_size(K, 16, 256)
+        return {
+            "BLOCK_N": ASSIGN_BLOCK_N,
+            "BLOCK_K": block_k,
+            "BLOCK_D": 16,
+            "num_warps": max(4, block_k // 16),  # 32 accumulators a thread at BLOCK_N = 64
+            "num_stages": 2,
+        }
+    block_k = block_size(K, 16, 128)
+    return {
+        "BLOCK_N": ASSIGN_BLOCK_N,
+        "BLOCK_K": block_k,
+        "BLOCK_D": 16,
+        "num_warps": 8 if block_k >= 128 else 4,
+        "num_stages": 3,
+    }
+
+
+def accumulate_config(D: int) -> dict:
+    """Tiles and launch options of `_segment_sum_kernel`."""
+    return {"BLOCK_R": 16, "BLOCK_D": block_size(D, 16, 128), "num_warps": 4, "num_stages": 3}
+
+
 def _assign_launch(x: Tensor, codebook: Tensor, counts: Tensor, precision: str) -> Tensor:
     jit_in_place(globals(), KERNELS)
     C, N, D = x.shape
@@ -135,14 +174,13 @@ def _assign_launch(x: Tensor, codebook: Tensor, counts: Tensor, precision: str) 
     # K x D per codebook: tiny next to x. Same arithmetic as the reference's `codebook / counts`.
     centers = codebook.float() / counts.float().unsqueeze(-1)  # (C, K, D)
     norms = (centers * centers).sum(-1)  # (C, K)
-    block_k = block_size(K, 16, 256)
-    grid = (cdiv(N, ASSIGN_BLOCK_N), C)
+    cfg = assign_config(K, D, precision)
+    grid = (cdiv(N, cfg["BLOCK_N"]), C)
     _assign_kernel[grid](
         x, centers, norms, labels,
         N, K, D,
         x.stride(0), x.stride(1), x.stride(2), *centers.stride(), norms.stride(0), labels.stride(0),
-        BLOCK_N=ASSIGN_BLOCK_N, BLOCK_K=block_k, BLOCK_D=block_size(D, 16, 32), INPUT_PRECISION=precision,
-        num_warps=8 if block_k >= 128 else 4,
+        INPUT_PRECISION=precision, **cfg,
     )  # fmt: skip
     return labels
 
@@ -158,14 +196,14 @@ def _accumulate_launch(x: Tensor, labels: Tensor, num_codes: int) -> tuple[Tenso
     sorted_labels, order = torch.sort(labels, dim=1, stable=True)  # (C, N) each
     bounds = torch.arange(num_codes + 1, device=x.device, dtype=sorted_labels.dtype).expand(C, -1).contiguous()
     offsets = torch.searchsorted(sorted_labels, bounds)  # (C, K + 1): frames of k are order[offsets[k]:offsets[k+1]]
-    block_d = block_size(D, 16, 128)
-    grid = (num_codes, cdiv(D, block_d), C)
+    cfg = accumulate_config(D)
+    grid = (num_codes, cdiv(D, cfg["BLOCK_D"]), C)
     _segment_sum_kernel[grid](
         x, order, offsets, sums, counts,
         D,
         x.stride(0), x.stride(1), x.stride(2), order.stride(0), offsets.stride(0), sums.stride(0), sums.stride(1),
         counts.stride(0),
-        BLOCK_R=16, BLOCK_D=block_d, num_warps=4,
+        **cfg,
     )  # fmt: skip
     return counts, sums
 

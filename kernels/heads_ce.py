@@ -143,9 +143,10 @@ def _heads_ce_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _launch_cfg(h: Tensor, V: int) -> dict:
-    fp32 = dot_in_fp32(h.dtype)
-    tf32 = h.is_cuda and torch.backends.cuda.matmul.allow_tf32  # follow torch's own fp32 matmul setting
+def launch_config(dtype: torch.dtype, V: int, on_gpu: bool) -> dict:
+    """Tiles and launch options of both heads kernels (also read by the offline sm_90 checks)."""
+    fp32 = dot_in_fp32(dtype)
+    tf32 = on_gpu and torch.backends.cuda.matmul.allow_tf32  # follow torch's own fp32 matmul setting
     block_v = block_size(V, 16, next_pow2(MAX_V))
     return {
         "BLOCK_N": max(16, BLOCK_N * 256 // max(block_v, 256)),  # <= 64 x 256 fp32 logits per program
@@ -154,7 +155,12 @@ def _launch_cfg(h: Tensor, V: int) -> dict:
         "DOT_FP32": fp32,
         "INPUT_PRECISION": "tf32" if tf32 else "ieee",
         "num_warps": 8 if block_v >= 128 else 4,
+        "num_stages": 3,
     }
+
+
+def _launch_cfg(h: Tensor, V: int) -> dict:
+    return launch_config(h.dtype, V, h.is_cuda)
 
 
 def _fwd_launch(h: Tensor, weight: Tensor, bias: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -12,6 +12,7 @@ from spidr_fast.kernels.codebook import (
     codebook_assign_ref,
     codebook_ema_update_,
 )
+from tests.kernels import sm90
 from tests.kernels.utils import max_diff
 
 LOW = (torch.bfloat16, torch.float16)
@@ -69,8 +70,10 @@ def test_assign(triton_backend, shape, dtype):
     assert_labels_near_best(x, codebook, counts, ref)  # the reference obeys the same rule
 
 
-def test_assign_ties_go_to_the_lowest_index(triton_backend):
-    """Duplicate codewords (within a tile and across the two tiles of K = 300): torch.argmin's rule."""
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+def test_assign_ties_go_to_the_lowest_index(triton_backend, precision):
+    """Duplicate codewords (within a tile and across the codeword tiles of K = 300: 256-wide in IEEE,
+    128-wide with tf32x3; the interpreter runs both in exact fp32, so this tests the tiling)."""
     C, N, K, D = 2, 40, 300, 24
     x, codebook, counts = make_codebook(C, N, K, D, torch.float32, triton_backend)
     dup = {3: 7, 10: 290, 100: 260}  # original -> duplicate with a higher index
@@ -79,7 +82,7 @@ def test_assign_ties_go_to_the_lowest_index(triton_backend):
     centers = codebook / counts.unsqueeze(-1)
     srcs = torch.tensor(list(dup), device=triton_backend)
     x[:, : 3 * len(dup)] = centers[:, srcs.repeat(3)]  # frames sitting exactly on a duplicated codeword
-    labels = kernels.codebook_assign(x, codebook, counts)
+    labels = kernels.codebook_assign(x, codebook, counts, precision=precision)
     assert torch.equal(labels[:, : 3 * len(dup)], srcs.repeat(3).expand(C, -1))
     assert_labels_near_best(x, codebook, counts, labels)
 
@@ -161,3 +164,41 @@ def test_gpu_reduced_precision_labels(triton_backend, precision):
     x, codebook, counts = make_codebook(8, 20_000, 256, 768, torch.float32, triton_backend)
     labels = kernels.codebook_assign(x, codebook, counts, precision=precision)
     assert_labels_near_best(x, codebook, counts, labels, tol=1e-3 if precision == "tf32x3" else 2e-2)
+
+
+# --------------------------------------------------------------------------------------------
+# sm_90 compiler facts (no GPU needed): see tests/kernels/sm90.py, bench/results/sm90_static_analysis.md
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sm90_codebook():
+    """Both kernels compiled for an H100 at the base shapes (C=8, N=40k, K=256, D=768), with the
+    configurations their launchers pick: one child process for the module."""
+    results = sm90.compile_base_shapes("codebook")
+    if isinstance(results, str):
+        pytest.skip(f"cannot compile for sm_90 here: {results}")
+    return results
+
+
+@pytest.mark.parametrize("name", sm90.kernel_names("codebook"))
+def test_sm90_no_spills(sm90_codebook, name):
+    """No local-memory spills and registers well under 255. Before: a 64 x 256 tile with BLOCK_D=32
+    and 8 warps took 255 registers + 24 B of stack (IEEE) and 255 + 88 B (tf32x3). Now IEEE runs 16
+    warps (32 accumulators a thread; 128 registers is also the most a 512-thread program can have)
+    and tf32x3 a 64 x 128 tile (172)."""
+    r = sm90_codebook[name]
+    print(name, {k: r[k] for k in ("regs", "stack", "shared")})
+    bound = 200 if "tf32x3" in name else 128
+    assert r["stack"] == 0, f"{name} spills {r['stack']} B"
+    assert r["regs"] <= bound, f"{name} uses {r['regs']} registers (bound {bound})"
+
+
+@pytest.mark.parametrize("name", [n for n in sm90.kernel_names("codebook") if "assign" in n])
+def test_sm90_assign_instruction_mix(sm90_codebook, name):
+    """tf32x3 runs its dots on tensor cores (HGMMA); IEEE fp32 cannot, and runs on FFMA."""
+    loop = sm90_codebook[name]["loop_counts"]
+    if "tf32x3" in name:
+        assert sm90.tensor_core_ops(loop) > 0, loop
+    else:
+        assert sm90.tensor_core_ops(loop) == 0 and loop.get("FFMA", 0) > 0, loop
