@@ -32,8 +32,15 @@ from spidr_fast.kernels._dispatch import use_triton
 from spidr_fast.kernels._utils import block_size, cdiv, dot_in_fp32, jit_in_place, kernel_out_dtype, next_pow2
 
 MAX_V = 1024  # whole softmax rows live in registers; wider vocabularies take the reference path
-BLOCK_N = 64
-BLOCK_H = 64
+# (BLOCK_N at V <= 256, BLOCK_H, num_warps, num_stages), chosen from sm_90 compiles of both kernels
+# at the base shapes (bench/results/sm90_static_analysis.md; checked by tests/kernels/test_heads_ce.py):
+#  * tensor cores (bf16/fp16; fp32 under TF32): BLOCK_H = 64 took the backward to 252-254 registers
+#    (no spill yet, no headroom); 32 gives 194 (fwd) / 196 (bwd), HGMMA in both loops.
+#  * FFMA (fp32 IEEE): a 64 x 256 tile with BLOCK_H = 64 and 8 warps spilled 5.5-14 KB a thread
+#    (forward at 32 registers + 6 KB of stack); 32 rows, BLOCK_H = 16, 16 warps: 82 / 116, no spill.
+# Both directions share one configuration, so the backward recomputes the forward's logits exactly.
+TILES_MMA = (64, 32, 8, 3)
+TILES_FMA = (32, 16, 16, 2)
 
 # --------------------------------------------------------------------------------------------
 # Kernels
@@ -148,14 +155,16 @@ def launch_config(dtype: torch.dtype, V: int, on_gpu: bool) -> dict:
     fp32 = dot_in_fp32(dtype)
     tf32 = on_gpu and torch.backends.cuda.matmul.allow_tf32  # follow torch's own fp32 matmul setting
     block_v = block_size(V, 16, next_pow2(MAX_V))
+    # tiles by dtype, not by DOT_FP32: the interpreter (fp32 dots for bf16) runs the GPU's tiles
+    block_n, block_h, warps, stages = TILES_FMA if dtype == torch.float32 and not tf32 else TILES_MMA
     return {
-        "BLOCK_N": max(16, BLOCK_N * 256 // max(block_v, 256)),  # <= 64 x 256 fp32 logits per program
+        "BLOCK_N": max(16, block_n * 256 // max(block_v, 256)),  # <= block_n x 256 fp32 logits per program
         "BLOCK_V": block_v,
-        "BLOCK_H": BLOCK_H,
+        "BLOCK_H": block_h,
         "DOT_FP32": fp32,
         "INPUT_PRECISION": "tf32" if tf32 else "ieee",
-        "num_warps": 8 if block_v >= 128 else 4,
-        "num_stages": 3,
+        "num_warps": warps if block_v >= 128 else 4,
+        "num_stages": stages,
     }
 
 
