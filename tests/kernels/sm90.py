@@ -96,6 +96,23 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_
     return out if isinstance(out, str) else out[0]
 
 
+def base_shapes_or_skip(*groups: str) -> dict[str, dict]:
+    """`compile_base_shapes`, or skip the calling test with the reason it cannot compile here."""
+    import pytest
+
+    results = compile_base_shapes(*groups)
+    if isinstance(results, str):
+        pytest.skip(f"cannot compile for sm_90 here: {results}")
+    return results
+
+
+def assert_fits(name: str, result: dict, max_regs: int) -> None:
+    """No local-memory spills (STACK 0) and at most `max_regs` registers a thread."""
+    print(name, {k: result[k] for k in ("regs", "stack", "shared") if k in result})
+    assert result["stack"] == 0, f"{name} spills {result['stack']} B a thread"
+    assert result["regs"] <= max_regs, f"{name} uses {result['regs']} registers (bound {max_regs})"
+
+
 def tensor_core_ops(counts: dict[str, int]) -> int:
     return sum(n for op, n in counts.items() if op.split(".")[0] in TENSOR_CORE_OPS)
 

@@ -175,10 +175,7 @@ def test_gpu_reduced_precision_labels(triton_backend, precision):
 def sm90_codebook():
     """Both kernels compiled for an H100 at the base shapes (C=8, N=40k, K=256, D=768), with the
     configurations their launchers pick: one child process for the module."""
-    results = sm90.compile_base_shapes("codebook")
-    if isinstance(results, str):
-        pytest.skip(f"cannot compile for sm_90 here: {results}")
-    return results
+    return sm90.base_shapes_or_skip("codebook")
 
 
 @pytest.mark.parametrize("name", sm90.kernel_names("codebook"))
@@ -187,11 +184,7 @@ def test_sm90_no_spills(sm90_codebook, name):
     and 8 warps took 255 registers + 24 B of stack (IEEE) and 255 + 88 B (tf32x3). Now IEEE runs 16
     warps (32 accumulators a thread; 128 registers is also the most a 512-thread program can have)
     and tf32x3 a 64 x 128 tile (172)."""
-    r = sm90_codebook[name]
-    print(name, {k: r[k] for k in ("regs", "stack", "shared")})
-    bound = 200 if "tf32x3" in name else 128
-    assert r["stack"] == 0, f"{name} spills {r['stack']} B"
-    assert r["regs"] <= bound, f"{name} uses {r['regs']} registers (bound {bound})"
+    sm90.assert_fits(name, sm90_codebook[name], max_regs=200 if "tf32x3" in name else 128)
 
 
 @pytest.mark.parametrize("name", [n for n in sm90.kernel_names("codebook") if "assign" in n])

@@ -192,61 +192,42 @@ def test_model_call_sites(triton_backend, monkeypatch):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
-SPILL_CHECK = """
-import inspect, json, os, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from spidr_fast.kernels import conv_frontend as cf
-from spidr_fast.kernels._utils import jit_in_place
+def conv_frontend_specs(C: int, dtype: str, affine: bool) -> list[dict]:
+    """Both kernels with the tiles their launchers pick at T = 16000, as `tests/kernels/sm90.py` specs."""
+    import inspect
 
-jit_in_place(vars(cf), cf.KERNELS)
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-C, dtype, affine = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
-kernels = [("fwd", cf._cln_gelu_fwd_kernel, cf.FWD_TILE, cf.FWD_PER_THREAD),
-           ("bwd", cf._cln_gelu_bwd_kernel, cf.BWD_TILE, cf.BWD_PER_THREAD)]
-for name, fn, tile, per_thread in kernels:
-    block_c, block_t, num_warps = cf._blocks(C, 16000, tile, per_thread)
-    consts = {"HAS_WEIGHT": affine, "HAS_BIAS": affine, "BLOCK_C": block_c, "BLOCK_T": block_t}
-    params = inspect.signature(fn.fn).parameters
-    if not affine:
-        consts.update({p: None for p in ("w_ptr", "b_ptr", "dw_ptr", "db_ptr") if p in params})
-    sig = {}
-    for p in params:
-        if p in consts:
-            sig[p] = "constexpr"
-        elif p in ("x_ptr", "y_ptr", "dy_ptr", "dx_ptr"):
-            sig[p] = "*" + dtype
-        else:
-            sig[p] = "*fp32" if p.endswith("_ptr") else ("fp32" if p == "eps" else "i32")
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
-    usage = dict(kv.split(":") for kv in [l for l in out.stdout.splitlines() if "REG:" in l][-1].split()[:2])
-    print(json.dumps({"kernel": name, "regs": int(usage["REG"]), "stack": int(usage["STACK"])}))
-"""
+    specs = []
+    kernels = [("fwd", cf._cln_gelu_fwd_kernel, cf.FWD_TILE, cf.FWD_PER_THREAD)]
+    kernels.append(("bwd", cf._cln_gelu_bwd_kernel, cf.BWD_TILE, cf.BWD_PER_THREAD))
+    for name, fn, tile, per_thread in kernels:
+        block_c, block_t, num_warps = cf._blocks(C, 16000, tile, per_thread)
+        consts = {"HAS_WEIGHT": affine, "HAS_BIAS": affine, "BLOCK_C": block_c, "BLOCK_T": block_t}
+        fn = getattr(fn, "fn", fn)  # the plain function, also once jitted (interpreter) by an earlier test
+        params = inspect.signature(fn).parameters
+        if not affine:
+            consts.update({p: None for p in ("w_ptr", "b_ptr", "dw_ptr", "db_ptr") if p in params})
+        sig = {}
+        for p in params:
+            if p in consts:
+                continue
+            if p in ("x_ptr", "y_ptr", "dy_ptr", "dx_ptr"):
+                sig[p] = "*" + dtype
+            else:
+                sig[p] = "*fp32" if p.endswith("_ptr") else ("fp32" if p == "eps" else "i32")
+        specs.append({"name": name, "fn": fn, "signature": sig, "constexprs": consts, "num_warps": num_warps})
+    return specs
 
 
 @pytest.mark.parametrize(("C", "dtype", "affine"), [(512, "bf16", True), (768, "fp32", False)])
 def test_sm90_cubins_do_not_spill(C, dtype, affine):
     """Compile both kernels for an H100 (no GPU needed: triton's bundled ptxas) and read their register
     use: spills and 255-register kernels are invisible to the interpreter but halve a memory-bound
-    kernel's occupancy. A subprocess, since this process runs triton in interpreter mode."""
-    import json
-    import os
-    import subprocess
-    import sys
+    kernel's occupancy. In a child process (tests/kernels/sm90.py): this one runs triton interpreted."""
+    from tests.kernels import sm90
 
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SPIDR_FAST_BACKEND")}
-    proc = subprocess.run(
-        [sys.executable, "-c", SPILL_CHECK, str(C), dtype, str(int(affine))], capture_output=True, text=True, env=env
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot compile for sm_90 here: {proc.stderr.strip().splitlines()[-1:]}")
-    for line in proc.stdout.splitlines():
-        usage = json.loads(line)
-        print(usage)
-        assert usage["stack"] == 0 and usage["regs"] <= 128, usage
+    specs = conv_frontend_specs(C, dtype, affine)
+    results = sm90.compile_many(specs)
+    if isinstance(results, str):
+        pytest.skip(f"cannot compile for sm_90 here: {results}")
+    for spec, usage in zip(specs, results):
+        sm90.assert_fits(spec["name"], usage, max_regs=128)

@@ -113,21 +113,14 @@ def test_gpu_grid(triton_backend, shape, dtype):
 def sm90_heads():
     """Both kernels compiled for an H100 at the base shapes (C=8, N=40k, H=768, V=256), bf16 and fp32,
     with the configuration `launch_config` picks on a GPU: one child process for the module."""
-    results = sm90.compile_base_shapes("heads_ce")
-    if isinstance(results, str):
-        pytest.skip(f"cannot compile for sm_90 here: {results}")
-    return results
+    return sm90.base_shapes_or_skip("heads_ce")
 
 
 @pytest.mark.parametrize("name", sm90.kernel_names("heads_ce"))
 def test_sm90_no_spills(sm90_heads, name):
     """Before: fp32 (IEEE, FFMA) spilled 5.5 KB (forward) and 14 KB (backward) a thread; the bf16
     backward sat at 252-254 registers. Now: bf16 194/196, fp32 82/116, no stack."""
-    r = sm90_heads[name]
-    print(name, {k: r[k] for k in ("regs", "stack", "shared")})
-    bound = 128 if name.endswith("fp32") else 224
-    assert r["stack"] == 0, f"{name} spills {r['stack']} B"
-    assert r["regs"] <= bound, f"{name} uses {r['regs']} registers (bound {bound})"
+    sm90.assert_fits(name, sm90_heads[name], max_regs=128 if name.endswith("fp32") else 224)
 
 
 @pytest.mark.parametrize("name", [n for n in sm90.kernel_names("heads_ce") if n.endswith("bf16")])
