@@ -36,8 +36,9 @@ MAX_V = 1024  # whole softmax rows live in registers; wider vocabularies take th
 # at the base shapes (bench/results/sm90_static_analysis.md; checked by tests/kernels/test_heads_ce.py):
 #  * tensor cores (bf16/fp16; fp32 under TF32): BLOCK_H = 64 took the backward to 252-254 registers
 #    (no spill yet, no headroom); 32 gives 194 (fwd) / 196 (bwd), HGMMA in both loops.
-#  * FFMA (fp32 IEEE): a 64 x 256 tile with BLOCK_H = 64 and 8 warps spilled 5.5-14 KB a thread
-#    (forward at 32 registers + 6 KB of stack); 32 rows, BLOCK_H = 16, 16 warps: 82 / 116, no spill.
+#  * FFMA (fp32 IEEE): a 64 x 256 tile with BLOCK_H = 64 and 8 warps spilled (forward: 32 registers +
+#    5.5-6 KB of stack; backward: 192 B to 14 KB by ptxas version); 32 rows, BLOCK_H = 16, 16 warps:
+#    82 / 116 registers, no spill.
 # Both directions share one configuration, so the backward recomputes the forward's logits exactly.
 TILES_MMA = (64, 32, 8, 3)
 TILES_FMA = (32, 16, 16, 2)

@@ -118,8 +118,8 @@ def sm90_heads():
 
 @pytest.mark.parametrize("name", sm90.kernel_names("heads_ce"))
 def test_sm90_no_spills(sm90_heads, name):
-    """Before: fp32 (IEEE, FFMA) spilled 5.5 KB (forward) and 14 KB (backward) a thread; the bf16
-    backward sat at 252-254 registers. Now: bf16 194/196, fp32 82/116, no stack."""
+    """Before: fp32 (IEEE, FFMA) spilled 5.5-6 KB (forward) and 0.2-14 KB (backward, by ptxas version)
+    a thread; the bf16 backward sat at 252-254 registers. Now: bf16 194/184-196, fp32 82/116, no stack."""
     sm90.assert_fits(name, sm90_heads[name], max_regs=128 if name.endswith("fp32") else 224)
 
 
