@@ -22,6 +22,19 @@ the last `num_codebooks` layers (SpidR base: layers 5..12):
 - `"codebooks"`: nearest codeword (L2, fp32) of the layer's FFN output (before residual)
   instance-normalised over the utterance's frames: the teacher-target recipe, applied to the
   student. For chunked files the normalisation statistics cover the whole file.
+
+Measured (bench/extract_throughput.py, base config with random weights, noise input, layer 6,
+CPU; rerun with `--experiment chunking|dtype`):
+- Padded batches equal each utterance alone to <= 2.5e-6 absolute (fp32; tests assert 1e-4).
+- bf16 autocast: 1.3% relative (Frobenius) error vs fp32, max abs 0.026 on features of max abs
+  2.0; the reference under the same autocast: 1.3%. fp16: 0.17% (reference: 0.17%). Units from
+  low-precision features are still assigned in fp32.
+- Chunking, 90 s file vs whole-file extraction: 60 s chunks + 5 s overlap (the default) 0.9% mean
+  relative error per frame (max 1.4%); 30 s + 5 s 1.3% (max 1.6%); 20 s + 2 s 2.0% (max 3.1%);
+  30 s without overlap 2.2% mean but up to 51% at the cuts. Random weights attend everywhere; a
+  trained model's attention is more local, so it likely differs less (not measured here: the
+  released weights need the network). Files up to
+  chunk + 2 x overlap (70 s by default) are never chunked: exact.
 """
 
 from __future__ import annotations
@@ -77,7 +90,8 @@ def plan_pieces(num_samples: int, chunk_frames: int, overlap_frames: int) -> lis
 
     A piece starts on a frame boundary (a multiple of 320 samples), so its frame j is frame
     start / 320 + j of the whole utterance: the conv front-end gives the same frames as on the whole
-    file (extractor_mode="layer_norm"); only attention and the positional conv see less context.
+    file (extractor_mode="layer_norm"; in "group_norm" mode block 0's statistics cover the piece);
+    only attention and the positional conv see less context.
     """
     total = num_frames(num_samples)
     if total <= chunk_frames + 2 * overlap_frames:
@@ -123,7 +137,8 @@ class FeatureExtractor:
             layer_norm mode. It snapshots the conv weights: build the extractor after loading them.
 
     Calling it on a list of waveforms returns, per waveform, {"layer{l}": (frames, D) float32 on the
-    CPU, ..., "units": (frames,) int64}.
+    CPU, ..., "units": (frames,) int64}. The extractor registers forward hooks on the layers it
+    reads; they do nothing outside its own calls.
     """
 
     def __init__(
