@@ -66,7 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resample", action="store_true", help="resample audio that is not 16 kHz (else: failure)")
     parser.add_argument("--downmix", action="store_true", help="average the channels of multi-channel audio")
     parser.add_argument("--after-residual", action="store_true", help="layer outputs instead of FFN outputs")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (bucketed shapes)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (bucketed shapes; for GPUs: no gain measured on CPU)",
+    )
     parser.add_argument("--num-workers", type=int, default=4, help="decoding threads (default: 4)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads on the CPU (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -101,7 +101,10 @@ def run(args: argparse.Namespace) -> int:
     names = [f"layer{n}" for n in sorted(set(layers))] + (["units"] if args.units else [])
     if not names:
         raise SystemExit("spidr-fast extract: --units-only needs --units")
-    inputs = shard(list_inputs(args.input), rank, world)
+    everything = list_inputs(args.input)
+    if not everything:
+        print(f"spidr-fast extract: warning: no audio files found in {args.input}", file=sys.stderr)
+    inputs = shard(everything, rank, world)
     paths = {i.key: output_paths(out_dir, i.key, names, args.format) for i in inputs}
     remove_stale_temps([p for ps in paths.values() for p in ps.values()])
     with ThreadPoolExecutor(max(1, args.num_workers)) as pool:
