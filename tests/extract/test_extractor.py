@@ -192,3 +192,15 @@ def test_cuda_batched_and_low_precision(dtype: str) -> None:
         assert g["layer3"].device.type == "cpu" and g["layer3"].dtype == torch.float32
         rel = ((g["layer3"] - e["layer3"]).norm() / e["layer3"].norm()).item()
         assert rel < (1e-4 if dtype == "float32" else 0.05), rel  # bf16 measured 1.3% on the base config
+
+
+@pytest.mark.parametrize("samples", [400, 719, 1040, 1360, 4321])
+def test_channels_last_frontend_equals_the_model(samples: int) -> None:
+    from spidr_fast.extraction.frontend import ChannelsLastFrontend
+
+    model = tiny_model()
+    x = torch.randn(3, samples)
+    with torch.no_grad():
+        expected = model.feature_extractor(x)  # (B, T, C)
+        got = ChannelsLastFrontend(model.feature_extractor)(x)
+    assert_close(got, expected, tol=1e-5)
