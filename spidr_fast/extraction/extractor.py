@@ -26,11 +26,13 @@ the last `num_codebooks` layers (SpidR base: layers 5..12):
 Measured (bench/extract_throughput.py, base config with random weights, noise input, layer 6,
 CPU; rerun with `--experiment chunking|dtype`):
 - Padded batches equal each utterance alone to <= 2.5e-6 absolute (fp32; tests assert 1e-4).
-- CPU throughput, layer 6, 1 thread, same weights and files, interleaved: 1.5x the reference's
-  `get_intermediate_outputs` one utterance at a time (1.47-1.56x over three runs), 2.3x the
-  reference in padded batches of 8 (2-35 s utterances). Where it comes from: early stop at the
-  layer (6 of 12 layers), the channels-last front-end (~20% of the front-end), no padding waste.
-  The front-end is ~60% of what is left (one fp32 GEMM-bound 512x1536 conv per block).
+- CPU throughput, layer 6, 1 thread, same weights and files, interleaved rounds (best kept):
+  1.7x the reference's `get_intermediate_outputs` one utterance at a time (1.70x best of 6 on
+  2 x 10 s; 1.79x on 8 utterances of 2-35 s), 2.3-2.9x the reference in padded batches of 8.
+  From: early stop at the layer (6 of 12), the channels-last polyphase front-end (0.96 s -> 0.63 s
+  per 10 s of audio), no padding waste. Not reached: 2x against one-at-a-time; what is left is
+  GEMM-bound (block 1 of the front-end alone is ~40% of it). torch.compile (freezing) gave no
+  CPU gain here.
 - bf16 autocast: 1.3% relative (Frobenius) error vs fp32, max abs 0.026 on features of max abs
   2.0; the reference under the same autocast: 1.3%. fp16: 0.17% (reference: 0.17%). Units from
   low-precision features are still assigned in fp32.
