@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,21 +28,31 @@ from torch import Tensor
 BACKENDS = ("flash_attn", "nested", "masked")
 
 
-@dataclass(frozen=True)
 class Padding:
-    """A padded batch's real frames, computed once per forward (it syncs once with the host)."""
+    """A padded batch's real frames. The packed-backend bookkeeping (flat indices, cumulative lengths,
+    longest length) is computed on first use, once per forward: it syncs with the host, which the
+    masked backend (and a compiled graph using it) never needs to."""
 
-    mask: Tensor  # (B, T) bool, True on real frames (a prefix of each row)
-    indices: Tensor  # (N,) int64, flat positions b * T + t of the real frames
-    cu_seqlens: Tensor  # (B + 1,) int32, cumulative real lengths
-    max_seqlen: int
+    def __init__(self, mask: Tensor):
+        self.mask = mask  # (B, T) bool, True on real frames (a prefix of each row)
 
     @classmethod
     def from_mask(cls, mask: Tensor) -> Padding:
-        lengths = mask.sum(-1)
-        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        indices = mask.flatten().nonzero().squeeze(1)
-        return cls(mask, indices, cu_seqlens, int(lengths.max()) if lengths.numel() else 0)
+        return cls(mask)
+
+    @functools.cached_property
+    def cu_seqlens(self) -> Tensor:
+        """(B + 1,) int32 cumulative real lengths."""
+        return F.pad(self.mask.sum(-1).cumsum(0), (1, 0)).to(torch.int32)
+
+    @functools.cached_property
+    def indices(self) -> Tensor:
+        """(N,) int64 flat positions b * T + t of the real frames."""
+        return self.mask.flatten().nonzero().squeeze(1)
+
+    @functools.cached_property
+    def max_seqlen(self) -> int:
+        return int(self.mask.sum(-1).max()) if self.mask.shape[0] else 0
 
     def pack(self, x: Tensor) -> Tensor:
         """(B, H, T, Dh) -> (N, H, Dh), the real frames only."""
