@@ -48,7 +48,7 @@ def train_table(records: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     lines = [
-        "## Training throughput (per GPU)",
+        "## Training throughput (per device)",
         "",
         "| device | config | impl | mode | ms/step | audio s/s | frames/s | MFU | peak GiB | vs reference | commit |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
