@@ -17,12 +17,12 @@ This file also holds the helpers the heads benchmark imports (bench/ has no shar
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
+from common import environment  # bench/common.py: device, versions, commit
 
 from spidr_fast.kernels import codebook as cb
 from spidr_fast.kernels._dispatch import interpreter_on, triton_available
@@ -44,16 +44,6 @@ def skip_unless_runnable(provider: str, device: str) -> None:
             pytest.skip("GPU-only variant")
 
 
-def device_info(device: str) -> dict:
-    info = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"}
-    info["torch"] = torch.__version__
-    if triton_available():
-        import triton
-
-        info["triton"] = triton.__version__
-    return info
-
-
 def measure(benchmark, fn: Callable[[], object], device: str, *, bytes_moved: float = 0.0, flops: float = 0.0) -> None:
     """Time `fn` (CUDA synchronised inside the timed callable) and record peak memory, GB/s, TFLOP/s."""
 
@@ -70,7 +60,7 @@ def measure(benchmark, fn: Callable[[], object], device: str, *, bytes_moved: fl
         base = torch.cuda.memory_allocated()
     benchmark.pedantic(timed, rounds=20 if on_gpu else 3, warmup_rounds=3 if on_gpu else 1, iterations=1)
     median = benchmark.stats.stats.median
-    benchmark.extra_info.update(device_info(device))
+    benchmark.extra_info.update(environment(torch.device(device)))
     benchmark.extra_info["median_ms"] = median * 1e3
     if on_gpu:
         benchmark.extra_info["peak_mem_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30

@@ -18,11 +18,11 @@ Run: `pytest bench/test_bench_conv_frontend.py --benchmark-only` (GPU), or with 
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Callable
 
 import pytest
 import torch
+from common import environment  # bench/common.py: device, versions, commit
 
 from spidr_fast.kernels import conv_frontend as cf
 from spidr_fast.kernels._dispatch import interpreter_on, triton_available
@@ -38,16 +38,6 @@ PROVIDERS: dict[str, Callable[[], Callable]] = {
     "triton": lambda: lambda x, w, b: torch.ops.spidr_fast.channel_layer_norm_gelu(x, w, b, 1e-5)[0],
 }
 TENSORS_MOVED = {"fwd": 2, "full": 5}  # x-sized tensors read or written at least once
-
-
-def _device_info(device: str) -> dict:
-    info = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"}
-    info["torch"] = torch.__version__
-    if triton_available():
-        import triton
-
-        info["triton"] = triton.__version__
-    return info
 
 
 def run_case(benchmark, provider: str, mode: str, shape: dict, dtype: torch.dtype, device: str) -> None:
@@ -79,7 +69,7 @@ def run_case(benchmark, provider: str, mode: str, shape: dict, dtype: torch.dtyp
     benchmark.group = f"channel LN+GELU {mode} B={B} C={C} T={T} affine={affine} {str(dtype)[6:]} {device}"
     benchmark.pedantic(call, rounds=20 if on_gpu else 3, warmup_rounds=3 if on_gpu else 1, iterations=1)
     median = benchmark.stats.stats.median
-    benchmark.extra_info.update(_device_info(device))
+    benchmark.extra_info.update(environment(torch.device(device)))
     benchmark.extra_info["median_ms"] = median * 1e3
     benchmark.extra_info["GB/s"] = TENSORS_MOVED[mode] * x.numel() * x.element_size() / median / 1e9
     if on_gpu:
