@@ -150,19 +150,24 @@ def _units_report(
 
 
 @torch.no_grad()
-def _target_codewords_used(model: torch.nn.Module, dev: SpeechDataset) -> list[int]:
-    """Per codebook, how many codewords win at least one teacher target on the dev set (no update)."""
-    used = [torch.zeros(c.counts.shape[0], dtype=torch.bool) for c in model.codebooks]
+def _target_codewords_used(model: torch.nn.Module, dev: SpeechDataset) -> list[tuple[int, float]]:
+    """Per codebook: how many codewords win at least one teacher target on the dev set, and the
+    perplexity of those assignments (the codebooks are not updated)."""
+    counts = [torch.zeros(c.counts.shape[0]) for c in model.codebooks]
     for i in range(len(dev)):
         item = dev[i]
         if item.waveform is None:
             continue
         features = model.feature_projection(model.feature_extractor(item.waveform[None], None))
         layers = model.teacher.get_intermediate_outputs(features, None)[-model.num_codebooks :]
-        for u, y, cb in zip(used, layers, model.codebooks, strict=True):
+        for n, y, cb in zip(counts, layers, model.codebooks, strict=True):
             t = torch.nn.functional.instance_norm(y.float().transpose(1, 2)).transpose(1, 2)[0]
-            u[torch.cdist(t, cb.codebook / cb.counts[:, None]).argmin(1)] = True
-    return [int(u.sum()) for u in used]
+            n += torch.bincount(torch.cdist(t, cb.codebook / cb.counts[:, None]).argmin(1), minlength=n.shape[0])
+    out = []
+    for n in counts:
+        p = n[n > 0] / n.sum()
+        out.append((int((n > 0).sum()), float(torch.exp2(-(p * p.log2()).sum()))))
+    return out
 
 
 def main(args: argparse.Namespace) -> int:
@@ -230,8 +235,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"  loss             {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} (step {last['step']})")
     print(f"  target ppl       {first['target_ppl']:.2f} -> {last['target_ppl']:.2f} (of {size} codewords, training)")
     print(f"  predicted ppl    {first['pred_ppl']:.2f} -> {last['pred_ppl']:.2f}")
-    used = lambda u: ", ".join(f"{n}/{size}" for n in u)
-    print(f"  codewords in use {used(initial_used)} -> {used(trained_used)} (teacher targets on held-out audio)")
+    used = lambda u: ", ".join(f"{n}/{size} (ppl {p:.1f})" for n, p in u)
+    print(f"  codewords in use {used(initial_used)} -> {used(trained_used)} (teacher targets, held-out audio)")
     print(f"  throughput       {last['audio_s_per_s']:.1f} audio s/s, {last['frames_per_s']:.0f} frames/s")
     print(f"  {'units (held-out)':34s} {'random init':>12s} {'trained':>10s}")
     head_a, head_b = initial["heads"], trained["heads"]
@@ -259,15 +264,17 @@ def main(args: argparse.Namespace) -> int:
         f"phone purity {spectrum['phone_purity']:.3f}"
     )
     gains = [b["pnmi"] > a["pnmi"] for _, _, a, b in rows]
+    deltas = ", ".join(f"{row[0].split(' (')[0]} {row[3]['pnmi'] - row[2]['pnmi']:+.3f}" for row in rows)
     if all(gains):
-        print("  verdict: both kinds of trained units carry more phone information (PNMI) than at random init")
+        print(f"  verdict: trained units carry more phone information than at random init (PNMI {deltas})")
     else:
         failed = ", ".join(row[0].split(" (")[0] for row, gain in zip(rows, gains, strict=True) if not gain)
         print(
             f"  verdict: NO gain over the random init for {failed}"
             f" after {last['step']} steps (too few for this machine's speed? see --minutes / --max-steps)"
         )
-    if min(trained_used) <= size // 2 or last["target_ppl"] < size / 3:
+    worst_used, worst_ppl = min(n for n, _ in trained_used), min(p for _, p in trained_used)
+    if worst_used <= size // 2 or min(worst_ppl, last["target_ppl"]) < size / 3:
         print("  warning: the target codebooks are collapsing (few codewords in use / low target perplexity)")
     print(f"  (model {exported}; {time.monotonic() - t0:.0f} s in all)")
     return 0
