@@ -17,6 +17,7 @@ from spidr_fast.kernels.codebook import (
     codebook_ema_update_,
 )
 from spidr_fast.kernels.heads_ce import heads_cross_entropy, heads_cross_entropy_ref, linear_cross_entropy
+from spidr_fast.kernels.targets import instance_norm, instance_norm_targets, instance_norm_targets_ref
 
 attention_ref = _attention.attention_ref
 attention = getattr(_attention, "attention", attention_ref)  # the dispatching one once attention.py defines it
@@ -33,5 +34,8 @@ __all__ = [
     "codebook_ema_update_",
     "heads_cross_entropy",
     "heads_cross_entropy_ref",
+    "instance_norm",
+    "instance_norm_targets",
+    "instance_norm_targets_ref",
     "linear_cross_entropy",
 ]

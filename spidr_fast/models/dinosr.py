@@ -15,10 +15,13 @@ from torch import Tensor, nn
 
 from spidr_fast import kernels
 from spidr_fast.config import DinoSRConfig
+from spidr_fast.kernels.targets import select_masked
 from spidr_fast.models.codebook import Codebooks, perplexity
 from spidr_fast.models.feature_extractor import FeatureExtractor, FeatureProjection
-from spidr_fast.models.padding import key_mask_from_attention_mask, key_mask_from_lengths, masked_instance_norm
+from spidr_fast.models.padding import key_mask_from_attention_mask, key_mask_from_lengths
 from spidr_fast.models.transformer import Transformer
+
+__all__ = ["DinoSR", "dinosr_ema_decay", "select_masked"]
 
 
 def dinosr_ema_decay(step: int, start: float, final: float, final_step: int, freeze_step: int) -> float:
@@ -31,11 +34,6 @@ def dinosr_ema_decay(step: int, start: float, final: float, final_step: int, fre
 def _local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (FSDP2), else the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-def select_masked(x: Tensor, mask_indices: Tensor) -> Tensor:
-    """(B, T, D) gathered at (B, M) frame indices -> (B * M, D)."""
-    return x.gather(1, mask_indices.unsqueeze(-1).expand(-1, -1, x.shape[-1])).flatten(0, 1)
 
 
 class DinoSR(nn.Module):
@@ -229,9 +227,7 @@ class DinoSR(nn.Module):
 
         with torch.no_grad():
             teacher_layers = self.teacher.get_intermediate_outputs(features, key_mask)[-self.num_codebooks :]
-            targets = torch.stack(
-                [select_masked(masked_instance_norm(t, key_mask), mask_indices) for t in teacher_layers]
-            )
+            targets = kernels.instance_norm_targets(teacher_layers, key_mask, mask_indices)  # (C, N, D) fp32
         labels, counts, sums = self.codebooks.assign(targets)  # (C, N), (C, K), (C, K, D)
 
         weight = torch.stack([head[0].weight for head in self.heads])  # (C, K, D)

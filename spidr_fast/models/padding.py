@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from spidr_fast.kernels.targets import instance_norm as masked_instance_norm  # noqa: F401  (re-exported)
+
 
 def key_mask_from_attention_mask(attention_mask: Tensor, num_frames: int) -> Tensor:
     """(B, 1, T, T) bool attention mask -> (B, T) key mask (row 0: the rows of a padding mask are equal)."""
@@ -33,19 +35,3 @@ def attention_mask_from_lengths(frame_lengths: Tensor, num_frames: int) -> Tenso
     """The reference's (B, 1, T, T) mask from frame counts, for callers that need its form."""
     key_mask = key_mask_from_lengths(frame_lengths, num_frames)
     return key_mask[:, None, None, :].expand(-1, 1, num_frames, -1)
-
-
-def masked_instance_norm(x: Tensor, key_mask: Tensor | None, eps: float = 1e-5) -> Tensor:
-    """Normalise each channel over time, in fp32: (B, T, D) -> (B, T, D).
-
-    Without padding this is exactly `F.instance_norm` (the reference); with padding, statistics
-    cover real frames only (the reference would include the padded frames).
-    """
-    x = x.float()
-    if key_mask is None:
-        return torch.nn.functional.instance_norm(x.transpose(1, 2), eps=eps).transpose(1, 2)
-    m = key_mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
-    n = m.sum(1, keepdim=True).clamp_min(1)
-    mean = (x * m).sum(1, keepdim=True) / n
-    var = ((x - mean).square() * m).sum(1, keepdim=True) / n
-    return (x - mean) * torch.rsqrt(var + eps)
