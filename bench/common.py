@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +62,29 @@ def append_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def measure(benchmark, fn: Callable[[], object], device: str, *, bytes_moved: float = 0.0, flops: float = 0.0) -> None:
+    """Time `fn` (CUDA synchronised inside the timed callable) and record peak memory, GB/s, TFLOP/s."""
+
+    def timed() -> object:
+        out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    on_gpu = device == "cuda"
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    benchmark.pedantic(timed, rounds=20 if on_gpu else 3, warmup_rounds=3 if on_gpu else 1, iterations=1)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(environment(torch.device(device)))
+    benchmark.extra_info["median_ms"] = median * 1e3
+    if on_gpu:
+        benchmark.extra_info["peak_mem_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    if bytes_moved:
+        benchmark.extra_info["GB/s"] = bytes_moved / median / 1e9
+    if flops:
+        benchmark.extra_info["TFLOP/s"] = flops / median / 1e12

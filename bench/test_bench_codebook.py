@@ -17,12 +17,10 @@ This file also holds the helpers the heads benchmark imports (bench/ has no shar
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import torch
 import torch.nn.functional as F
-from common import environment  # bench/common.py: device, versions, commit
+from common import measure  # bench/common.py: timing + device, versions, commit
 
 from spidr_fast.kernels import codebook as cb
 from spidr_fast.kernels._dispatch import interpreter_on, triton_available
@@ -42,32 +40,6 @@ def skip_unless_runnable(provider: str, device: str) -> None:
             pytest.skip("Triton needs a GPU (or TRITON_INTERPRET=1 on CPU)")
         if device == "cpu" and provider != "triton":
             pytest.skip("GPU-only variant")
-
-
-def measure(benchmark, fn: Callable[[], object], device: str, *, bytes_moved: float = 0.0, flops: float = 0.0) -> None:
-    """Time `fn` (CUDA synchronised inside the timed callable) and record peak memory, GB/s, TFLOP/s."""
-
-    def timed() -> object:
-        out = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    on_gpu = device == "cuda"
-    if on_gpu:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    benchmark.pedantic(timed, rounds=20 if on_gpu else 3, warmup_rounds=3 if on_gpu else 1, iterations=1)
-    median = benchmark.stats.stats.median
-    benchmark.extra_info.update(environment(torch.device(device)))
-    benchmark.extra_info["median_ms"] = median * 1e3
-    if on_gpu:
-        benchmark.extra_info["peak_mem_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-    if bytes_moved:
-        benchmark.extra_info["GB/s"] = bytes_moved / median / 1e9
-    if flops:
-        benchmark.extra_info["TFLOP/s"] = flops / median / 1e12
 
 
 # ---- codebook providers ------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from common import environment  # bench/common.py: device, versions, commit
+from common import measure  # bench/common.py: timing + device, versions, commit
 
 from spidr_fast.kernels import conv_frontend as cf
 from spidr_fast.kernels._dispatch import interpreter_on, triton_available
@@ -61,19 +61,8 @@ def run_case(benchmark, provider: str, mode: str, shape: dict, dtype: torch.dtyp
             torch.cuda.synchronize()  # inside the timed callable: the time includes the kernels
         return out
 
-    on_gpu = device == "cuda"
-    if on_gpu:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
     benchmark.group = f"channel LN+GELU {mode} B={B} C={C} T={T} affine={affine} {str(dtype)[6:]} {device}"
-    benchmark.pedantic(call, rounds=20 if on_gpu else 3, warmup_rounds=3 if on_gpu else 1, iterations=1)
-    median = benchmark.stats.stats.median
-    benchmark.extra_info.update(environment(torch.device(device)))
-    benchmark.extra_info["median_ms"] = median * 1e3
-    benchmark.extra_info["GB/s"] = TENSORS_MOVED[mode] * x.numel() * x.element_size() / median / 1e9
-    if on_gpu:
-        benchmark.extra_info["peak_mem_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    measure(benchmark, call, device, bytes_moved=TENSORS_MOVED[mode] * x.numel() * x.element_size())
 
 
 @pytest.mark.gpu
