@@ -71,13 +71,13 @@ def test_no_config_beside_uses_defaults_with_warning(tmp_path: Path) -> None:
 
 
 def test_missing_file() -> None:
-    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*nowhere.pt"):
+    with pytest.raises(FileNotFoundError, match=r"checkpoint not found: .*nowhere\.pt"):
         spidr_fast.load_model("/nonexistent/nowhere.pt")
 
 
 def test_not_a_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"this is not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pt is not a PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match=r"junk\.pt is not a PyTorch checkpoint"):
         spidr_fast.load_model(tmp_path / "junk.pt")
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(CheckpointError, match="holds a list, not a state dict"):
@@ -117,7 +117,9 @@ def to_fairseq_layout(model: spidr_fast.DinoSR) -> dict:
     for i in range(len(model.feature_extractor.conv_layers)):
         out[f"feature_extractor.conv_layers.{i}.0.weight"] = sd[f"feature_extractor.conv_layers.{i}.conv.weight"]
         for leaf in ("weight", "bias"):
-            out[f"feature_extractor.conv_layers.{i}.2.1.{leaf}"] = sd[f"feature_extractor.conv_layers.{i}.layer_norm.{leaf}"]
+            out[f"feature_extractor.conv_layers.{i}.2.1.{leaf}"] = sd[
+                f"feature_extractor.conv_layers.{i}.layer_norm.{leaf}"
+            ]
     for leaf in ("weight", "bias"):
         out[f"layer_norm.{leaf}"] = sd[f"feature_projection.layer_norm.{leaf}"]
         out[f"post_extract_proj.{leaf}"] = sd[f"feature_projection.projection.{leaf}"]

@@ -36,7 +36,9 @@ def test_padded_batch_equals_single_utterances(mode: str, before_residual: bool)
     model = SpidR(SpidRConfig(**TINY, extractor_mode=mode)).eval()
     waveforms = padded_batch(LENGTHS)
     with torch.no_grad():
-        batched = model.get_intermediate_outputs(waveforms, lengths=torch.tensor(LENGTHS), before_residual=before_residual)
+        batched = model.get_intermediate_outputs(
+            waveforms, lengths=torch.tensor(LENGTHS), before_residual=before_residual
+        )
         for i, n in enumerate(LENGTHS):
             single = model.get_intermediate_outputs(waveforms[i : i + 1, :n], before_residual=before_residual)
             for layer, (b, s) in enumerate(zip(batched, single, strict=True)):
