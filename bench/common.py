@@ -59,6 +59,17 @@ def append_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
     return path
 
 
+def require_reference() -> None:
+    """The side-by-side benchmarks need the reference package: fail with how to get it."""
+    try:
+        import spidr  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            "the reference package `spidr` is not installed: `pip install --no-deps --ignore-requires-python "
+            "spidr==0.2.0` (on a machine without network, carry its wheel: see bench/README.md)"
+        ) from None
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, append_jsonl, environment, synchronize
+from common import RESULTS_DIR, append_jsonl, environment, require_reference, synchronize
 
 import spidr_fast
 from spidr_fast.checkpoint import load_state_dict_strict
@@ -54,6 +54,7 @@ TINY = {
 
 def models(config: str, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(reference SpidR, spidr_fast SpidR) with the same weights, eval mode."""
+    require_reference()
     from spidr.config import SpidRConfig as RefConfig
     from spidr.models import SpidR as RefSpidR
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, append_jsonl, environment, synchronize
+from common import RESULTS_DIR, append_jsonl, environment, require_reference, synchronize
 
 from spidr_fast import SpidR, SpidRConfig
 from spidr_fast.data.batching import BatchingConfig, BucketBatchSampler, librispeech_like_lengths
@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.config, args.steps, args.warmup, args.batches, args.modes = "tiny", 2, 1, 2, ["eager"]
     args.config = args.config or ("base" if args.device.startswith("cuda") else "small")
+    if "reference" in args.impl or args.ablation:
+        require_reference()
     device = torch.device(args.device)
     _, budget, max_len = PRESETS[args.config]
     batches = make_batches(args.batches, budget, max_len, args.seed, device)
