@@ -91,8 +91,8 @@ def test_assign_ties_go_to_the_lowest_index(triton_backend, precision):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_accumulate(triton_backend, shape, dtype):
     C, N, K, D = shape
-    if K > 100:
-        pytest.skip("one program per codeword: slow under the interpreter, covered by the fused test")
+    if K > 100 and dtype != torch.float32:
+        pytest.skip("one program per codeword: slow under the interpreter; wide K runs in fp32 only")
     x, _, _ = make_codebook(C, N, K, D, dtype, triton_backend)
     labels = torch.randint(0, K, (C, N), device=triton_backend)
     counts, sums = kernels.codebook_accumulate(x, labels, K)
