@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (setup.py installs tomli there)
+    import tomli as tomllib
 
 from spidr_fast.config import CONFIG_CLASSES, DinoSRConfig, ModelType, model_config_from_dict
 from spidr_fast.data.batching import BatchingConfig
