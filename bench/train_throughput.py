@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, append_jsonl, environment, require_reference, synchronize
 
 from spidr_fast import SpidR, SpidRConfig
-from spidr_fast.data.batching import BatchingConfig, BucketBatchSampler, librispeech_like_lengths
+from spidr_fast.data.batching import BatchingConfig, BucketBatchSampler, librispeech_like_lengths, num_frames
 from spidr_fast.data.masks import compute_mask_indices
 from spidr_fast.kernels._dispatch import OPS, use_triton
 from spidr_fast.train.flops import count_step_flops, peak_flops
@@ -71,7 +71,7 @@ class Batch:
 
     @property
     def frames(self) -> int:
-        return (self.waveforms.shape[1] - 400) // 320 + 1
+        return int(num_frames(self.waveforms.shape[1]))
 
 
 def make_batches(num: int, budget: int, max_len: int, seed: int, device: torch.device) -> list[Batch]:
@@ -83,7 +83,7 @@ def make_batches(num: int, budget: int, max_len: int, seed: int, device: torch.d
     batches = []
     for indices in batch_indices[:num]:
         crop = int(min(min(lengths[i] for i in indices), max_len))
-        mask = compute_mask_indices((len(indices), (crop - 400) // 320 + 1), rng=rng)
+        mask = compute_mask_indices((len(indices), int(num_frames(crop))), rng=rng)
         waveforms = torch.from_numpy(rng.standard_normal((len(indices), crop), dtype=np.float32))
         batches.append(Batch(waveforms.to(device), torch.from_numpy(mask).to(device)))
     return batches
