@@ -144,8 +144,8 @@ class FeatureExtractor:
             layer_norm mode. It snapshots the conv weights: build the extractor after loading them.
 
     Calling it on a list of waveforms returns, per waveform, {"layer{l}": (frames, D) float32 on the
-    CPU, ..., "units": (frames,) int64}. The extractor registers forward hooks on the layers it
-    reads; they do nothing outside its own calls.
+    CPU, ..., "units": (frames,) int64}. It leaves the model untouched (no hooks) and keeps no
+    per-call state, so several threads may call one extractor at once.
     """
 
     def __init__(
@@ -201,11 +201,6 @@ class FeatureExtractor:
         if channels_last_frontend is None:
             channels_last_frontend = self.device.type == "cpu" and model.cfg.extractor_mode == "layer_norm"
         self.frontend = ChannelsLastFrontend(model.feature_extractor) if channels_last_frontend else None
-        # Inert forward hooks on the layers we read (they act only while `_forward_impl` runs).
-        self._captured: dict[int, tuple[Tensor, Tensor]] | None = None
-        wanted = set(self.layers) | {self.units_layer if not self.is_dinosr_heads else self.depth} - {None}
-        for number in sorted(wanted):
-            model.student.layers[number - 1].register_forward_hook(self._capture_hook(number))
         self.compiled = compile
         self._forward = self._forward_impl
         if compile:
@@ -316,19 +311,13 @@ class FeatureExtractor:
             outputs = self._forward(batch, sample_lengths)
         return [{name: y[i, : num_frames(n)] for name, y in outputs.items()} for i, n in enumerate(lengths)]
 
-    def _capture_hook(self, number: int) -> Any:
-        def hook(_module: torch.nn.Module, _args: Any, output: tuple[Tensor, Tensor]) -> None:
-            if self._captured is not None:
-                self._captured[number] = output  # (layer output, FFN output before residual)
-
-        return hook
-
     def _forward_impl(self, waveforms: Tensor, sample_lengths: Tensor | None) -> dict[str, Tensor]:
         """(B, S) standardised waveforms, (B,) real samples or None -> {name: (B, T, D)}.
 
         Only public pieces of the model: the conv extractor + projection, then the student's
-        `get_intermediate_outputs` stopped at `self.depth`; forward hooks on the layers we need
-        catch both their output and their FFN output (features and units may need different ones).
+        `layer_outputs` (what `get_intermediate_outputs` reads) stopped at `self.depth`: per layer
+        both its output and its FFN output (features and units may need different ones). No state
+        is kept on `self`, so one extractor may serve several threads.
         """
         model, student = self.model, self.model.student
         extractor_lengths = sample_lengths if model.cfg.extractor_mode == "group_norm" else None
@@ -339,12 +328,7 @@ class FeatureExtractor:
         key_mask = None
         if sample_lengths is not None:
             key_mask = key_mask_from_lengths(model.feature_extractor.output_lengths(sample_lengths), features.shape[1])
-        self._captured = {}
-        try:
-            student.get_intermediate_outputs(features, key_mask, self.depth)
-            captured = self._captured
-        finally:
-            self._captured = None
+        captured = dict(enumerate(student.layer_outputs(features, key_mask, self.depth), start=1))
         outputs = {f"layer{n}": captured[n][1 if self.before_residual else 0] for n in self.layers}
         if self.is_dinosr_heads:
             last = captured[self.depth][0]

@@ -168,21 +168,27 @@ class Transformer(nn.Module):
     def get_intermediate_outputs(
         self, x: Tensor, key_mask: Tensor | None = None, num_layers: int | None = None, *, before_residual: bool = True
     ) -> list[Tensor]:
-        """Per layer: the FFN output before residual (default) or the layer's output.
+        """Per layer: the FFN output before residual (default) or the layer's output."""
+        return [ffn if before_residual else out for out, ffn in self.layer_outputs(x, key_mask, num_layers)]
+
+    def layer_outputs(
+        self, x: Tensor, key_mask: Tensor | None = None, num_layers: int | None = None
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Per layer up to `num_layers`: (layer output, FFN output before residual).
 
         A dropped layer (layer drop, training only) still reports its result but leaves x unchanged,
         as in the reference.
         """
         if num_layers is not None and not 0 < num_layers <= len(self.layers):
             raise ValueError(f"num_layers must be in [1, {len(self.layers)}], got {num_layers}")
-        outputs: list[Tensor] = []
+        outputs: list[tuple[Tensor, Tensor]] = []
         padding = None if key_mask is None else Padding.from_mask(key_mask)
         x = self._embed(x, padding)
         for layer in self.layers[:num_layers]:
             out, ffn = layer(x, padding)
             if not self._drop_layer():
                 x = out
-            outputs.append(ffn if before_residual else out)
+            outputs.append((out, ffn))
         return outputs
 
 

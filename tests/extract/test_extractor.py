@@ -195,12 +195,23 @@ def test_cuda_batched_and_low_precision(dtype: str) -> None:
 
 
 @pytest.mark.parametrize("samples", [400, 719, 1040, 1360, 4321])
-def test_channels_last_frontend_equals_the_model(samples: int) -> None:
+@pytest.mark.parametrize("tiling", [{}, {"tile_frames": 1}, {"tile_frames": 7}, {"tile_frames": 5, "tiled_blocks": 7}])
+def test_channels_last_frontend_equals_the_model(samples: int, tiling: dict) -> None:
+    """Whole and time-tiled (tiles of 1 frame, odd tiles, every block tiled) front-ends equal the model's."""
     from spidr_fast.extraction.frontend import ChannelsLastFrontend
 
     model = tiny_model()
     x = torch.randn(3, samples)
     with torch.no_grad():
         expected = model.feature_extractor(x)  # (B, T, C)
-        got = ChannelsLastFrontend(model.feature_extractor)(x)
+        got = ChannelsLastFrontend(model.feature_extractor, **tiling)(x)
     assert_close(got, expected, tol=1e-5)
+
+
+def test_channels_last_frontend_rejects_bad_tiling() -> None:
+    from spidr_fast.extraction.frontend import ChannelsLastFrontend
+
+    with pytest.raises(ValueError, match="tile_frames"):
+        ChannelsLastFrontend(tiny_model().feature_extractor, tile_frames=0)
+    with pytest.raises(ValueError, match="tiled_blocks"):
+        ChannelsLastFrontend(tiny_model().feature_extractor, tiled_blocks=8)
