@@ -72,7 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.compile the model (bucketed shapes; for GPUs: no gain measured on CPU)",
     )
     parser.add_argument("--num-workers", type=int, default=4, help="decoding threads (default: 4)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads on the CPU (default: torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads; on the CPU each computes whole batches (default: torch's thread count)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

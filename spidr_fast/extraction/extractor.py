@@ -47,8 +47,10 @@ CPU; rerun with `--experiment chunking|dtype`):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import nullcontext
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -139,6 +141,10 @@ class FeatureExtractor:
         chunk_seconds, overlap_seconds: long-utterance chunking (see `plan_pieces`).
         before_residual: features are the FFN output before residual (default, the reference's
             `get_intermediate_outputs`), or the layer output.
+        cpu_workers: on the CPU, batches computed at once, each on one intra-op thread (default:
+            torch's thread count). Whole batches in parallel scale better than threads inside
+            each op (measured 1.97x vs 1.90x of one thread on 2 cores); torch's thread count is
+            set to 1 while a call runs and restored after. Results do not depend on it.
         channels_last_frontend: run the conv front-end as channels-last GEMMs
             (`extraction.frontend`, ~20% faster on CPU, equal to 1e-6); default: on the CPU in
             layer_norm mode. It snapshots the conv weights: build the extractor after loading them.
@@ -162,6 +168,7 @@ class FeatureExtractor:
         chunk_seconds: float = 60.0,
         overlap_seconds: float = 5.0,
         before_residual: bool = True,
+        cpu_workers: int | None = None,
         channels_last_frontend: bool | None = None,
     ) -> None:
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -201,6 +208,9 @@ class FeatureExtractor:
         if channels_last_frontend is None:
             channels_last_frontend = self.device.type == "cpu" and model.cfg.extractor_mode == "layer_norm"
         self.frontend = ChannelsLastFrontend(model.feature_extractor) if channels_last_frontend else None
+        if cpu_workers is not None and cpu_workers < 1:
+            raise ValueError(f"cpu_workers must be >= 1, got {cpu_workers}")
+        self.workers = 1 if self.device.type != "cpu" else (cpu_workers or torch.get_num_threads())
         self.compiled = compile
         self._forward = self._forward_impl
         if compile:
@@ -229,19 +239,30 @@ class FeatureExtractor:
         budget = math.inf if not presorted else window * self.max_batch_samples
         queue: list[tuple[_Pending, int, Tensor]] = []
         queued = 0
-        for key, waveform in items:
-            wave = standardize(waveform)
-            if wave.numel() < RECEPTIVE_FIELD:
-                raise ValueError(f"{key}: {wave.numel()} samples, fewer than one frame ({RECEPTIVE_FIELD})")
-            pending = _Pending(key, plan_pieces(wave.numel(), self.chunk_frames, self.overlap_frames))
-            pending.outputs = [None] * len(pending.pieces)
-            queue.extend((pending, i, wave[p.start : p.stop]) for i, p in enumerate(pending.pieces))
-            queued += wave.numel()
-            if queued >= budget:
-                yield from self._drain(queue, keep_tail=True)
-                queued = sum(q[2].numel() for q in queue)
-        while queue:
-            yield from self._drain(queue, keep_tail=False)
+        with self._batch_runner() as submit:
+            in_flight: deque[tuple[list[tuple[_Pending, int, Tensor]], Future]] = deque()
+
+            def flush(*, keep_tail: bool, limit: int) -> Iterator[tuple[Any, dict[str, Tensor]]]:
+                """Submit the queue's batches, then collect finished ones until `limit` are in flight."""
+                for batch in self._take_batches(queue, keep_tail=keep_tail):
+                    in_flight.append((batch, submit([b[2] for b in batch])))
+                while len(in_flight) > limit:
+                    batch, future = in_flight.popleft()
+                    yield from self._collect(batch, future.result())
+
+            for key, waveform in items:
+                wave = standardize(waveform)
+                if wave.numel() < RECEPTIVE_FIELD:
+                    raise ValueError(f"{key}: {wave.numel()} samples, fewer than one frame ({RECEPTIVE_FIELD})")
+                pending = _Pending(key, plan_pieces(wave.numel(), self.chunk_frames, self.overlap_frames))
+                pending.outputs = [None] * len(pending.pieces)
+                queue.extend((pending, i, wave[p.start : p.stop]) for i, p in enumerate(pending.pieces))
+                queued += wave.numel()
+                if queued >= budget:
+                    # Leave workers - 1 batches computing while more items are read.
+                    yield from flush(keep_tail=True, limit=self.workers - 1)
+                    queued = sum(q[2].numel() for q in queue)
+            yield from flush(keep_tail=False, limit=0)
 
     # ---------------------------------------------------------------- batching
     def _padded(self, length: int) -> int:
@@ -258,8 +279,10 @@ class FeatureExtractor:
         """Rows a batch of `count` pieces takes: itself, or (compiled) the next power of two."""
         return count if not self.compiled else 1 << (count - 1).bit_length()
 
-    def _drain(self, queue: list[tuple[_Pending, int, Tensor]], *, keep_tail: bool) -> Iterator[tuple[Any, dict]]:
-        """Run batches from `queue` (longest first); with `keep_tail`, leave the last partial batch queued."""
+    def _take_batches(
+        self, queue: list[tuple[_Pending, int, Tensor]], *, keep_tail: bool
+    ) -> list[list[tuple[_Pending, int, Tensor]]]:
+        """Batches from `queue` (longest first); with `keep_tail`, the last partial batch stays queued."""
         queue.sort(key=lambda q: -q[2].numel())
         batches: list[list[tuple[_Pending, int, Tensor]]] = []
         current: list[tuple[_Pending, int, Tensor]] = []
@@ -273,14 +296,39 @@ class FeatureExtractor:
             batches.append(current)
             current = []
         queue[:] = current
-        for batch in batches:
-            for (pending, index, _), out in zip(batch, self._run_splitting([b[2] for b in batch])):
-                pending.outputs[index] = out
-                pending.done += 1
-                if pending.done == len(pending.pieces):
-                    yield pending.key, self._finish(pending)
+        return batches
+
+    def _collect(
+        self, batch: list[tuple[_Pending, int, Tensor]], outputs: list[dict[str, Tensor]]
+    ) -> Iterator[tuple[Any, dict[str, Tensor]]]:
+        """Store a batch's outputs with their utterances; yield the utterances now complete."""
+        for (pending, index, _), out in zip(batch, outputs):
+            pending.outputs[index] = out
+            pending.done += 1
+            if pending.done == len(pending.pieces):
+                yield pending.key, self._finish(pending)
 
     # ---------------------------------------------------------------- compute
+    @contextmanager
+    def _batch_runner(self) -> Iterator[Callable[[list[Tensor]], Future]]:
+        """A `submit(waves) -> Future` for batches: inline, or (CPU) `workers` threads of one intra-op thread each."""
+        if self.workers == 1:
+
+            def run_now(waves: list[Tensor]) -> Future:
+                future: Future = Future()
+                future.set_result(self._run_splitting(waves))
+                return future
+
+            yield run_now
+            return
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # MKL's and torch's pools are process-wide: one thread per worker
+        try:
+            with ThreadPoolExecutor(self.workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                yield lambda waves: pool.submit(self._run_splitting, waves)
+        finally:
+            torch.set_num_threads(threads)
+
     def _run_splitting(self, waves: list[Tensor]) -> list[dict[str, Tensor]]:
         """`_run_batch`, halving the batch on out-of-memory (a piece alone that does not fit still raises)."""
         try:

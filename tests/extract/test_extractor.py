@@ -56,6 +56,26 @@ def test_batched_equals_single(mode: str, batch_seconds: float, channels_last: b
             assert_close(out[f"layer{layer}"], expected[layer - 1])
 
 
+@pytest.mark.parametrize("presorted", [True, False])
+def test_cpu_workers_equal_one_worker(presorted: bool) -> None:
+    """Batches on two worker threads: same results in the same order, torch's thread count restored."""
+    model = tiny_model()
+    inputs = waves(LENGTHS * 3, seed=1)
+    threads = torch.get_num_threads()
+    one = FeatureExtractor(model, layers=[2], units="heads", max_batch_seconds=0.3, cpu_workers=1)
+    two = FeatureExtractor(model, layers=[2], units="heads", max_batch_seconds=0.3, cpu_workers=2)
+    expected = list(one.stream(enumerate(inputs), presorted=presorted, window=2))
+    got = list(two.stream(enumerate(inputs), presorted=presorted, window=2))
+    assert torch.get_num_threads() == threads
+    assert [key for key, _ in got] == [key for key, _ in expected]
+    assert sorted(key for key, _ in got) == list(range(len(inputs)))
+    for (_, g), (_, e) in zip(got, expected):
+        assert_close(g["layer2"], e["layer2"], tol=1e-5)
+        assert torch.equal(g["units"], e["units"])
+    with pytest.raises(ValueError, match="cpu_workers"):
+        FeatureExtractor(model, layers=[2], cpu_workers=0)
+
+
 def test_after_residual_and_early_stop() -> None:
     model = tiny_model()
     extractor = FeatureExtractor(model, layers=[2], before_residual=False, max_batch_seconds=0.5, device="cpu")
