@@ -227,15 +227,21 @@ class FeatureExtractor:
         return results  # type: ignore[return-value]
 
     def stream(
-        self, items: Iterable[tuple[Any, np.ndarray | Tensor]], *, presorted: bool = True, window: int = 4
+        self,
+        items: Iterable[tuple[Any, np.ndarray | Tensor]],
+        *,
+        presorted: bool = True,
+        window: int | None = None,
     ) -> Iterator[tuple[Any, dict[str, Tensor]]]:
         """Extract (key, waveform) pairs as they come; yields (key, result) as each utterance completes.
 
-        Pieces are queued until they fill `window` batches, then sorted by length and batched (the
-        last, partial batch waits for more). With `presorted` (items arrive roughly sorted, e.g. by
-        file size) this keeps padding small with bounded memory; `presorted=False` collects every
-        item first and sorts globally.
+        Pieces are queued until they fill `window` batches (default: 4, or twice the CPU workers so
+        that every worker has work), then sorted by length and batched (the last, partial batch
+        waits for more). With `presorted` (items arrive roughly sorted, e.g. by file size) this
+        keeps padding small with bounded memory; `presorted=False` collects every item first and
+        sorts globally.
         """
+        window = window or max(4, 2 * self.workers)
         budget = math.inf if not presorted else window * self.max_batch_samples
         queue: list[tuple[_Pending, int, Tensor]] = []
         queued = 0
@@ -244,8 +250,10 @@ class FeatureExtractor:
 
             def flush(*, keep_tail: bool, limit: int) -> Iterator[tuple[Any, dict[str, Tensor]]]:
                 """Submit the queue's batches, then collect finished ones until `limit` are in flight."""
-                for batch in self._take_batches(queue, keep_tail=keep_tail):
-                    in_flight.append((batch, submit([b[2] for b in batch])))
+                batches = self._take_batches(queue, keep_tail=keep_tail)
+                alone = not keep_tail and len(batches) == 1 and not in_flight  # nothing to run beside it
+                for batch in batches:
+                    in_flight.append((batch, submit([b[2] for b in batch], alone=alone)))
                 while len(in_flight) > limit:
                     batch, future = in_flight.popleft()
                     yield from self._collect(batch, future.result())
@@ -310,22 +318,36 @@ class FeatureExtractor:
 
     # ---------------------------------------------------------------- compute
     @contextmanager
-    def _batch_runner(self) -> Iterator[Callable[[list[Tensor]], Future]]:
-        """A `submit(waves) -> Future` for batches: inline, or (CPU) `workers` threads of one intra-op thread each."""
+    def _batch_runner(self) -> Iterator[Callable[..., Future]]:
+        """`submit(waves, alone=False) -> Future` for batches.
+
+        One worker: computed inline. CPU workers: on a pool of `workers` threads with one intra-op
+        thread each; a batch `alone` (the only work left) is computed inline with all threads.
+        """
+
+        def run_now(waves: list[Tensor]) -> Future:
+            future: Future = Future()
+            future.set_result(self._run_splitting(waves))
+            return future
+
         if self.workers == 1:
-
-            def run_now(waves: list[Tensor]) -> Future:
-                future: Future = Future()
-                future.set_result(self._run_splitting(waves))
-                return future
-
-            yield run_now
+            yield lambda waves, alone=False: run_now(waves)
             return
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # MKL's and torch's pools are process-wide: one thread per worker
+
+        def submit(waves: list[Tensor], alone: bool = False) -> Future:
+            if not alone:
+                return pool.submit(self._run_splitting, waves)
+            torch.set_num_threads(threads)
+            try:
+                return run_now(waves)
+            finally:
+                torch.set_num_threads(1)
+
         try:
             with ThreadPoolExecutor(self.workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-                yield lambda waves: pool.submit(self._run_splitting, waves)
+                yield submit
         finally:
             torch.set_num_threads(threads)
 

@@ -76,6 +76,32 @@ def test_cpu_workers_equal_one_worker(presorted: bool) -> None:
         FeatureExtractor(model, layers=[2], cpu_workers=0)
 
 
+def test_cpu_workers_run_a_lone_batch_inline_with_all_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers take batches with one thread each; a batch with nothing beside it runs inline, all threads."""
+    import threading
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        extractor = FeatureExtractor(tiny_model(), layers=[2], max_batch_seconds=0.3, cpu_workers=2)
+        seen: list[tuple[bool, int]] = []
+        run = extractor._run_splitting
+
+        def spy(batch: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+            seen.append((threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
+            return run(batch)
+
+        monkeypatch.setattr(extractor, "_run_splitting", spy)
+        extractor(waves([4000]))
+        assert seen == [(True, 2)]
+        seen.clear()
+        extractor(waves([4000] * 4))
+        assert len(seen) == 4 and all(not main and n == 1 for main, n in seen), seen
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_after_residual_and_early_stop() -> None:
     model = tiny_model()
     extractor = FeatureExtractor(model, layers=[2], before_residual=False, max_batch_seconds=0.5, device="cpu")
