@@ -138,7 +138,7 @@ def throughput(args: argparse.Namespace, device: torch.device) -> list[dict]:
     for name, wall in best.items():
         records.append(
             {
-                "bench": "extract_throughput",
+                "benchmark": "extract_throughput",
                 "impl": name,
                 "config": args.config,
                 "layer": args.layer,
@@ -173,7 +173,7 @@ def chunking(args: argparse.Namespace, device: torch.device) -> list[dict]:
         rel = ((got - whole).norm(dim=-1) / whole.norm(dim=-1).clamp_min(1e-12)).numpy()
         records.append(
             {
-                "bench": "extract_chunking",
+                "benchmark": "extract_chunking",
                 "config": args.config,
                 "layer": args.layer,
                 "file_seconds": args.long_seconds,
@@ -208,7 +208,7 @@ def dtypes(args: argparse.Namespace, device: torch.device) -> list[dict]:
         abs_err = max((g[key] - r[key]).abs().max().item() for g, r in zip(got, ref))
         records.append(
             {
-                "bench": "extract_dtype",
+                "benchmark": "extract_dtype",
                 "dtype": name,
                 "config": args.config,
                 "layer": args.layer,

@@ -33,3 +33,7 @@ def test_bench_smoke_writes_results_and_report(tmp_path: Path) -> None:
     assert kernels["benchmarks"], "no kernel microbenchmark ran"
     report = (tmp_path / "REPORT_smoke.md").read_text()
     assert "| spidr_fast | eager |" in report and "| reference | eager |" in report
+    extraction = [json.loads(line) for line in (tmp_path / "extract_smoke.jsonl").read_text().splitlines()]
+    assert {r["benchmark"] for r in extraction} == {"extract_throughput"}
+    assert any(r["impl"].startswith("spidr_fast") for r in extraction)
+    assert "## Extraction throughput" in report and "| reference batch=1 | " in report

@@ -26,13 +26,16 @@ the last `num_codebooks` layers (SpidR base: layers 5..12):
 Measured (bench/extract_throughput.py, base config with random weights, noise input, layer 6,
 CPU; rerun with `--experiment chunking|dtype`):
 - Padded batches equal each utterance alone to <= 2.5e-6 absolute (fp32; tests assert 1e-4).
-- CPU throughput, layer 6, 1 thread, same weights and files, interleaved rounds (best kept):
-  1.7x the reference's `get_intermediate_outputs` one utterance at a time (1.70x best of 6 on
-  2 x 10 s; 1.79x on 8 utterances of 2-35 s), 2.3-2.9x the reference in padded batches of 8.
-  From: early stop at the layer (6 of 12), the channels-last polyphase front-end (0.96 s -> 0.63 s
-  per 10 s of audio), no padding waste. Not reached: 2x against one-at-a-time; what is left is
-  GEMM-bound (block 1 of the front-end alone is ~40% of it). torch.compile (freezing) gave no
-  CPU gain here.
+- CPU throughput, layer 6, same weights and files, interleaved rounds (best kept), against the
+  reference's `get_intermediate_outputs` one utterance at a time (its fastest use; in padded
+  batches of 8 it is 0.59x of that): 1 thread 1.90x (8 utterances of 2-15 s) and 1.94x (16
+  utterances, 186 s); 2 threads (torch's default on the 2-core machine) 2.01x on the 16
+  utterances, 1.84-1.87x on the 8 (7 batches of 6-15 s over 2 workers leave one idle at the end).
+  From: early stop at the layer (6 of 12), the channels-last front-end (Winograd F(3, 2), time
+  tiles: 0.90 s -> ~0.49 s per 10 s of audio), whole batches per CPU worker, no padding waste.
+  What is left is GEMM-bound: ~0.96 s of the ~1.05 s per 10 s (1 thread) is GEMM, attention
+  and conv at 97-100 GFLOP/s, the measured single-core fp32 peak; the reference spends ~2.0 s.
+  torch.compile (freezing) and a fused C++ LayerNorm+GELU gave no or ~1% CPU gain here.
 - bf16 autocast: 1.3% relative (Frobenius) error vs fp32, max abs 0.026 on features of max abs
   2.0; the reference under the same autocast: 1.3%. fp16: 0.17% (reference: 0.17%). Units from
   low-precision features are still assigned in fp32.
