@@ -38,8 +38,12 @@ def init_env(device: str = "auto") -> Env:
     return Env(rank, local_rank, world_size, dev)
 
 
-def close_env() -> None:
+def close_env(synchronize: bool = False) -> None:
+    """Destroy the process group; with `synchronize` (a clean finish) after a barrier, so ranks tear
+    down together: gloo aborted a rank now and then when its peer still held the connection."""
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -39,7 +39,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     with ExitStack() as stack:
         # ---- setup: process group, seeds, run folder
         env = init_env(cfg.run.device)
-        stack.callback(close_env)
+        stack.push(lambda exc_type, *_: close_env(synchronize=exc_type is None))  # no barrier after an error
         setup_torch(deterministic=cfg.run.use_deterministic)
         seed_everything(cfg.run.random_seed + env.rank)
         run_dir, dtype, max_steps = cfg.run.dir, DTYPES[cfg.optimizer.dtype], cfg.optimizer.max_steps

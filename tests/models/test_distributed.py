@@ -35,6 +35,7 @@ def worker(rank: int, world: int, port: int, state: dict, out: Path) -> None:
     losses, ppl = model.train()(waveforms[half], mask_indices=mask_indices[half])
     torch.save({"losses": losses, "ppl": ppl, "buffers": dict(model.codebooks.state_dict()), "calls": len(calls)},
                out / f"rank{rank}.pt")  # fmt: skip
+    dist.barrier()  # tear down together (gloo aborted a rank now and then otherwise)
     dist.destroy_process_group()
 
 

@@ -73,6 +73,9 @@ def _worker(rank: int, world: int, init_file: str, out: str, parallelism: str) -
         result = run_steps(parallelism, rank, world)
         if rank == 0:
             torch.save(result, out)
+        # Tear down together: a rank destroying its gloo group while the other still holds the
+        # connection aborted it now and then ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
