@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--save-dtype", choices=["float32", "float16"], default="float32", help="dtype of saved features"
     )
     parser.add_argument(
-        "--max-batch-seconds", type=float, help="padded audio per forward (default: 300 on GPU, 20 on CPU)"
+        "--max-batch-seconds", type=float, help="padded audio per forward (default: 300 on GPU, 5 on CPU)"
     )
     parser.add_argument(
         "--chunk-seconds", type=float, default=60.0, help="longer files are cut in chunks of this (default: 60)"

@@ -28,14 +28,15 @@ CPU; rerun with `--experiment chunking|dtype`):
 - Padded batches equal each utterance alone to <= 2.5e-6 absolute (fp32; tests assert 1e-4).
 - CPU throughput, layer 6, same weights and files, interleaved rounds (best kept), against the
   reference's `get_intermediate_outputs` one utterance at a time (its fastest use; in padded
-  batches of 8 it is 0.59x of that): 1 thread 1.90x (8 utterances of 2-15 s) and 1.94x (16
-  utterances, 186 s); 2 threads (torch's default on the 2-core machine) 2.01x on the 16
-  utterances, 1.84-1.87x on the 8 (7 batches of 6-15 s over 2 workers leave one idle at the end).
+  batches of 8 it is 0.59x of that), LibriSpeech-like lengths, default settings (5 s batches):
+  2 threads (torch's default on the 2-core machine) 2.22x on 16 utterances (186 s) and 2.08x on 8
+  (86 s); 1 thread 2.02x on the 16 and 2.00x on the 8. With 20 s batches it was 2.01-2.07x (2
+  threads) and 1.90-1.98x (1 thread).
   From: early stop at the layer (6 of 12), the channels-last front-end (Winograd F(3, 2), time
   tiles: 0.90 s -> ~0.49 s per 10 s of audio), whole batches per CPU worker, no padding waste.
   What is left is GEMM-bound: ~0.96 s of the ~1.05 s per 10 s (1 thread) is GEMM, attention
   and conv at 97-100 GFLOP/s, the measured single-core fp32 peak; the reference spends ~2.0 s.
-  torch.compile (freezing) and a fused C++ LayerNorm+GELU gave no or ~1% CPU gain here.
+  torch.compile and a fused C++ LayerNorm+GELU gave no or ~1% CPU gain here.
 - bf16 autocast: 1.3% relative (Frobenius) error vs fp32, max abs 0.026 on features of max abs
   2.0; the reference under the same autocast: 1.3%. fp16: 0.17% (reference: 0.17%). Units from
   low-precision features are still assigned in fp32.
@@ -140,7 +141,7 @@ class FeatureExtractor:
         dtype: "float32" (default), "bfloat16" or "float16" (autocast; units are always assigned in fp32).
         compile: torch.compile the forward; shapes are bucketed (frames rounded up on a fixed
             ladder, batch rows to a power of two) so few graphs are compiled.
-        max_batch_seconds: padded audio per forward (default 300 s on GPU, 20 s on CPU).
+        max_batch_seconds: padded audio per forward (default 300 s on GPU, 5 s on CPU).
         chunk_seconds, overlap_seconds: long-utterance chunking (see `plan_pieces`).
         before_residual: features are the FFN output before residual (default, the reference's
             `get_intermediate_outputs`), or the layer output.
@@ -203,8 +204,10 @@ class FeatureExtractor:
         self.depth = num_layers if self.is_dinosr_heads else max([*self.layers, self.units_layer or 0])
         self.before_residual = before_residual
         if max_batch_seconds is None:
-            # CPU: small batches keep the front-end's activations in cache (measured faster than 100 s).
-            max_batch_seconds = 300.0 if self.device.type == "cuda" else 20.0
+            # CPU: batching adds no GEMM efficiency past a few seconds of audio, while small batches
+            # pad less and spread evenly over the workers (5 s vs 20 s: 2.16x vs 2.07x the
+            # reference at 2 threads, 2.00x vs 1.98x at 1 thread; bench/extract_throughput.py).
+            max_batch_seconds = 300.0 if self.device.type == "cuda" else 5.0
         self.max_batch_samples = int(max_batch_seconds * SAMPLE_RATE)
         self.chunk_frames = max(1, round(chunk_seconds * SAMPLE_RATE / HOP))
         self.overlap_frames = max(0, round(overlap_seconds * SAMPLE_RATE / HOP))
