@@ -231,7 +231,12 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=6)
     parser.add_argument("--num-utts", type=int, default=16)
     parser.add_argument("--max-seconds", type=float, help="cap utterance lengths (seconds)")
-    parser.add_argument("--batch-seconds", type=float, nargs="+", default=[20.0, 60.0, 200.0])
+    parser.add_argument(
+        "--batch-seconds",
+        type=float,
+        nargs="+",
+        help="max_batch_seconds to sweep (default: 20 60 200 on GPU, 5 20 on CPU)",
+    )
     parser.add_argument("--ref-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--long-seconds", type=float, default=180.0)
@@ -253,6 +258,8 @@ def main() -> None:
         args.batch_seconds, args.ref_batches, args.repeats, args.long_seconds = [4.0, 16.0], [1, 4], 1, 30.0
         args.chunk_settings = [(5.0, 1.0)]
     device = torch.device(args.device)
+    if args.batch_seconds is None:
+        args.batch_seconds = [20.0, 60.0, 200.0] if device.type == "cuda" else [5.0, 20.0]
     records = {"throughput": throughput, "chunking": chunking, "dtype": dtypes}[args.experiment](args, device)
     append_jsonl(args.out, records)
     for r in records:
