@@ -8,6 +8,7 @@ forward (flat indices and cumulative lengths for the variable-length attention b
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -168,28 +169,32 @@ class Transformer(nn.Module):
     def get_intermediate_outputs(
         self, x: Tensor, key_mask: Tensor | None = None, num_layers: int | None = None, *, before_residual: bool = True
     ) -> list[Tensor]:
-        """Per layer: the FFN output before residual (default) or the layer's output."""
-        return [ffn if before_residual else out for out, ffn in self.layer_outputs(x, key_mask, num_layers)]
-
-    def layer_outputs(
-        self, x: Tensor, key_mask: Tensor | None = None, num_layers: int | None = None
-    ) -> list[tuple[Tensor, Tensor]]:
-        """Per layer up to `num_layers`: (layer output, FFN output before residual).
+        """Per layer: the FFN output before residual (default) or the layer's output.
 
         A dropped layer (layer drop, training only) still reports its result but leaves x unchanged,
         as in the reference.
         """
+        return [ffn if before_residual else out for out, ffn in self._run_layers(x, key_mask, num_layers)]
+
+    def layer_outputs(
+        self, x: Tensor, key_mask: Tensor | None = None, num_layers: int | None = None
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Per layer up to `num_layers`: (layer output, FFN output before residual)."""
+        return list(self._run_layers(x, key_mask, num_layers))
+
+    def _run_layers(
+        self, x: Tensor, key_mask: Tensor | None, num_layers: int | None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        # A generator, so that get_intermediate_outputs keeps one tensor per layer, not two.
         if num_layers is not None and not 0 < num_layers <= len(self.layers):
             raise ValueError(f"num_layers must be in [1, {len(self.layers)}], got {num_layers}")
-        outputs: list[tuple[Tensor, Tensor]] = []
         padding = None if key_mask is None else Padding.from_mask(key_mask)
         x = self._embed(x, padding)
         for layer in self.layers[:num_layers]:
             out, ffn = layer(x, padding)
             if not self._drop_layer():
                 x = out
-            outputs.append((out, ffn))
-        return outputs
+            yield out, ffn
 
 
 def _init_weights(module: nn.Module) -> None:
