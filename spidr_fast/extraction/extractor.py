@@ -202,6 +202,8 @@ class FeatureExtractor:
         self.is_dinosr_heads = units == "heads" and model.cfg.model_type == "dinosr"
         # Deepest layer the transformer must run: DinoSR heads read the final output.
         self.depth = num_layers if self.is_dinosr_heads else max([*self.layers, self.units_layer or 0])
+        # Layers whose outputs a forward keeps: the features' and the units' (DinoSR heads: the last).
+        self.kept_layers = {*self.layers, self.depth if self.is_dinosr_heads else self.units_layer} - {None}
         self.before_residual = before_residual
         if max_batch_seconds is None:
             # CPU: batching adds no GEMM efficiency past a few seconds of audio, while small batches
@@ -391,7 +393,7 @@ class FeatureExtractor:
         """(B, S) standardised waveforms, (B,) real samples or None -> {name: (B, T, D)}.
 
         Only public pieces of the model: the conv extractor + projection, then the student's
-        `layer_outputs` (what `get_intermediate_outputs` reads) stopped at `self.depth`: per layer
+        `iter_layer_outputs` (what `get_intermediate_outputs` reads) stopped at `self.depth`: per layer
         both its output and its FFN output (features and units may need different ones). No state
         is kept on `self`, so one extractor may serve several threads.
         """
@@ -404,7 +406,8 @@ class FeatureExtractor:
         key_mask = None
         if sample_lengths is not None:
             key_mask = key_mask_from_lengths(model.feature_extractor.output_lengths(sample_lengths), features.shape[1])
-        captured = dict(enumerate(student.layer_outputs(features, key_mask, self.depth), start=1))
+        layers = student.iter_layer_outputs(features, key_mask, self.depth)
+        captured = {n: out for n, out in enumerate(layers, start=1) if n in self.kept_layers}
         outputs = {f"layer{n}": captured[n][1 if self.before_residual else 0] for n in self.layers}
         if self.is_dinosr_heads:
             last = captured[self.depth][0]

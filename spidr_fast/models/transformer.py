@@ -174,18 +174,16 @@ class Transformer(nn.Module):
         A dropped layer (layer drop, training only) still reports its result but leaves x unchanged,
         as in the reference.
         """
-        return [ffn if before_residual else out for out, ffn in self._run_layers(x, key_mask, num_layers)]
+        return [ffn if before_residual else out for out, ffn in self.iter_layer_outputs(x, key_mask, num_layers)]
 
-    def layer_outputs(
+    def iter_layer_outputs(
         self, x: Tensor, key_mask: Tensor | None = None, num_layers: int | None = None
-    ) -> list[tuple[Tensor, Tensor]]:
-        """Per layer up to `num_layers`: (layer output, FFN output before residual)."""
-        return list(self._run_layers(x, key_mask, num_layers))
-
-    def _run_layers(
-        self, x: Tensor, key_mask: Tensor | None, num_layers: int | None
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        # A generator, so that get_intermediate_outputs keeps one tensor per layer, not two.
+        """Per layer up to `num_layers`, as computed: (layer output, FFN output before residual).
+
+        A generator: a caller keeps only the layers it needs (get_intermediate_outputs keeps one
+        tensor per layer, the extractor only the layers it returns).
+        """
         if num_layers is not None and not 0 < num_layers <= len(self.layers):
             raise ValueError(f"num_layers must be in [1, {len(self.layers)}], got {num_layers}")
         padding = None if key_mask is None else Padding.from_mask(key_mask)
