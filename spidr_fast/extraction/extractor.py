@@ -29,9 +29,9 @@ CPU; rerun with `--experiment chunking|dtype`):
 - CPU throughput, layer 6, same weights and files, interleaved rounds (best kept), against the
   reference's `get_intermediate_outputs` one utterance at a time (its fastest use; in padded
   batches of 8 it is 0.59x of that), LibriSpeech-like lengths, default settings (5 s batches):
-  2 threads (torch's default on the 2-core machine) 2.22x on 16 utterances (186 s) and 2.08x on 8
-  (86 s); 1 thread 2.02x on the 16 and 2.00x on the 8. With 20 s batches it was 2.01-2.07x (2
-  threads) and 1.90-1.98x (1 thread).
+  2 threads (torch's default on the 2-core machine) 2.22x and 2.16x on 16 utterances (186 s),
+  2.08x twice on 8 (86 s); 1 thread 2.02x on the 16, 2.00x and 1.91x on the 8 (run-to-run noise
+  on this shared machine is ~5%). With 20 s batches: 1.95-2.07x (2 threads), 1.90-1.99x (1 thread).
   From: early stop at the layer (6 of 12), the channels-last front-end (Winograd F(3, 2), time
   tiles: 0.90 s -> ~0.49 s per 10 s of audio), whole batches per CPU worker, no padding waste.
   What is left is GEMM-bound: ~0.96 s of the ~1.05 s per 10 s (1 thread) is GEMM, attention
