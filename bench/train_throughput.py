@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, append_jsonl, environment, require_reference, synchronize
 
 from spidr_fast import SpidR, SpidRConfig
+from spidr_fast.config import SAMPLE_RATE
 from spidr_fast.data.batching import BatchingConfig, BucketBatchSampler, librispeech_like_lengths, num_frames
 from spidr_fast.data.masks import compute_mask_indices
 from spidr_fast.kernels._dispatch import OPS, use_triton
 from spidr_fast.train.flops import count_step_flops, peak_flops
 
-SAMPLE_RATE = 16_000
 SMALL = dict(
     extractor_conv_layer_config=[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2,
     encoder_embed_dim=128,

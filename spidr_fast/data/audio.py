@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-SAMPLE_RATE = 16_000
+from spidr_fast.config import SAMPLE_RATE
+
 MIN_SAMPLES = 400  # the conv extractor's receptive field: fewer samples give zero frames
 _LAYER_NORM_EPS = 1e-5  # torch.nn.functional.layer_norm's default, what the reference standardises with
 

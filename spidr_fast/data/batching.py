@@ -25,11 +25,12 @@ from typing import Literal
 import numpy as np
 import torch
 
+from spidr_fast.config import DEFAULT_CONV_LAYER_CONFIG
 from spidr_fast.data.dataset import Utterance
 from spidr_fast.data.masks import MaskingConfig, compute_mask_indices, compute_packed_mask_indices
 
 # (out_channels, kernel, stride) of SpidR's conv feature extractor: 320 samples per frame.
-CONV_LAYERS: tuple[tuple[int, int, int], ...] = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
+CONV_LAYERS: tuple[tuple[int, int, int], ...] = tuple(map(tuple, DEFAULT_CONV_LAYER_CONFIG))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -63,12 +63,15 @@ import torch
 from torch import Tensor
 
 from spidr_fast import kernels
+from spidr_fast.config import SAMPLE_RATE
+from spidr_fast.data import batching
+from spidr_fast.data.audio import MIN_SAMPLES
+from spidr_fast.data.batching import CONV_LAYERS
 from spidr_fast.extraction.frontend import ChannelsLastFrontend
 from spidr_fast.models.padding import key_mask_from_lengths, masked_instance_norm
 
-SAMPLE_RATE = 16_000
-RECEPTIVE_FIELD = 400  # samples of the first frame
-HOP = 320  # samples between frames
+RECEPTIVE_FIELD = int(MIN_SAMPLES)  # samples of the first frame
+HOP = math.prod(stride for _, _, stride in CONV_LAYERS)  # samples between frames (320)
 _EPS = 1e-5  # the standardisation's variance epsilon (a layer norm without affine)
 
 UnitsKind = Literal["heads", "codebooks"]
@@ -85,7 +88,7 @@ def standardize(waveform: np.ndarray | Tensor) -> Tensor:
 
 
 def num_frames(num_samples: int) -> int:
-    return max(0, (num_samples - RECEPTIVE_FIELD) // HOP + 1)
+    return int(batching.num_frames(num_samples))
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,13 @@ class FeatureExtractor:
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         if self.dtype not in DTYPES.values():
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype}")
+        framing = [(int(k), int(s)) for _, k, s in model.cfg.extractor_conv_layer_config]
+        if framing != [(k, s) for _, k, s in CONV_LAYERS]:
+            # Chunk planning and output lengths use SpidR's framing (400-sample window, 320 hop).
+            raise ValueError(
+                f"extraction needs SpidR's conv kernels and strides {[(k, s) for _, k, s in CONV_LAYERS]}, "
+                f"the model has {framing}"
+            )
         self.model = model.eval().to(self.device)
         num_layers = len(model.student.layers)
         self.layers = sorted({int(layer) for layer in layers})

@@ -146,6 +146,8 @@ def test_units_only_and_argument_errors() -> None:
         FeatureExtractor(model, layers=[1], units="heads")
     with pytest.raises(ValueError, match="fewer than one frame"):
         FeatureExtractor(model, layers=[1])(waves([399]))
+    with pytest.raises(ValueError, match="conv kernels and strides"):
+        FeatureExtractor(tiny_model(extractor_conv_layer_config=[[16, 10, 4]] + [[16, 3, 2]] * 6), layers=[1])
 
 
 @pytest.mark.parametrize("total", [1, 2, 50, 119, 120, 121, 1000])
