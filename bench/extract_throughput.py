@@ -35,7 +35,7 @@ from common import RESULTS_DIR, append_jsonl, environment, require_reference, sy
 
 import spidr_fast
 from spidr_fast.checkpoint import load_state_dict_strict
-from spidr_fast.data.batching import librispeech_like_lengths
+from spidr_fast.data.batching import librispeech_like_lengths, num_frames
 from spidr_fast.extraction import FeatureExtractor, standardize
 from spidr_fast.models.padding import attention_mask_from_lengths
 
@@ -69,7 +69,6 @@ def models(config: str, device: torch.device) -> tuple[torch.nn.Module, torch.nn
 def reference_run(ref: torch.nn.Module, waves: list[torch.Tensor], layer: int, batch: int) -> list[torch.Tensor]:
     """The reference API: batches of `batch` utterances in corpus order, zero-padded, with its mask."""
     out = []
-    fe = ref.feature_extractor
     with torch.inference_mode():
         for i in range(0, len(waves), batch):
             group = waves[i : i + batch]
@@ -78,18 +77,11 @@ def reference_run(ref: torch.nn.Module, waves: list[torch.Tensor], layer: int, b
                 continue
             width = max(w.numel() for w in group)
             x = torch.stack([torch.nn.functional.pad(w, (0, width - w.numel())) for w in group])
-            frames = torch.tensor([_frames(fe, w.numel()) for w in group], device=x.device)
-            mask = attention_mask_from_lengths(frames, _frames(fe, width))
+            frames = torch.from_numpy(num_frames([w.numel() for w in group])).to(x.device)
+            mask = attention_mask_from_lengths(frames, int(num_frames(width)))
             y = ref.get_intermediate_outputs(x, attention_mask=mask)[layer - 1]
             out += [y[j, :n] for j, n in enumerate(frames.tolist())]
     return out
-
-
-def _frames(fe: torch.nn.Module, n: int) -> int:
-    for block in fe.conv_layers:
-        conv = block.conv
-        n = (n - conv.kernel_size[0]) // conv.stride[0] + 1
-    return n
 
 
 def timed(fn: Any, device: torch.device) -> tuple[float, Any]:
