@@ -59,6 +59,7 @@ class RunConfig:
     flops_per_device: float = 0.0  # peak FLOP/s for MFU; 0 = guessed from the GPU name (none on CPU)
     max_time_s: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
     tensorboard: bool = True  # when installed
+    num_threads: int = 0  # torch CPU threads (torch.set_num_threads); 0 = torch's default
 
     @property
     def dir(self) -> Path:
@@ -265,6 +266,8 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
         raise ValueError("data.enable_padding=true is not supported: batches are cropped to their shortest utterance")
     if cfg.masking.mask_channel_prob > 0:
         raise ValueError("masking.mask_channel_prob > 0 is not supported")
+    if cfg.run.num_threads < 0:
+        raise ValueError(f"run.num_threads must be >= 0 (0: torch's default), got {cfg.run.num_threads}")
     return cfg
 
 
