@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 import types
 import typing
@@ -28,6 +29,7 @@ from spidr_fast.config import CONFIG_CLASSES, DinoSRConfig, ModelType, model_con
 from spidr_fast.data.batching import BatchingConfig
 from spidr_fast.data.masks import MaskingConfig as DataMaskingConfig
 
+logger = logging.getLogger(__name__)
 PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MaskingStrategy = Literal["static", "uniform", "normal", "poisson"]
 
@@ -250,16 +252,36 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+def _model_fields(fields: dict[str, Any], model_type: ModelType, overridden: set[str]) -> dict[str, Any]:
+    """The `[model]` table for `model_type`: fields that only the other model type has (e.g. a SpidR
+    preset's `ema_timescale` under `run.model_type=dinosr`) are dropped with a warning when they come
+    from the file, and refused when given as an override (the user asked for them)."""
+    own = {f.name for f in dataclasses.fields(CONFIG_CLASSES[model_type])}
+    foreign = {f.name for cls in CONFIG_CLASSES.values() for f in dataclasses.fields(cls)} - own
+    if asked := sorted(foreign & overridden & fields.keys()):
+        raise ValueError(
+            f"model.{', model.'.join(asked)}: not a field of run.model_type={model_type} (only of another model type)"
+        )
+    if dropped := sorted(foreign & fields.keys()):
+        logger.warning(
+            "run.model_type=%s: ignoring [model] field(s) %s of the config, which %s does not have",
+            model_type,
+            ", ".join(dropped),
+            CONFIG_CLASSES[model_type].__name__,
+        )
+    return {k: v for k, v in fields.items() if k not in foreign}
+
+
+def config_from_dict(data: dict[str, Any], overridden: set[str] | None = None) -> TrainConfig:
+    """`overridden`: `[model]` field names given as overrides (see `_model_fields`)."""
     unknown = sorted(set(data) - {*SECTIONS, "model", "validation"})
     if unknown:
         raise ValueError(f"unknown section(s) {', '.join(unknown)}")
     built = {name: _build(cls, data.get(name, {}), name) for name, cls in SECTIONS.items()}
     run: RunConfig = built["run"]
     model_cls = CONFIG_CLASSES[run.model_type]
-    model = model_config_from_dict(
-        dataclasses.asdict(_build(model_cls, data.get("model", {}), "model")), run.model_type
-    )
+    fields = _model_fields(data.get("model", {}), run.model_type, overridden or set())
+    model = model_config_from_dict(dataclasses.asdict(_build(model_cls, fields, "model")), run.model_type)
     validation = {k: _build(DataConfig, v, f"validation.{k}") for k, v in data.get("validation", {}).items()}
     cfg = TrainConfig(model=model, validation=validation, **built)
     if cfg.data.enable_padding:
@@ -287,7 +309,9 @@ def read_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     text = path.read_text(encoding="utf-8")
     data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     try:
-        return config_from_dict(apply_overrides(data, overrides or []))
+        keys = [item.partition("=")[0].strip() for item in overrides or []]
+        overridden = {key.removeprefix("model.") for key in keys if key.startswith("model.")}
+        return config_from_dict(apply_overrides(data, overrides or []), overridden)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from e
 

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -47,3 +50,45 @@ def test_reference_style_toml_and_resolved_roundtrip(tmp_path: Path) -> None:
     assert cfg.run.dir == (Path("w").resolve() / "p" / "n")
     again = read_config(save_resolved(cfg, tmp_path))
     assert again == cfg
+
+
+@pytest.mark.parametrize("preset", ["tiny", "base", "demo"])
+@pytest.mark.parametrize("model_type", ["spidr", "dinosr"])
+def test_presets_combine_with_either_model_type(
+    preset: str, model_type: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from spidr_fast.config import CONFIG_CLASSES
+
+    with caplog.at_level(logging.WARNING):
+        cfg = read_config(preset, [f"run.model_type={model_type}"])
+    assert type(cfg.model) is CONFIG_CLASSES[model_type]
+    preset_model = read_config(preset).model  # the preset's own (SpidR) architecture is kept
+    for name in ("encoder_embed_dim", "encoder_num_layers", "num_codebooks", "codebook_size", "freeze_step"):
+        assert getattr(cfg.model, name) == getattr(preset_model, name)
+    if model_type == "dinosr" and preset != "base":  # tiny and demo set SpidR's ema_timescale: said, not hidden
+        assert "ignoring [model] field(s) ema_timescale" in caplog.text
+
+
+def test_model_field_of_the_other_type_given_as_override_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"model\.ema_timescale: not a field of run\.model_type=dinosr"):
+        read_config("tiny", ["run.model_type=dinosr", "model.ema_timescale=5"])
+
+
+def test_tiny_trains_as_dinosr(tmp_path: Path) -> None:
+    from spidr_fast.data.corpus import generate_corpus
+    from spidr_fast.train.trainer import train
+
+    corpus = generate_corpus(tmp_path / "corpus", num_utterances=4, seed=0, max_seconds=3.0)
+    overrides = [
+        "run.model_type=dinosr",
+        f"data.manifest={corpus / 'manifest.csv'}",
+        f"run.workdir={tmp_path}",
+        "optimizer.max_steps=2",
+        "run.log_interval=1",
+    ]
+    last = train(read_config("tiny", overrides))
+    assert math.isfinite(last["loss"]) and "ema_decay" in last
+    log = (tmp_path / "spidr" / "tiny" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2]
+    saved = read_config(tmp_path / "spidr" / "tiny" / "train_config.json")
+    assert saved.model.model_type == "dinosr" and saved.run.model_type == "dinosr"
