@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
@@ -34,8 +35,12 @@ from spidr_fast.train.validate import validate
 logger = logging.getLogger(__name__)
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) the training of `cfg`; returns the last logged train metrics."""
+def train(cfg: TrainConfig, *, progress: Callable[..., Any] = tqdm) -> dict[str, Any]:
+    """Run (or resume) the training of `cfg`; returns the last logged train metrics.
+
+    `progress`: the step progress bar, called as tqdm is (`total`, `initial`, `disable`, `desc`) and
+    used as a context manager with `update()` and `set_postfix(**metrics)`.
+    """
     with ExitStack() as stack:
         # ---- setup: process group, seeds, run folder
         env = init_env(cfg.run.device)
@@ -102,7 +107,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         )
         log = RunLog(run_dir / "train_log.jsonl", enabled=env.is_main, tensorboard=cfg.run.tensorboard)
         stack.callback(log.close)
-        pbar = stack.enter_context(tqdm(total=max_steps, initial=state["step"], disable=not env.is_main, desc="train"))
+        pbar = stack.enter_context(
+            progress(total=max_steps, initial=state["step"], disable=not env.is_main, desc="train")
+        )
         if env.is_main:
             logger.info(
                 "run folder %s, %d rank(s), %.4g GFLOP per audio second",
