@@ -49,8 +49,8 @@ def audio_fix_hint(reasons: Iterable[str]) -> str:
 class SkippedFiles:
     """Unusable files (`data.skip_bad`) seen by this process: each logged once, counted, summarised."""
 
-    def __init__(self, manifest: str) -> None:
-        self.manifest = manifest
+    def __init__(self, manifest: str, split: str = "train") -> None:
+        self.manifest, self.split = manifest, split
         self.files: dict[str, None] = {}  # "NAME: REASON", in the order first seen
         self.batches = 0  # batches skipped because every file in them was unusable
 
@@ -59,7 +59,7 @@ class SkippedFiles:
         for message in batch.skipped:
             if message not in self.files:
                 self.files[message] = None
-                logger.warning("skipping %s (%d unusable file(s) so far)", message, len(self.files))
+                logger.warning("skipping %s (%s: %d unusable file(s) so far)", message, self.split, len(self.files))
         if batch.waveforms.numel() > 0:
             return True
         self.batches += 1

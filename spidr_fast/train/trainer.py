@@ -67,6 +67,7 @@ def train(cfg: TrainConfig, *, progress: Callable[..., Any] = tqdm) -> dict[str,
             log_skipped=False,
         )
         skipped = SkippedFiles(cfg.data.manifest)  # data.skip_bad: bad files named once, empty batches skipped
+        dev_skipped = {name: SkippedFiles(dev.manifest, name) for name, dev in cfg.validation.items()}
         sampler.set_epoch(1)
         first = first_usable_batch(loader, sampler, dataset, skipped)
         flops = count_step_flops(model, first.waveforms.to(env.device), first.mask_indices.to(env.device), dtype)
@@ -169,6 +170,7 @@ def train(cfg: TrainConfig, *, progress: Callable[..., Any] = tqdm) -> dict[str,
                             device=env.device,
                             dtype=dtype,
                             seed=cfg.run.random_seed,
+                            skipped=dev_skipped[name],
                         )
                         log.log(name, step, metrics)
                 if stop:
@@ -179,7 +181,10 @@ def train(cfg: TrainConfig, *, progress: Callable[..., Any] = tqdm) -> dict[str,
                         f"epoch {state['epoch']} yields no batch on rank {env.rank}: check data.manifest"
                     )
                 if whole_epoch and steps_in_epoch == 0:
-                    raise skipped.nothing_usable(f"every batch of epoch {state['epoch']} is empty")
+                    shared = f" (on {env.world_size} ranks, a batch is skipped when any rank's is)" * (
+                        env.world_size > 1
+                    )
+                    raise skipped.nothing_usable(f"every batch of epoch {state['epoch']} was empty{shared}")
                 state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
                 continue
             break

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -50,7 +51,16 @@ def test_skip_bad_skips_empty_batches_names_each_file_once(
     assert len(batches) >= 4
     bad = set(batches[0]) | set(batches[2])
     manifest = _with_bad_files(corpus, tmp_path / "data", bad)
-    overrides = [*base, f"data.manifest={manifest}", "run.save_interval=7"]
+    # The same files as a dev set, one utterance per batch: some dev batches are empty too.
+    dev = [f"validation.dev.{k}" for k in (f"manifest={manifest}", "skip_bad=true", "max_batch_length=64000")]
+    overrides = [
+        *base,
+        f"data.manifest={manifest}",
+        "run.save_interval=7",
+        *dev,
+        "validation.dev.max_sample_size=64000",
+        "run.validation_interval=3",
+    ]
     with caplog.at_level(logging.INFO):
         train(read_config("tiny", overrides))
     run_dir = tmp_path / "spidr" / "tiny"
@@ -58,10 +68,15 @@ def test_skip_bad_skips_empty_batches_names_each_file_once(
     last = [r for r in records if r["split"] == "train"][-1]
     assert last["step"] == 7
     assert last["skipped_files"] == len(bad) and last["skipped_batches"] >= 2
+    dev_records = [r for r in records if r["split"] == "dev"]  # 3 validations, each with empty batches
+    assert [r["step"] for r in dev_records] == [3, 6, 7]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in dev_records)
     bad_names = [Path(read_manifest(manifest)[i].path).name for i in bad]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    for name in bad_names:  # each bad file named once, with its reason, however many epochs read it
-        assert sum(name in w and "unreadable" in w for w in warnings) == 1, name
+    for name in bad_names:  # each bad file named once per split, with its reason, however many epochs read it
+        assert sum(name in w and "unreadable" in w and "(train:" in w for w in warnings) == 1, name
+        assert sum(name in w and "unreadable" in w and "(dev:" in w for w in warnings) == 1, name
+    assert not [w for w in warnings if "(dev:" not in w and "(train:" not in w and "skipping" in w]
     assert any(f"{len(bad)} unusable file(s)" in w and "skipped" in w for w in warnings)
     # The run ends with where its final checkpoint is.
     final = run_dir / "checkpoints" / "step_7.pt"
