@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from spidr_fast import SpidR
 from spidr_fast.data.batching import num_frames
 from spidr_fast.data.masks import MaskingConfig, compute_mask_indices
 from spidr_fast.train.config import OptimizerConfig, read_config
+from spidr_fast.train.flops import count_step_flops
 from spidr_fast.train.optim import build_optimizer
 from spidr_fast.train.parallelize import parallelize, rewrap_after_freeze
 from spidr_fast.train.step import StepContext, train_step
@@ -211,3 +213,35 @@ def test_layer_drop_is_drawn_from_seed_and_step_alone() -> None:
     assert rank0 == rank1
     assert len(set(rank0)) > 1 and any(rank0)  # layers are dropped, not the same ones at every step
     assert dropped_layers(5, range(4, 7)) == rank0[3:]  # a resumed run drops what the uninterrupted one did
+
+
+def _fail(*_: object) -> None:
+    raise RuntimeError("an op the FLOP counter cannot run")
+
+
+def _flops_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    try:
+        model = tiny_model()
+        if rank == 1:  # this rank's count fails before its forward reaches the codebook statistics
+            model.feature_extractor.register_forward_pre_hook(_fail)
+        waveforms, mask = batch(1)
+        flops = count_step_flops(model, waveforms[:2], mask[:2], torch.float32)
+        after = torch.arange(3.0)
+        dist.all_reduce(after)  # the ranks' next collective still pairs up
+        torch.save((flops, after), f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_local_flop_count_failure_keeps_ranks_in_step(tmp_path: Path) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    out = str(tmp_path / "flops")
+    mp.spawn(_flops_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    (flops0, after0), (flops1, after1) = (torch.load(f"{out}.{rank}") for rank in (0, 1))
+    assert flops0 > 0 and flops1 == 0  # rank 1 reports no MFU; rank 0 counted without waiting for it
+    assert torch.equal(after0, torch.tensor([0.0, 2.0, 4.0])) and torch.equal(after1, after0)
