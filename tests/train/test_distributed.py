@@ -172,6 +172,7 @@ def test_trainer_ranks_hold_one_model(parallelism: str, corpus: Path, tmp_path: 
         corpus,
         tmp_path / "runs",
         f"run.parallelism={parallelism}",
+        "run.device=cpu",  # gloo ranks, also on a machine with one GPU
         "model.encoder_layer_drop=0.5",
         "optimizer.max_steps=4",
         "run.save_interval=2",
