@@ -79,7 +79,7 @@ class DataConfig:
     max_batch_length: int = 3_800_000
     drop_last: bool = False
     num_workers: int = 10
-    pin_memory: bool | None = None  # spidr_fast: None = on when training on CUDA (reference: false)
+    pin_memory: bool | None = None  # spidr_fast: None = on when CUDA is available (reference: false)
     prefetch_factor: int = 2
     persistent_workers: bool = True
     random_seed: int = 0

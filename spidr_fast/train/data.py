@@ -37,16 +37,14 @@ class ResumableBatchSampler(Sampler):
         return max(0, len(self.inner) - self.start)
 
 
-def pin_memory(cfg: DataConfig, device: torch.device) -> bool:
-    """`data.pin_memory`, None meaning: pin when the batches go to a CUDA device (non_blocking copies then
+def pin_memory(cfg: DataConfig) -> bool:
+    """`data.pin_memory`, None meaning: pin when CUDA is available (the trainer's non_blocking copies then
     overlap; from pageable memory they block)."""
-    if cfg.pin_memory is None:
-        return device.type == "cuda"
-    return cfg.pin_memory and torch.cuda.is_available()
+    return torch.cuda.is_available() and (cfg.pin_memory is None or cfg.pin_memory)
 
 
 def build_loader(
-    cfg: DataConfig, masking: MaskingConfig, *, rank: int, world_size: int, seed: int, device: torch.device
+    cfg: DataConfig, masking: MaskingConfig, *, rank: int, world_size: int, seed: int
 ) -> tuple[DataLoader, ResumableBatchSampler, SpeechDataset]:
     if not cfg.manifest:
         raise ValueError("data.manifest is not set")
@@ -59,7 +57,7 @@ def build_loader(
         batch_sampler=sampler,
         collate_fn=Collator(batching, masking.data_masking()),
         num_workers=workers,
-        pin_memory=pin_memory(cfg, device),
+        pin_memory=pin_memory(cfg),
         prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
         persistent_workers=cfg.persistent_workers and workers > 0,
         generator=torch.Generator().manual_seed(seed),

@@ -55,12 +55,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model.to(env.device).train()
         seed_everything(cfg.run.random_seed + env.rank)  # per-rank random streams from here on (dropout)
         loader, sampler, dataset = build_loader(
-            cfg.data,
-            cfg.masking,
-            rank=env.rank,
-            world_size=env.world_size,
-            seed=cfg.run.random_seed,
-            device=env.device,
+            cfg.data, cfg.masking, rank=env.rank, world_size=env.world_size, seed=cfg.run.random_seed
         )
         sampler.set_epoch(1)
         first = loader.collate_fn([dataset[key] for key in next(iter(sampler))])

@@ -66,12 +66,7 @@ def validate(
     """Mean loss per masked frame and mean perplexities over the dev set `cfg` (all ranks call it)."""
     rank, world = _dist()
     loader, sampler, dataset = build_loader(
-        dataclasses.replace(cfg, rand_crop=False, num_workers=0),
-        masking,
-        rank=rank,
-        world_size=world,
-        seed=seed,
-        device=device,
+        dataclasses.replace(cfg, rand_crop=False, num_workers=0), masking, rank=rank, world_size=world, seed=seed
     )
     sampler.set_epoch(0)
     was_training = core.training

@@ -56,15 +56,15 @@ def test_float16_training_is_refused_with_the_reason() -> None:
     assert read_config("tiny", ["optimizer.dtype=bfloat16"]).optimizer.dtype == "bfloat16"
 
 
-def test_pin_memory_defaults_to_on_for_cuda() -> None:
+def test_pin_memory_defaults_to_on_with_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
     from spidr_fast.train.data import pin_memory
 
-    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    for preset in ("tiny", "demo"):  # no pin_memory line: the default decides
-        cfg = read_config(preset).data
-        assert cfg.pin_memory is None
-        assert pin_memory(cfg, cuda) is True and pin_memory(cfg, cpu) is False
-    assert read_config("base").data.pin_memory is True
-    assert pin_memory(read_config("tiny", ["data.pin_memory=false"]).data, cuda) is False
+    for cuda in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        for preset in ("tiny", "demo"):  # no pin_memory line: the default decides
+            cfg = read_config(preset).data
+            assert cfg.pin_memory is None and pin_memory(cfg) is cuda
+        assert read_config("base").data.pin_memory is True and pin_memory(read_config("base").data) is cuda
+        assert pin_memory(read_config("tiny", ["data.pin_memory=false"]).data) is False
