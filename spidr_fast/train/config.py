@@ -82,7 +82,7 @@ class DataConfig:
     max_batch_length: int = 3_800_000
     drop_last: bool = False
     num_workers: int = 10
-    pin_memory: bool = False
+    pin_memory: bool | None = None  # spidr_fast: None = on when CUDA is available (reference: false)
     prefetch_factor: int = 2
     persistent_workers: bool = True
     random_seed: int = 0
@@ -290,6 +290,11 @@ def config_from_dict(data: dict[str, Any], overridden: set[str] | None = None) -
         raise ValueError("masking.mask_channel_prob > 0 is not supported")
     if cfg.run.num_threads < 0:
         raise ValueError(f"run.num_threads must be >= 0 (0: torch's default), got {cfg.run.num_threads}")
+    if cfg.optimizer.dtype == "float16":
+        raise ValueError(
+            "optimizer.dtype='float16' is not supported for training: fp16 needs loss scaling (a GradScaler), "
+            "which this trainer does not do; use 'bfloat16' (GPUs from A100 on) or 'float32'"
+        )
     return cfg
 
 
