@@ -288,6 +288,13 @@ def config_from_dict(data: dict[str, Any], overridden: set[str] | None = None) -
         raise ValueError("data.enable_padding=true is not supported: batches are cropped to their shortest utterance")
     if cfg.masking.mask_channel_prob > 0:
         raise ValueError("masking.mask_channel_prob > 0 is not supported")
+    for where, data_cfg in [("data", cfg.data), *((f"validation.{k}", v) for k, v in cfg.validation.items())]:
+        sizes = (data_cfg.min_sample_size, data_cfg.max_sample_size, data_cfg.max_batch_length)
+        if not 0 < sizes[0] <= sizes[1] <= sizes[2]:
+            raise ValueError(
+                f"need 0 < {where}.min_sample_size <= {where}.max_sample_size <= {where}.max_batch_length, "
+                f"got {', '.join(map(str, sizes))}"
+            )
     if cfg.run.num_threads < 0:
         raise ValueError(f"run.num_threads must be >= 0 (0: torch's default), got {cfg.run.num_threads}")
     if cfg.optimizer.dtype == "float16":

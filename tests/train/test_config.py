@@ -113,3 +113,11 @@ def test_pin_memory_defaults_to_on_with_cuda(monkeypatch: pytest.MonkeyPatch) ->
             assert cfg.pin_memory is None and pin_memory(cfg) is cuda
         assert read_config("base").data.pin_memory is True and pin_memory(read_config("base").data) is cuda
         assert pin_memory(read_config("tiny", ["data.pin_memory=false"]).data) is False
+
+
+def test_batch_sizes_checked_with_the_config() -> None:
+    # Before: a ValueError with a traceback from the sampler, once training had started.
+    with pytest.raises(ValueError, match=r"data\.max_sample_size <= data\.max_batch_length, got 8000, 48000, 40000"):
+        read_config("tiny", ["data.max_batch_length=40000"])
+    with pytest.raises(ValueError, match=r"validation\.dev\.min_sample_size"):
+        read_config("tiny", ["validation.dev.manifest=x.csv", "validation.dev.min_sample_size=0"])
