@@ -8,8 +8,6 @@ fetch the released weights through the torch hub cache.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,6 +20,7 @@ import torch
 from torch import Tensor
 
 from spidr_fast.config import DinoSRConfig, ModelType, SpidRConfig, infer_model_type, model_config_from_dict
+from spidr_fast.io import atomic_write, atomic_write_text
 from spidr_fast.models import DinoSR, SpidR
 
 MODEL_CLASSES: dict[str, type[DinoSR]] = {"spidr": SpidR, "dinosr": DinoSR}
@@ -120,27 +119,14 @@ def load_model(path: str | Path, model_type: ModelType | None = None, *, config:
     return model.eval()
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temp file in the same folder then rename: a crash never leaves a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_model(model: DinoSR, path: str | Path, *, write_config: bool = True) -> Path:
     """Write `{"model": state_dict}` (the reference's released format) and `config.json` beside it."""
     path = Path(path)
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda tmp: torch.save({"model": state_dict}, tmp))
+    atomic_write(path, lambda tmp: torch.save({"model": state_dict}, tmp))
     if write_config:
         text = json.dumps({"model": model.cfg.to_dict()}, indent=2)
-        _atomic_write(path.parent / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write_text(path.parent / "config.json", text)
     return path
 
 
@@ -165,7 +151,7 @@ def _download(url: str, dest: Path, timeout: float) -> None:
                 f.write(chunk)
                 bar.update(len(chunk))
 
-    _atomic_write(dest, write)
+    atomic_write(dest, write)
 
 
 def _fetch(name: str, *, timeout: float = 10.0) -> Any:

@@ -17,7 +17,6 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from spidr_fast.data.audio import SAMPLE_RATE, AudioError
+from spidr_fast.io import atomic_write_text
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 _FILE_FIELDS = ["fileid", "path", "num_samples"]
@@ -51,23 +51,6 @@ class ManifestEntry:
     def name(self) -> str:
         """How errors name this utterance."""
         return f"{self.archive}:{self.path}" if self.archive is not None else self.path
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and `os.replace`.
-
-    A reader never sees a half-written file, and an interrupted run leaves the old file intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_manifest(entries: Iterable[ManifestEntry], path: str | Path, *, root: str | Path | None = None) -> Path:

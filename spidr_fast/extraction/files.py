@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import zlib
@@ -27,13 +26,12 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from spidr_fast.checkpoint import _atomic_write
 from spidr_fast.data.audio import SAMPLE_RATE, AudioError, check_audio, read_archive_member
 from spidr_fast.data.manifest import AUDIO_EXTENSIONS, ManifestEntry, read_manifest
+from spidr_fast.io import TEMP_SUFFIX, atomic_write
 
 EXTENSIONS = (*AUDIO_EXTENSIONS, ".mp3", ".aiff", ".aif", ".au")
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl")
-_TEMP_SUFFIX = ".tmp"
 
 
 @dataclass(frozen=True)
@@ -188,10 +186,10 @@ def save_outputs(result: dict[str, torch.Tensor], paths: dict[str, Path], save_d
     arrays = {k: (v if k == "units" else v.to(save_dtype)).contiguous() for k, v in result.items()}
     for name, path in paths.items():
         if name == "*":
-            _atomic_write(path, lambda tmp: torch.save(arrays, tmp))
+            atomic_write(path, lambda tmp: torch.save(arrays, tmp))
         else:
             array = arrays[name].numpy()
-            _atomic_write(path, lambda tmp, a=array: _save_npy(tmp, a))
+            atomic_write(path, lambda tmp, a=array: _save_npy(tmp, a))
 
 
 def _save_npy(tmp: str, array: np.ndarray) -> None:
@@ -209,15 +207,9 @@ def remove_stale_temps(paths: Sequence[Path]) -> int:
         if not folder.is_dir():
             continue
         for entry in os.scandir(folder):
-            if entry.name.startswith(".") and entry.name.endswith(_TEMP_SUFFIX):
+            if entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX):
                 target = entry.name[1:].rsplit(".", 2)[0]  # ".c.npy.ab12cd.tmp" -> "c.npy"
                 if target in names:
                     Path(entry.path).unlink(missing_ok=True)
                     removed += 1
     return removed
-
-
-def write_failures(path: Path, failures: Sequence[tuple[str, str]]) -> None:
-    """`failures.jsonl`: one {"path", "reason"} object per failed input of this run (rewritten atomically)."""
-    text = "".join(json.dumps({"path": p, "reason": r}) + "\n" for p, r in failures)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

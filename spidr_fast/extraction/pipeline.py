@@ -34,8 +34,8 @@ from spidr_fast.extraction.files import (
     remove_stale_temps,
     save_outputs,
     shard,
-    write_failures,
 )
+from spidr_fast.io import write_failures
 
 RELEASED = ("spidr_base", "dinosr_base_reproduced", "dinosr_base_original")
 
