@@ -105,7 +105,7 @@ def read_audio(item: Input, *, resample: bool = False, downmix: bool = False) ->
     """Decode and check one input: float32 (samples,) at 16 kHz, not standardised.
 
     Raises `AudioError` (unreadable, empty, < 400 samples, NaN/Inf, and, unless the flags allow
-    converting them, several channels or another sample rate).
+    converting them, several channels or another sample rate: the reason names the flag).
     """
     try:
         waveform, sample_rate = sf.read(_open(item), dtype="float32", always_2d=True)
@@ -113,15 +113,39 @@ def read_audio(item: Input, *, resample: bool = False, downmix: bool = False) ->
         raise
     except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError, TypeError, OSError...
         raise AudioError(item.name, f"unreadable ({type(exc).__name__}: {exc})") from exc
-    if downmix and waveform.ndim == 2 and waveform.shape[1] > 1:
+    return conform(waveform, sample_rate, item.name, resample=resample, downmix=downmix)
+
+
+def conform(
+    waveform: np.ndarray,
+    sample_rate: int,
+    name: str,
+    *,
+    resample: bool,
+    downmix: bool,
+    hints: tuple[str, str] = ("--resample", "--downmix"),
+) -> np.ndarray:
+    """(samples, channels) audio -> checked float32 (samples,) at 16 kHz mono, converted where allowed.
+
+    `hints` name the options that allow resampling and downmixing in the errors' advice.
+    """
+    if waveform.shape[0] == 0:
+        raise AudioError(name, "empty (0 samples)")
+    if waveform.shape[1] > 1:
+        if not downmix:
+            raise AudioError(name, f"{waveform.shape[1]} channels, expected mono: pass {hints[1]} to average them")
         waveform = waveform.mean(axis=1, keepdims=True)
-    if resample and sample_rate != SAMPLE_RATE and waveform.shape[0] > 0:
+    if sample_rate != SAMPLE_RATE and waveform.shape[0] > 0:
+        if not resample:
+            raise AudioError(
+                name, f"sample rate {sample_rate} Hz, expected {SAMPLE_RATE} Hz: pass {hints[0]} to convert it"
+            )
         if not np.isfinite(waveform).all():
-            raise AudioError(item.name, "holds NaN or Inf samples")
-        waveform = np.stack([resample_audio(c, sample_rate, SAMPLE_RATE) for c in waveform.T], axis=1)
+            raise AudioError(name, "holds NaN or Inf samples")
+        waveform = resample_audio(waveform[:, 0], sample_rate, SAMPLE_RATE)[:, None]
         sample_rate = SAMPLE_RATE
-    check_audio(waveform, sample_rate, item.name)
-    return waveform[:, 0]
+    check_audio(waveform, sample_rate, name)
+    return np.ascontiguousarray(waveform[:, 0], dtype=np.float32)
 
 
 def resample_audio(x: np.ndarray, orig: int, new: int, *, zeros: int = 16, rolloff: float = 0.945) -> np.ndarray:

@@ -58,7 +58,7 @@ def test_layout_and_values(corpus: Path, checkpoint: Path, tmp_path: Path) -> No
     model = spidr_fast.load_model(checkpoint)
     written = outputs(out)
     expected_names = {f.relative_to(corpus).with_suffix(".npy").as_posix() for f in audio_files(corpus)}
-    assert set(written) == expected_names | {"failures.jsonl"}
+    assert set(written) == expected_names | {"failures.jsonl", "extract_settings.json"}
     assert (out / "failures.jsonl").read_text() == ""
     for f in audio_files(corpus):
         wave, _ = sf.read(f, dtype="float32")
@@ -131,7 +131,7 @@ def test_bad_inputs_are_reported_and_good_files_written(corpus: Path, checkpoint
     assert "NaN or Inf" in failures["nan.wav"] and "NaN or Inf" in failures["inf.wav"]
     assert "unreadable" in failures["text.wav"] and "unreadable" in failures["truncated.wav"]
     good = {f.relative_to(corpus).with_suffix(".npy").as_posix() for f in audio_files(corpus) if f.parent != bad}
-    assert set(outputs(out)) - {"failures.jsonl"} == good
+    assert set(outputs(out)) - {"failures.jsonl", "extract_settings.json"} == good
 
     # Conversions happen only on request: --downmix and --resample rescue those two files.
     assert extract(corpus, out, "--checkpoint", checkpoint, "--layer", 1, "--downmix", "--resample") == 1
