@@ -329,7 +329,7 @@ def _report(scan: Scan, out: Path, failures_file: Path) -> None:
         paths = [Path(e.path).name for e in scan.entries if e.fileid == example]
         print(
             f"warning: {len(shared)} id(s) are shared by several files ({sum(shared.values())} files; e.g. {example}: "
-            f"{', '.join(paths)}): extract refuses such a manifest, rename the files",
+            f"{', '.join(paths)}): extract fails such files (they share an output name), rename them",
             file=sys.stderr,
         )
     if scan.failures:

@@ -47,7 +47,7 @@ class Input:
 
 
 def list_inputs(source: str | Path, extensions: Sequence[str] = EXTENSIONS) -> list[Input]:
-    """Every input under a folder, in a manifest, or the one file; sorted by key, keys unique."""
+    """Every input under a folder, in a manifest, or the one file; sorted by key (see `split_shared_keys`)."""
     source = Path(source)
     if source.is_dir():
         root = source.resolve()
@@ -59,14 +59,24 @@ def list_inputs(source: str | Path, extensions: Sequence[str] = EXTENSIONS) -> l
         inputs = [Input(source.stem, _file_entry(source.resolve()))]
     else:
         raise FileNotFoundError(f"{source}: no such file or folder")
-    keys = [i.key for i in inputs]
-    if len(set(keys)) != len(keys):
-        dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
-        raise ValueError(f"{source}: several inputs map to the same output (e.g. {dup}): rename them")
-    for key in keys:
-        if key.startswith(("/", "../")) or "/../" in key:
-            raise ValueError(f"{source}: output key {key!r} would leave the output folder")
+    for item in inputs:
+        if item.key.startswith(("/", "../")) or "/../" in item.key:
+            raise ValueError(f"{source}: output key {item.key!r} would leave the output folder")
     return sorted(inputs, key=lambda i: i.key)
+
+
+def split_shared_keys(inputs: Sequence[Input]) -> tuple[list[Input], list[tuple[str, str]]]:
+    """(inputs whose key is their own, (name, reason) of those sharing one: `clip.wav` and `clip.ogg` -> `clip`)."""
+    by_key: dict[str, list[Input]] = {}
+    for item in inputs:
+        by_key.setdefault(item.key, []).append(item)
+    unique = [group[0] for group in by_key.values() if len(group) == 1]
+    shared = []
+    for key, group in by_key.items():
+        for item in group if len(group) > 1 else ():
+            others = ", ".join(o.name for o in group if o is not item)
+            shared.append((item.name, f"its output name {key!r} is also that of {others}: rename one of them"))
+    return unique, shared
 
 
 def _file_entry(path: Path) -> ManifestEntry:

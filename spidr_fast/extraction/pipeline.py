@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from spidr_fast.extraction.files import (
     remove_stale_temps,
     save_outputs,
     shard,
+    split_shared_keys,
 )
 from spidr_fast.extraction.settings import (
     SETTINGS_FILE,
@@ -125,33 +126,26 @@ def _settings(args: argparse.Namespace, layers: list[int], units_layer: int | No
     }
 
 
-def _check_settings(
-    out_dir: Path, settings: dict, inputs: list[Input], overwrite: bool, num_complete: Callable[[], int]
-) -> None:
-    """Refuse a folder of other (or unknown) settings (with --overwrite: delete its outputs); record `settings`."""
-    old = read_settings(out_dir) if not overwrite else None
-    if old is not None and (lines := differences(old, settings)):
+def _recorded_settings(out_dir: Path, settings: dict, overwrite: bool) -> dict | None:
+    """The folder's settings record (None: none); one that differs from `settings` is refused unless `overwrite`."""
+    try:
+        old = read_settings(out_dir)
+    except SettingsConflict:
+        if overwrite:
+            return None
+        raise
+    if old is not None and not overwrite and (lines := differences(old, settings)):
         raise SettingsConflict(conflict_message(out_dir, lines))
-    if old is None and not overwrite and (complete := num_complete()):
-        raise SettingsConflict(
-            f"{out_dir} holds {complete} complete outputs but no {SETTINGS_FILE}: their settings are unknown "
-            "(written by hand or by an older spidr_fast). Write to another folder, or pass --overwrite to "
-            "recompute them."
-        )
-    if overwrite:
-        try:
-            previous = read_settings(out_dir)
-        except SettingsConflict:
-            previous = None
-        stale = {(settings["format"], tuple(output_names(settings["layers"], settings["units"])))}
-        if previous is not None and "format" in previous:
-            stale.add((previous["format"], tuple(output_names(previous.get("layers") or [], previous.get("units")))))
-        for fmt, names in stale:
-            for item in inputs:
-                for path in output_paths(out_dir, item.key, list(names), fmt).values():
-                    path.unlink(missing_ok=True)
-        old = None  # the conversions start afresh too
-    write_settings(out_dir, merged(old, settings))
+    return old
+
+
+def _delete_outputs(out_dir: Path, records: list[dict], inputs: list[Input]) -> None:
+    """--overwrite: delete the outputs of `inputs` under each settings record's names and format."""
+    for record in records:
+        names = output_names(record.get("layers") or [], record.get("units"))
+        for item in inputs:
+            for path in output_paths(out_dir, item.key, names, record.get("format", "npy")).values():
+                path.unlink(missing_ok=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -173,21 +167,26 @@ def run(args: argparse.Namespace) -> int:
     everything = list_inputs(args.input)
     if not everything:
         print(f"spidr-fast extract: warning: no audio files found in {args.input}", file=sys.stderr)
-    inputs = shard(everything, rank, world)
+    # Files whose outputs would overwrite each other (clip.wav, clip.ogg -> clip) fail; the others go on.
+    inputs, failures = split_shared_keys(shard(everything, rank, world))
     paths = {i.key: output_paths(out_dir, i.key, names, args.format) for i in inputs}
     remove_stale_temps([p for ps in paths.values() for p in ps.values()])
     with ThreadPoolExecutor(max(1, args.num_workers)) as pool:
-
-        def completeness() -> list[bool]:
-            return list(pool.map(lambda i: is_complete(paths[i.key], names), inputs))
-
         settings = _settings(args, layers, units_layer, dtype)
-        _check_settings(out_dir, settings, inputs, args.overwrite, lambda: sum(completeness()))
-        complete = [False] * len(inputs) if args.overwrite else completeness()
+        recorded = _recorded_settings(out_dir, settings, args.overwrite)
+        if args.overwrite:
+            complete = [False] * len(inputs)
+        else:
+            complete = list(pool.map(lambda i: is_complete(paths[i.key], names), inputs))
+        if recorded is None and any(complete):
+            raise SettingsConflict(
+                f"{out_dir} holds {sum(complete)} complete outputs but no {SETTINGS_FILE}: their settings are "
+                "unknown (written by hand or by an older spidr_fast). Write to another folder, or pass --overwrite "
+                "to recompute them."
+            )
         todo = [i for i, done in zip(inputs, complete) if not done]
         seconds = dict(zip((i.key for i in todo), pool.map(probe_seconds, todo)))
     todo.sort(key=lambda i: -seconds[i.key])  # longest first: batches of similar lengths, OOM shows early
-    failures: list[tuple[str, str]] = []
     silent: list[str] = []
     written, extracted_seconds = 0, 0.0
     if todo:
@@ -204,6 +203,11 @@ def run(args: argparse.Namespace) -> int:
             overlap_seconds=args.overlap_seconds,
             before_residual=not args.after_residual,
         )
+    # The folder changes only now that the model is loaded: a run that fails before leaves it as it was.
+    if args.overwrite:
+        _delete_outputs(out_dir, [settings, *([recorded] if recorded else [])], inputs)
+    write_settings(out_dir, merged(None if args.overwrite else recorded, settings))  # before any output
+    if todo:
         save_dtype = DTYPES[args.save_dtype]
         bar = tqdm(
             total=sum(seconds.values()),

@@ -1,6 +1,8 @@
 """`OUTPUT_DIR/extract_settings.json`: the settings that decide the outputs of `spidr-fast extract`.
 
-The first run into a folder records them before writing any output; a rerun compares its own:
+A run records them once its model is loaded, before writing any output (a run that fails
+earlier, e.g. on a checkpoint without its config, leaves the folder as it was); a rerun first
+compares its own:
 - the same: complete outputs are skipped, missing or partial ones (re)done;
 - different: refused, naming each difference, unless `--overwrite`, which first deletes the
   recorded settings' outputs of the inputs (and this run's), then recomputes every input;
@@ -76,12 +78,15 @@ def write_settings(out_dir: Path, settings: Mapping[str, Any]) -> Path:
     return atomic_write_text(out_dir / SETTINGS_FILE, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
-def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """'name: old -> new' for every setting (conversions aside) that differs."""
+def differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """'name: old -> new' for every setting (conversions aside) that differs; dicts compared per key."""
     lines = []
     for key in sorted((set(old) | set(new)) - set(CONVERSIONS)):
-        if old.get(key) != new.get(key):
-            lines.append(f"{key}: {_show(old.get(key, '(not recorded)'))} -> {_show(new.get(key, '(not recorded)'))}")
+        before, after = old.get(key, "(not recorded)"), new.get(key, "(not recorded)")
+        if isinstance(before, dict) and isinstance(after, dict):
+            lines += differences(before, after, f"{prefix}{key}.")
+        elif before != after:
+            lines.append(f"{prefix}{key}: {_show(before)} -> {_show(after)}")
     return lines
 
 
@@ -104,4 +109,6 @@ def conflict_message(out_dir: Path, lines: list[str]) -> str:
 
 
 def _show(value: Any) -> str:
-    return json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    if isinstance(value, str):
+        return f"{value[:12]}..." if len(value) == 64 else value  # a SHA-256: its start tells them apart
+    return json.dumps(value, sort_keys=True)

@@ -46,7 +46,7 @@ def test_rerun_with_other_settings_is_refused_and_overwrite_recomputes(
     assert "0 written, 7 already complete" in capsys.readouterr().err
 
     for change, named in [
-        (("--checkpoint", other_checkpoint), "checkpoint:"),
+        (("--checkpoint", other_checkpoint), "checkpoint.weights_sha256: "),
         (("--checkpoint", checkpoint, "--units", "heads"), "units: null -> heads"),
         (("--checkpoint", checkpoint, "--dtype", "bfloat16"), "dtype: float32 -> bfloat16"),
         (("--checkpoint", checkpoint, "--after-residual"), "features: FFN output (before residual) -> layer output"),
@@ -58,7 +58,7 @@ def test_rerun_with_other_settings_is_refused_and_overwrite_recomputes(
         assert mtimes(out) == before  # nothing touched
     assert extract(corpus, out, "--checkpoint", other_checkpoint, "--layer", 2, "--units", "heads") == 2
     err = capsys.readouterr().err
-    assert "checkpoint:" in err and "units:" in err and "units_layer: null -> 2" in err
+    assert "checkpoint.weights_sha256" in err and "units:" in err and "units_layer: null -> 2" in err
 
     # --overwrite: every output recomputed with the other weights, old outputs (other names) gone.
     assert extract(corpus, out, "--checkpoint", other_checkpoint, "--layer", 2, "--units", "heads", "--overwrite") == 0
@@ -161,3 +161,34 @@ def test_checkpoint_without_config_says_how_to_give_it(
     assert extract(corpus, out, "--checkpoint", bare, "--config", config, "--layer", 1) == 0
     settings = json.loads((out / "extract_settings.json").read_text())
     assert "config_sha256" in settings["checkpoint"]
+
+
+def test_files_sharing_an_output_name_fail_and_the_others_are_written(
+    corpus: Path, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    write_audio(corpus / "clip.wav", 3000)
+    write_audio(corpus / "clip.flac", 3000, seed=1)  # both would be OUT/clip.npy
+    out = tmp_path / "out"
+    assert extract(corpus, out, "--checkpoint", checkpoint, "--layer", 1) == 1
+    failures = {Path(f["path"]).name: f["reason"] for f in map(json.loads, (out / "failures.jsonl").open())}
+    assert sorted(failures) == ["clip.flac", "clip.wav"]
+    assert "'clip' is also that of" in failures["clip.wav"] and failures["clip.wav"].endswith(
+        "clip.flac: rename one of them"
+    )
+    assert not (out / "clip.npy").exists() and len(list(out.rglob("*.npy"))) == 7
+    assert "7 written, 0 already complete (skipped), 2 failed" in capsys.readouterr().err
+
+
+def test_a_run_that_fails_before_extracting_leaves_the_folder_as_it_was(
+    corpus: Path, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    bare = spidr_fast.save_model(tiny_model(), tmp_path / "bare" / "model.pt", write_config=False)
+    out = tmp_path / "out"
+    assert extract(corpus, out, "--checkpoint", bare, "--layer", 1) == 2  # no config: nothing recorded
+    assert not (out / "extract_settings.json").exists()
+    assert extract(corpus, out, "--checkpoint", bare, "--config", checkpoint.parent / "config.json", "--layer", 1) == 0
+    assert extract(corpus, out, "--checkpoint", bare, "--layer", 1, "--units", "heads", "--overwrite") == 2
+    assert len(list(out.rglob("*.npy"))) == 7  # the failed --overwrite deleted nothing
+    capsys.readouterr()
+    assert extract(corpus, out, "--checkpoint", bare, "--layer", 1) == 2
+    assert "checkpoint.config_sha256: " in capsys.readouterr().err  # recorded with the config, now without
