@@ -13,9 +13,10 @@ skips complete outputs and redoes missing or partial ones; with other settings i
 written atomically, with the umask's permissions.
 
 Files that cannot be used (unreadable, not audio, empty or shorter than 400 samples, NaN/Inf,
-several channels, not 16 kHz) are listed in OUTPUT_DIR/failures.jsonl and the summary, the
-others are written, and the exit status is 1; silent files are written, with a warning. Audio
-is converted only on request (--resample, --downmix). Under torchrun, each rank takes a fixed share of the files.
+several channels, not 16 kHz, or sharing an output name: clip.wav and clip.ogg) are listed in
+OUTPUT_DIR/failures.jsonl and the summary, the others are written, and the exit status is 1;
+silent files are written, with a warning. Audio is converted only on request (--resample,
+--downmix). Under torchrun, each rank takes a fixed share of the files.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ def num_frames(num_samples: int) -> int:
 def _mono_16k(key: Any, waveform: np.ndarray | Tensor, sample_rate: int, downmix: bool) -> np.ndarray:
     """One waveform, checked, as float32 (samples,) at 16 kHz: resampled, channels averaged if `downmix`."""
     name = f"waveforms[{key}]" if isinstance(key, int) else str(key)
-    x = waveform.detach().cpu().numpy() if isinstance(waveform, Tensor) else np.asarray(waveform)
+    x = waveform.detach().to("cpu", torch.float32).numpy() if isinstance(waveform, Tensor) else np.asarray(waveform)
     if x.ndim not in (1, 2):
         raise ValueError(f"{name}: a waveform is 1-D (samples) or 2-D (channels), got shape {x.shape}")
     x = x.reshape(-1, 1) if x.ndim == 1 else (x if x.shape[1] <= x.shape[0] else x.T)  # (samples, channels)

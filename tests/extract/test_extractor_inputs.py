@@ -59,3 +59,5 @@ def test_one_waveform_is_one_utterance(extractor: FeatureExtractor) -> None:
     assert isinstance(single, dict) and single["units"].shape == (15,)
     assert_same(single, extractor([wave])[0])
     assert_same(extractor(torch.from_numpy(wave)), single)
+    half = torch.from_numpy(wave).to(torch.bfloat16)  # any float dtype: converted to float32 first
+    assert_same(extractor(half), extractor(half.float().numpy()))
