@@ -28,10 +28,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import soundfile as sf
 from tqdm import tqdm
 
-from spidr_fast.data.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError
+from spidr_fast.data.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, soundfile
 from spidr_fast.io import atomic_write_text, write_failures
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
@@ -184,6 +183,7 @@ class Scan:
 
     def add(self, source: Path | io.RawIOBase, name: str, make: Callable[[int], ManifestEntry]) -> None:
         """Read `source`'s header: an entry (`make(num_samples)`), or a failure naming `name`."""
+        sf = soundfile()  # outside the try: a missing soundfile is no file's fault
         try:
             info = sf.info(source)
         except Exception as exc:
