@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.smoke:
         args.config, args.layer, args.num_utts, args.max_seconds = "tiny", 3, min(args.num_utts, 8), 4.0
-        args.batch_seconds, args.ref_batches, args.repeats, args.long_seconds = [4.0, 16.0], [1, 4], 1, 30.0
+        args.batch_seconds = args.batch_seconds or [4.0, 16.0]
+        args.ref_batches, args.repeats, args.long_seconds = [1, 4], 1, 30.0
         args.chunk_settings = [(5.0, 1.0)]
     device = torch.device(args.device)
     if args.batch_seconds is None:

@@ -36,6 +36,7 @@ import dataclasses
 import datetime
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -123,24 +124,12 @@ def _kernels(ctx: Context) -> list[str]:
 def _train(ctx: Context, *args: str) -> list[str]:
     impl = ["spidr_fast", "reference"] if ctx.has("spidr") else ["spidr_fast"]
     size = (
-        ["--config", "tiny", "--steps", "2", "--warmup", "1", "--batches", "1"]
+        "--config tiny --steps 1 --warmup 1 --batches 1"
         if ctx.smoke
-        else ["--config", "base", "--steps", "6", "--warmup", "3", "--batches", "3"]
+        else "--config base --steps 6 --warmup 3 --batches 3"
     )
-    return _py(
-        ctx,
-        str(BENCH / "train_throughput.py"),
-        "--device",
-        ctx.device,
-        "--dtype",
-        "bf16",
-        *size,
-        "--impl",
-        *impl,
-        "--out",
-        str(ctx.out / "train.jsonl"),
-        *args,
-    )
+    cmd = [str(BENCH / "train_throughput.py"), "--device", ctx.device, "--dtype", "bf16", *shlex.split(size)]
+    return _py(ctx, *cmd, "--impl", *impl, "--out", str(ctx.out / "train.jsonl"), *args)
 
 
 def _profile(ctx: Context) -> list[str]:
@@ -152,37 +141,17 @@ def _profile(ctx: Context) -> list[str]:
 
 def _extract(ctx: Context) -> list[str]:
     ref = [] if ctx.has("spidr") else ["--no-reference"]
-    size = (
-        ["--smoke", "--batch-seconds", "0.01", "16"]
-        if ctx.smoke
-        else [
-            "--config",
-            "base",
-            "--num-utts",
-            "16",
-            "--batch-seconds",
-            "0.01",
-            "200",
-            "--ref-batches",
-            "1",
-            "8",
-            "--repeats",
-            "2",
-        ]
-    )
+    if ctx.smoke:
+        size = shlex.split("--smoke --num-utts 3 --layers 3 all")
+    else:  # 16 LibriSpeech-like utterances (~190 s); ours one at a time and in 200 s batches
+        size = shlex.split("--config base --num-utts 16 --ref-batches 1 8 --repeats 2 --layers 6 all")
+    size += ["--batch-seconds", "0.01", "16" if ctx.smoke else "200", "--dtypes", "float32", "bfloat16", *ref]
     return _py(
         ctx,
         str(BENCH / "extract_throughput.py"),
         "--device",
         ctx.device,
         *size,
-        "--layers",
-        "3" if ctx.smoke else "6",
-        "all",
-        "--dtypes",
-        "float32",
-        "bfloat16",
-        *ref,
         "--out",
         str(ctx.out / "extract.jsonl"),
     )

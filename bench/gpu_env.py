@@ -164,17 +164,43 @@ def compiled_variants(fn: Any) -> list[Any]:
     return kernels
 
 
+def cubin_resources(cubin: bytes | None) -> tuple[int | None, int | None]:
+    """(registers, stack bytes) of a cubin from `cuobjdump --dump-resource-usage`, or (None, None)."""
+    import re
+    import tempfile
+
+    sys.path.insert(0, str(ROOT))
+    from tests.kernels.sm90 import triton_tools
+
+    tools = triton_tools()
+    if not cubin or isinstance(tools, str):
+        return None, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tools["cuobjdump"], "--dump-resource-usage", f.name], capture_output=True, text=True)
+    lines = [ln for ln in usage.stdout.splitlines() if "REG:" in ln]
+    if not lines:
+        return None, None
+    fields = dict(re.findall(r"(\w+):(\d+)", lines[-1]))
+    return int(fields["REG"]), int(fields["STACK"])
+
+
 def describe_compiled(kernel: Any) -> dict[str, Any]:
     """Registers, spills, shared memory and launch configuration of one compiled kernel."""
     meta = kernel.metadata
     get = meta.get if isinstance(meta, dict) else lambda k, d=None: getattr(meta, k, d)
     if getattr(kernel, "n_regs", None) is None and hasattr(kernel, "_init_handles"):
-        kernel._init_handles()  # loads the module: fills n_regs / n_spills
+        with contextlib.suppress(Exception):  # loads the module (needs the driver): fills n_regs / n_spills
+            kernel._init_handles()
     constants = get("constants", None) or {}
+    regs, spills = getattr(kernel, "n_regs", None), getattr(kernel, "n_spills", None)
+    if regs is None:  # not loaded (no driver): read the cubin with triton's bundled cuobjdump
+        regs, spills = cubin_resources(kernel.asm.get("cubin"))
     return {
         "name": get("name", None),
-        "regs": getattr(kernel, "n_regs", None),
-        "spills": getattr(kernel, "n_spills", None),
+        "regs": regs,
+        "spills": spills,
         "shared": get("shared", None),
         "num_warps": get("num_warps", None),
         "num_stages": get("num_stages", None),
@@ -231,6 +257,34 @@ def measure_ceilings() -> dict[str, float]:
     return {"bf16_gemm_tflops": round(gemm, 1), "copy_gbs": round(copy, 1)}
 
 
+def offline_resources(capability: int) -> list[dict[str, Any]] | str:
+    """tests/kernels/sm90.py's offline compile of the codebook and heads kernels at the base shapes, with
+    their launchers' configurations, for `capability` (90 for sm_90): a table, or why it could not run."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from tests.kernels import sm90
+
+        os.environ["SM90_CAPABILITY"] = str(capability)
+        results = sm90.compile_base_shapes("codebook", "heads_ce")
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"[:1000]
+    if isinstance(results, str):
+        return results
+    return [
+        {
+            "kernel": name,
+            **{k: r[k] for k in ("regs", "stack", "shared")},
+            "tensor_core_ops_in_loops": sm90.tensor_core_ops(r["loop_counts"]),
+            "config": {
+                **r["spec"]["constexprs"],
+                "num_warps": r["spec"]["num_warps"],
+                "num_stages": r["spec"]["num_stages"],
+            },
+        }
+        for name, r in results.items()
+    ]
+
+
 def kernel_resources() -> dict[str, Any]:
     import torch
 
@@ -248,33 +302,8 @@ def kernel_resources() -> dict[str, Any]:
         out["launched"] = launched or "no compiled kernel found in triton's caches (did the fused path run?)"
     except Exception as e:
         out["launched"] = f"{type(e).__name__}: {e}"[:1000]
-    # The offline analysis at the base shapes, for this device's compute capability.
     major, minor = torch.cuda.get_device_capability()
-    sys.path.insert(0, str(ROOT))
-    try:
-        from tests.kernels import sm90
-
-        os.environ["SM90_CAPABILITY"] = str(major * 10 + minor)
-        results = sm90.compile_base_shapes("codebook", "heads_ce")
-        out["offline"] = (
-            results
-            if isinstance(results, str)
-            else [
-                {
-                    "kernel": name,
-                    **{k: r[k] for k in ("regs", "stack", "shared")},
-                    "tensor_core_ops_in_loops": sm90.tensor_core_ops(r["loop_counts"]),
-                    "config": {
-                        **r["spec"]["constexprs"],
-                        "num_warps": r["spec"]["num_warps"],
-                        "num_stages": r["spec"]["num_stages"],
-                    },
-                }
-                for name, r in results.items()
-            ]
-        )
-    except Exception as e:
-        out["offline"] = f"{type(e).__name__}: {e}"[:1000]
+    out["offline"] = offline_resources(major * 10 + minor)
     return out
 
 

@@ -138,3 +138,48 @@ def test_report_reads_junit_and_benchmarks(tmp_path: Path) -> None:
     assert (
         "| codebook assign + accumulate vs the reference formulation, real step size | >= 5x | 6.00 | met |" in report
     )
+
+
+HARVEST = """
+import json, sys
+sys.path.insert(0, "bench")
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import gpu_env
+
+@triton.jit
+def add_one(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
+
+sig = {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}
+kernel = triton.compile(ASTSource(fn=add_one, signature=sig, constexprs={"BLOCK": 128}),
+                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+class New:  # triton >= 3.3: device -> (kernel_cache, ..., target, backend, binder)
+    device_caches = {0: ({"k": kernel}, {"k": "k"}, None, None, None)}
+class Old:  # triton <= 3.2: device -> {key: kernel}
+    cache = {0: {"k": kernel}}
+found = gpu_env.compiled_variants(New()) + gpu_env.compiled_variants(Old())
+print(json.dumps([gpu_env.describe_compiled(k) for k in found]))
+"""
+
+
+def test_kernel_resources_are_read_from_compiled_kernels(tmp_path: Path) -> None:
+    """env-kernels reads every compiled variant out of triton's JIT caches (both cache layouts); without a
+    driver the registers come from the cubin (a kernel compiled offline for sm_90 here)."""
+    pytest.importorskip("triton")
+    from tests.kernels.sm90 import triton_tools
+
+    if isinstance(triton_tools(), str):
+        pytest.skip(triton_tools())
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = tmp_path / "harvest.py"  # triton.jit reads the kernel's source from its file
+    script.write_text(HARVEST)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout)
+    assert len(found) == 2
+    for k in found:
+        assert k["name"] == "add_one" and k["num_warps"] == 4 and k["spills"] == 0 and 0 < k["regs"] <= 255
