@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                     times.append(time.perf_counter() - start)
                 record.update(status="ok", fwd_bwd_ms=statistics.median(times) * 1e3)
             except Exception as e:
-                record.update(status="error", reason=f"{type(e).__name__}: {e}"[:500])
+                missing = isinstance(e, ImportError) or "pip install" in str(e) or "not installed" in str(e)
+                record.update(status="skipped" if missing else "error", reason=f"{type(e).__name__}: {e}"[:500])
                 traceback.print_exc()
         records.append(record)
         print({k: record.get(k) for k in ("backend", "status", "out_rel_err", "grad_rel_err", "fwd_bwd_ms", "reason")})

@@ -208,21 +208,24 @@ def describe_compiled(kernel: Any) -> dict[str, Any]:
     }
 
 
-def launch_every_kernel() -> None:
-    """One bf16 step of the base SpidR on CUDA (forward + backward): every fused kernel at real sizes."""
+def launch_every_kernel(device: str = "cuda") -> None:
+    """One bf16 step of the base SpidR (forward + backward) on 4 x 5 s: every fused kernel at real sizes."""
+    import numpy as np
     import torch
 
     import spidr_fast
+    from spidr_fast.data.batching import num_frames
+    from spidr_fast.data.masks import compute_mask_indices
 
     torch.manual_seed(0)
-    model = spidr_fast.SpidR(spidr_fast.SpidRConfig()).cuda().train()
-    waveforms = torch.randn(4, 80_000, device="cuda")
-    frames = 249  # (80000 - 400) // 320 + 1
-    mask = torch.stack([torch.randperm(frames, device="cuda")[:120].sort().values for _ in range(4)])
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        losses, _ = model(waveforms, mask_indices=mask)
+    model = spidr_fast.SpidR(spidr_fast.SpidRConfig()).to(device).train()
+    waveforms = torch.randn(4, 80_000, device=device)
+    mask = compute_mask_indices((4, int(num_frames(80_000))), rng=np.random.default_rng(0))
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        losses, _ = model(waveforms, mask_indices=torch.from_numpy(mask).to(device))
     losses.float().mean().backward()
-    torch.cuda.synchronize()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def measure_ceilings() -> dict[str, float]:

@@ -19,6 +19,13 @@ import gpu_check  # noqa: E402
 import gpu_report  # noqa: E402
 from profile_step import kernel_class  # noqa: E402
 
+RECORD = {
+    "device": "NVIDIA H100 80GB HBM3",
+    "config": "base",
+    "commit": "abc",
+    "step_time_s": 1.0,
+    "frames_per_s": 1.0,
+}
 NO_CUDA = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 
 
@@ -131,7 +138,24 @@ def test_report_reads_junit_and_benchmarks(tmp_path: Path) -> None:
         for p, t in (("spidr_loop", 6e-3), ("ref", 3e-3), ("triton", 1e-3))
     ]  # fmt: skip
     (tmp_path / "kernels.json").write_text(json.dumps({"benchmarks": bench}))
+    resources = {
+        "ceilings": {"bf16_gemm_tflops": 790.0, "copy_gbs": 4300.0},
+        "launched": [{"kernel": "codebook:_assign_kernel", "regs": 128, "spills": 0, "shared": 20480, "num_warps": 16,
+                      "num_stages": 2}],
+        "offline": "triton has no offline compile API here",
+    }  # fmt: skip
+    (tmp_path / "kernel_resources.json").write_text(json.dumps(resources))
+    train = [
+        {"benchmark": "train_throughput", "impl": impl, "compiled": True, "audio_seconds_per_s": speed, "mfu": mfu}
+        for impl, speed, mfu in (("spidr_fast", 300.0, 0.4), ("reference", 100.0, 0.1))
+    ]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({**RECORD, **r}) + "\n" for r in train) + "{cut")
     report = gpu_report.write_report(tmp_path).read_text()
+    assert "bf16 GEMM 790 TFLOP/s, device copy 4300 GB/s" in report
+    assert "| codebook:_assign_kernel | 128 | 0 | 20480 | 16 | 2 |" in report
+    assert "Not available: triton has no offline compile API here" in report
+    assert "| training step vs reference 0.2.0, compiled | > 1x | 3.00 | met |" in report
+    assert "| training MFU, compiled | >= 35% | 40.0% | met |" in report
     assert "| tests-kernels | 3 | 1 | 0 | 1 | 2.5 |" in report
     assert "tests.kernels.test_x::test_b (failure): assert 1 == 2" in report
     assert f"| {group} | triton | 1.000 | 100 | 3% | 10.0 | 15% fp32 | 6.00 | 3.00 |" in report  # H100 datasheet
