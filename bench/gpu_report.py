@@ -403,10 +403,8 @@ def write_report(out: Path) -> Path:
     lines += kern_lines
     lines += ["## 4. Training", ""]
     train_lines = tables.train_table(train) + tables.ablation_table(train)
-    lines += train_lines or [
-        f"No results: {_stage_status(stages, 'train-eager', 'train-compiled', 'train-ablation')}.",
-        "",
-    ]
+    train_steps = ("train-eager", "train-compiled", "train-compiled-ref", "train-ablation")
+    lines += train_lines or [f"No results: {_stage_status(stages, *train_steps)}.", ""]
     lines += profile_section(_json(out / "profile.json"), stages)
     lines += ["## 5. Extraction", ""]
     lines += tables.extract_table(extract) or [f"No results: {_stage_status(stages, 'extract')}.", ""]
