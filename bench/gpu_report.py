@@ -369,6 +369,15 @@ def targets_section(train: list[dict], extract: list[dict], codebook: dict[str, 
     return ["## Targets (issue 11)", "", *_table(["target", "mark", "measured", "verdict"], rows)]
 
 
+def _safe(name: str, fn: Any, *args: Any) -> Any:
+    """One section's lines, or None when its data was not what it expected (the rest still renders)."""
+    try:
+        return fn(*args)
+    except Exception as e:  # a record cut or shaped unexpectedly must not cost the whole report
+        print(f"report section {name!r} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+
+
 def write_report(out: Path) -> Path:
     out = Path(out)
     stages = _jsonl(out / "stages.jsonl")
@@ -395,20 +404,23 @@ def write_report(out: Path) -> Path:
             for s in stages
         ],
     )
-    kern_lines, codebook = kernels_section(out, stages, env)
-    lines += targets_section(train, extract, codebook)
-    lines += environment_section(env, run)
-    lines += kernel_resources_section(_json(out / "kernel_resources.json"), stages)
-    lines += tests_section(out, stages)
-    lines += kern_lines
-    lines += ["## 4. Training", ""]
-    train_lines = tables.train_table(train) + tables.ablation_table(train)
+    kern_lines, codebook = _safe("kernel microbenchmarks", kernels_section, out, stages, env) or ([], {})
     train_steps = ("train-eager", "train-compiled", "train-compiled-ref", "train-ablation")
-    lines += train_lines or [f"No results: {_stage_status(stages, *train_steps)}.", ""]
-    lines += profile_section(_json(out / "profile.json"), stages)
-    lines += ["## 5. Extraction", ""]
-    lines += tables.extract_table(extract) or [f"No results: {_stage_status(stages, 'extract')}.", ""]
-    lines += attention_section(_jsonl(out / "attention.jsonl"), stages)
+    sections = [
+        ("targets", targets_section, train, extract, codebook),
+        ("environment", environment_section, env, run),
+        ("kernel resources", kernel_resources_section, _json(out / "kernel_resources.json"), stages),
+        ("tests", tests_section, out, stages),
+        ("kernel microbenchmarks", lambda: kern_lines),
+        ("training", lambda: ["## 4. Training", ""] + (tables.train_table(train) + tables.ablation_table(train) or
+                                                        [f"No results: {_stage_status(stages, *train_steps)}.", ""])),
+        ("profile", profile_section, _json(out / "profile.json"), stages),
+        ("extraction", lambda: ["## 5. Extraction", ""] + (tables.extract_table(extract) or
+                                                           [f"No results: {_stage_status(stages, 'extract')}.", ""])),
+        ("attention", attention_section, _jsonl(out / "attention.jsonl"), stages),
+    ]  # fmt: skip
+    for name, fn, *args in sections:
+        lines += _safe(name, fn, *args) or [f"**The {name} section could not be rendered: see stderr.**", ""]
     path = out / "REPORT.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

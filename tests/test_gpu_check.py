@@ -207,3 +207,11 @@ def test_kernel_resources_are_read_from_compiled_kernels(tmp_path: Path) -> None
     assert len(found) == 2
     for k in found:
         assert k["name"] == "add_one" and k["num_warps"] == 4 and k["spills"] == 0 and 0 < k["regs"] <= 255
+
+
+def test_a_malformed_record_costs_its_section_only(tmp_path: Path) -> None:
+    (tmp_path / "train.jsonl").write_text(json.dumps({"benchmark": "train_throughput", "impl": "spidr_fast"}) + "\n")
+    (tmp_path / "attention.jsonl").write_text(json.dumps({"backend": "masked", "dtype": "bfloat16", "status": "ok"}))
+    report = gpu_report.write_report(tmp_path).read_text()
+    assert "The training section could not be rendered" in report
+    assert "| masked | bfloat16 | ok |" in report and "## 1. Environment" in report
