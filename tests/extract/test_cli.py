@@ -27,7 +27,8 @@ from tests.extract.conftest import TINY, write_audio
 
 
 def extract(*args: object) -> int:
-    return main(["extract", *map(str, args), "--no-progress"])
+    # Not GPU tests: the CLI defaults to CUDA + bf16 when present, and these compare with CPU fp32 at 1e-4.
+    return main(["extract", *map(str, args), "--no-progress", "--device", "cpu"])
 
 
 def outputs(folder: Path) -> dict[str, np.ndarray | bytes]:
@@ -161,6 +162,7 @@ def test_rerun_skips_complete_and_redoes_partial(
 
 def _cli(*args: object, env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "spidr_fast", "extract", *map(str, args), "--no-progress", "--num-workers", "1"]
+    cmd += ["--device", "cpu"]  # not GPU tests (see `extract`)
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}  # 2 shared cores: no thread oversubscription
     return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
 
