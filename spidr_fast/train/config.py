@@ -330,9 +330,8 @@ def read_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
 
 def save_resolved(cfg: TrainConfig, folder: Path) -> Path:
     """Write the resolved config as `train_config.json` (readable back by `read_config`)."""
-    from spidr_fast.checkpoint import _atomic_write
+    from spidr_fast.io import atomic_write_text
 
     path = folder / "train_config.json"
     text = json.dumps(cfg.to_dict(), indent=2) + "\n"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    return path
+    return atomic_write_text(path, text)
