@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -118,3 +119,19 @@ DEVICE_PEAKS: list[tuple[str, dict[str, float]]] = [
 def device_peaks(name: str) -> dict[str, float] | None:
     """Datasheet peaks for a device name (None when unknown: no %-of-peak is reported then)."""
     return next((dict(peaks) for key, peaks in DEVICE_PEAKS if key in name), None)
+
+
+def librispeech_like_lengths(num: int, seed: int = 0, sample_rate: int = 16_000) -> np.ndarray:
+    """Synthetic utterance lengths (samples) shaped like LibriSpeech train (2-35 s, mean ~13 s).
+
+    A rough mixture, not LibriSpeech itself: 60% near the segmenter's usual ~14.5 s (normal, sd 1.5),
+    35% uniform in 2-17 s, 5% uniform in 17-35 s.
+    """
+    rng = np.random.default_rng(seed)
+    which = rng.random(num)
+    seconds = np.where(
+        which < 0.6,
+        rng.normal(14.5, 1.5, num),
+        np.where(which < 0.95, rng.uniform(2, 17, num), rng.uniform(17, 35, num)),
+    )
+    return (np.clip(seconds, 2, 35) * sample_rate).astype(np.int64)

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, append_jsonl, environment, require_reference, synchronize
+from common import RESULTS_DIR, append_jsonl, environment, librispeech_like_lengths, require_reference, synchronize
 
 import spidr_fast
 from spidr_fast.checkpoint import load_state_dict_strict
-from spidr_fast.data.batching import librispeech_like_lengths, num_frames
+from spidr_fast.data.batching import num_frames
 from spidr_fast.extraction import FeatureExtractor, standardize
 from spidr_fast.models.padding import attention_mask_from_lengths
 

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, append_jsonl, environment, require_reference, synchronize
+from common import RESULTS_DIR, append_jsonl, environment, librispeech_like_lengths, require_reference, synchronize
 
 from spidr_fast import SpidR, SpidRConfig
 from spidr_fast.config import SAMPLE_RATE
-from spidr_fast.data.batching import BatchingConfig, BucketBatchSampler, librispeech_like_lengths, num_frames
+from spidr_fast.data.batching import BatchingConfig, BucketBatchSampler, num_frames
 from spidr_fast.data.masks import compute_mask_indices
 from spidr_fast.kernels._dispatch import OPS, use_triton
 from spidr_fast.train.flops import count_step_flops, peak_flops

@@ -2,9 +2,7 @@
 
 `compute_mask_indices` returns `mask_indices` of shape (batch, num_masked), int64, sorted per row,
 every row holding the same number of masked frames (denser rows are trimmed at random to the
-sparsest one), which is what the model gathers at. `compute_packed_mask_indices` masks each
-sequence of a packed batch as if it were alone and returns global positions in the packed frame
-axis (no trimming: the packed batch is one row).
+sparsest one), which is what the model gathers at.
 
 Semantics (the reference recipe, in distribution): per row, num_spans = max(min_masks,
 int(mask_prob * frames / mask_length + u)) with u ~ U[0, 1) (one draw for the batch when `lengths`
@@ -97,33 +95,6 @@ def compute_mask_indices(
     num_spans = _num_spans(sizes, config, rng, per_row=lengths is not None)
     flat, _ = _span_masks(sizes, num_spans, config, rng, equalize=True, backend=backend)
     return flat.reshape(batch, -1)
-
-
-def compute_packed_mask_indices(
-    lengths: np.ndarray | list[int],
-    *,
-    config: MaskingConfig = MaskingConfig(),
-    rng: np.random.Generator | int | None = None,
-    backend: Backend = "auto",
-) -> np.ndarray:
-    """Masked positions of a packed batch, each sequence masked as if it were alone.
-
-    Args:
-        lengths: int (num_sequences,) frames of each sequence, packed back to back.
-        config, rng, backend: as in `compute_mask_indices`.
-
-    Returns:
-        int64 (num_masked,), sorted global positions in [0, sum(lengths)); sequence i's positions lie
-        in [cu[i], cu[i + 1]) with cu = concatenate([0], cumsum(lengths)).
-    """
-    rng = as_generator(rng)
-    sizes = np.asarray(lengths, dtype=np.int64).reshape(-1)
-    if (sizes < 0).any():
-        raise ValueError(f"lengths must be >= 0, got {sizes.tolist()}")
-    num_spans = _num_spans(sizes, config, rng, per_row=True)
-    flat, offsets = _span_masks(sizes, num_spans, config, rng, equalize=False, backend=backend)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    return flat + np.repeat(starts, np.diff(offsets))
 
 
 def _num_spans(sizes: np.ndarray, cfg: MaskingConfig, rng: np.random.Generator, *, per_row: bool) -> np.ndarray:

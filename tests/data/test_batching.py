@@ -12,8 +12,6 @@ from spidr_fast.data.batching import (
     BatchingConfig,
     BucketBatchSampler,
     Collator,
-    audio_kept,
-    librispeech_like_lengths,
     num_frames,
 )
 from spidr_fast.data.dataset import Utterance
@@ -26,9 +24,8 @@ def lengths(n: int = 300, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(1000, 38_000, n)
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_deterministic_per_seed_and_epoch(packed: bool) -> None:
-    cfg = BatchingConfig(**{**SMALL.__dict__, "packed": packed})
+def test_deterministic_per_seed_and_epoch() -> None:
+    cfg = SMALL
     a, b = BucketBatchSampler(lengths(), cfg), BucketBatchSampler(lengths(), cfg)
     assert a.all_batches(0) == b.all_batches(0)
     assert a.all_batches(0) != a.all_batches(1)
@@ -39,10 +36,9 @@ def test_deterministic_per_seed_and_epoch(packed: bool) -> None:
     assert all(e == 1 for batch in a for _, e in batch)
 
 
-@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_every_utterance_once_per_epoch_across_ranks(packed: bool, world_size: int) -> None:
-    cfg = BatchingConfig(**{**SMALL.__dict__, "packed": packed})
+def test_every_utterance_once_per_epoch_across_ranks(world_size: int) -> None:
+    cfg = SMALL
     lens = lengths()
     eligible = set(np.flatnonzero(lens >= cfg.min_sample_size).tolist())
     for epoch in range(3):
@@ -59,13 +55,10 @@ def test_every_utterance_once_per_epoch_across_ranks(packed: bool, world_size: i
         assert len(steps) == 1  # every rank runs the same number of steps
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_batches_respect_budget(packed: bool) -> None:
-    cfg = BatchingConfig(**{**SMALL.__dict__, "packed": packed})
+def test_batches_respect_budget() -> None:
     lens = lengths()
-    for batch in BucketBatchSampler(lens, cfg).all_batches(0):
-        counted = lens[batch] if packed else np.minimum(lens[batch], cfg.max_sample_size)
-        assert counted.sum() <= cfg.max_batch_length
+    for batch in BucketBatchSampler(lens, SMALL).all_batches(0):
+        assert np.minimum(lens[batch], SMALL.max_sample_size).sum() <= SMALL.max_batch_length
 
 
 def test_buckets_group_similar_lengths() -> None:
@@ -82,7 +75,7 @@ def utterances(lens: list[int], epoch: int = 0) -> list[Utterance]:
 def test_cropped_collator() -> None:
     items = utterances([5000, 7000, 6400])
     batch = Collator(SMALL)(items)
-    assert batch.waveforms.shape == (3, 5000) and batch.attention_mask is None and batch.cu_seqlens is None
+    assert batch.waveforms.shape == (3, 5000) and batch.attention_mask is None
     frames = int(num_frames(5000))
     assert batch.mask_indices.dtype == torch.int64 and batch.mask_indices.shape[0] == 3
     assert int(batch.mask_indices.max()) < frames and (batch.mask_indices.diff(dim=1) > 0).all()
@@ -94,18 +87,6 @@ def test_cropped_collator() -> None:
     assert torch.equal(again.mask_indices, batch.mask_indices)
     other_epoch = Collator(SMALL)(utterances([5000, 7000, 6400], epoch=1))
     assert not torch.equal(other_epoch.mask_indices, batch.mask_indices)
-
-
-def test_packed_collator_covers_all_audio() -> None:
-    cfg = BatchingConfig(**{**SMALL.__dict__, "packed": True})
-    items = utterances([5000, 7000, 2400])
-    batch = Collator(cfg)(items)
-    assert batch.waveforms.shape == (1, 14_400) and batch.attention_mask is None
-    torch.testing.assert_close(batch.waveforms[0], torch.cat([u.waveform for u in items]))
-    assert batch.cu_seqlens.tolist() == [0, 5000, 12_000, 14_400]
-    frames = num_frames(np.array([5000, 7000, 2400]))
-    assert batch.cu_frames.tolist() == [0, *np.cumsum(frames).tolist()]
-    assert batch.mask_indices.shape[0] == 1 and int(batch.mask_indices.max()) < frames.sum()
 
 
 def test_collator_drops_skipped_and_counts() -> None:
@@ -138,17 +119,8 @@ def test_dataloader_end_to_end() -> None:
     assert sum(b.waveforms.shape[0] for b in batches) == int((lens >= 2000).sum())
 
 
-def test_audio_kept_report() -> None:
-    report = audio_kept(librispeech_like_lengths(3000, seed=0))
-    assert report["packed_kept"] == pytest.approx(1.0)  # all utterances >= 2 s are kept whole
-    assert 0.8 < report["cropped_kept"] < 1.0  # cropping to the shortest of the batch and to 20 s loses some
-    assert 0.5 < report["packed_fill"] <= 1.0 and 0.5 < report["cropped_fill"] <= 1.0
-
-
 def test_bad_configs_are_named() -> None:
     with pytest.raises(ValueError, match="rank"):
         BucketBatchSampler(lengths(), SMALL, rank=2, world_size=2)
     with pytest.raises(ValueError, match="min_sample_size"):
         BucketBatchSampler([100, 200], SMALL)
-    with pytest.raises(ValueError, match="exceed max_batch_length"):
-        BucketBatchSampler([50_000], BatchingConfig(**{**SMALL.__dict__, "packed": True}))

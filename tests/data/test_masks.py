@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from spidr_fast.data import masks
-from spidr_fast.data.masks import MaskingConfig, compute_mask_indices, compute_packed_mask_indices
+from spidr_fast.data.masks import MaskingConfig, compute_mask_indices
 
 BACKENDS = ["cpp", "numpy", "loop"] if masks.has_cpp() else ["numpy", "loop"]
 STRATEGIES = [("static", 0.0), ("uniform", 0.0), ("normal", 2.0), ("poisson", 0.0)]
@@ -22,9 +22,11 @@ def runs(row: np.ndarray) -> np.ndarray:
 
 
 def draws(backend: str, cfg: MaskingConfig, size: int, n: int, seed: int = 0) -> list[np.ndarray]:
-    """n independent rows of `size` frames (a packed batch of n sequences, untrimmed)."""
-    flat = compute_packed_mask_indices([size] * n, config=cfg, rng=seed, backend=backend)
-    return [flat[(flat >= i * size) & (flat < (i + 1) * size)] - i * size for i in range(n)]
+    """n independent rows of `size` frames, each masked alone (untrimmed: the per-row distribution)."""
+    rng, sizes = np.random.default_rng(seed), np.full(n, size, dtype=np.int64)
+    num_spans = masks._num_spans(sizes, cfg, rng, per_row=True)
+    flat, offsets = masks._span_masks(sizes, num_spans, cfg, rng, equalize=False, backend=backend)
+    return np.split(flat, offsets[1:-1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -124,19 +126,6 @@ def test_trimming_keeps_uniform_subset(backend: str) -> None:
         out = compute_mask_indices((2, 400), lengths=[400, 30], rng=seed, backend=backend)
         means.append(out[0].mean())
     assert abs(np.mean(means) - 199.5) < 12
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_packed_masks_each_sequence_alone(backend: str) -> None:
-    lengths = np.array([50, 7, 200, 1, 120])
-    cu = np.concatenate([[0], np.cumsum(lengths)])
-    for seed in range(20):
-        flat = compute_packed_mask_indices(lengths, rng=seed, backend=backend)
-        assert flat.dtype == np.int64 and (np.diff(flat) > 0).all()
-        assert flat.min() >= 0 and flat.max() < cu[-1]
-        seq = np.searchsorted(cu, flat, side="right") - 1
-        assert set(seq.tolist()) <= set(range(len(lengths)))
-        assert (np.bincount(seq, minlength=5)[[0, 2, 4]] >= 10).all()  # min 2 spans each
 
 
 def test_falls_back_to_numpy_without_extension(monkeypatch: pytest.MonkeyPatch) -> None:
