@@ -13,8 +13,9 @@ import pytest
 import torch
 from pytest_benchmark.fixture import BenchmarkFixture
 
+from spidr_fast.config import MaskingConfig
 from spidr_fast.data import masks
-from spidr_fast.data.masks import MaskingConfig, compute_mask_indices
+from spidr_fast.data.masks import compute_mask_indices
 
 
 def torch_loop_masks(batch: int, frames: int, prob: float, length: int, generator: torch.Generator) -> torch.Tensor:

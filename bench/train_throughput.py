@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, append_jsonl, environment, librispeech_like_lengths, require_reference, synchronize
 
 from spidr_fast import SpidR, SpidRConfig
-from spidr_fast.config import SAMPLE_RATE
-from spidr_fast.data.batching import BatchingConfig, BucketBatchSampler, num_frames
+from spidr_fast.config import SAMPLE_RATE, DataConfig
+from spidr_fast.data.batching import BucketBatchSampler, num_frames
 from spidr_fast.data.masks import compute_mask_indices
 from spidr_fast.kernels._dispatch import OPS, use_triton
 from spidr_fast.train.flops import count_step_flops, peak_flops
@@ -77,7 +77,7 @@ class Batch:
 def make_batches(num: int, budget: int, max_len: int, seed: int, device: torch.device) -> list[Batch]:
     """`num` batches as the reference's data pipeline forms them, with random audio."""
     lengths = librispeech_like_lengths(max(400, num * budget // 200_000), seed=seed)
-    config = BatchingConfig(max_batch_length=budget, max_sample_size=max_len, seed=seed)
+    config = DataConfig(max_batch_length=budget, max_sample_size=max_len, random_seed=seed)
     batch_indices = BucketBatchSampler(lengths, config, rank=0, world_size=1).all_batches(0)
     rng = np.random.default_rng(seed)
     batches = []

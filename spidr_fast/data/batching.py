@@ -16,30 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
-from spidr_fast.config import DEFAULT_CONV_LAYER_CONFIG
+from spidr_fast.config import DEFAULT_CONV_LAYER_CONFIG, DataConfig, MaskingConfig
 from spidr_fast.data.dataset import Utterance
-from spidr_fast.data.masks import MaskingConfig, compute_mask_indices
+from spidr_fast.data.masks import compute_mask_indices
 
 # (out_channels, kernel, stride) of SpidR's conv feature extractor: 320 samples per frame.
 CONV_LAYERS: tuple[tuple[int, int, int], ...] = tuple(map(tuple, DEFAULT_CONV_LAYER_CONFIG))
-
-
-@dataclass(frozen=True, kw_only=True)
-class BatchingConfig:
-    """Batching hyper-parameters; defaults are the reference's `DataConfig`."""
-
-    num_buckets: int = 1000
-    min_sample_size: int = 2000
-    max_sample_size: int = 320_000
-    max_batch_length: int = 3_800_000  # samples per batch per GPU (~237 s at 16 kHz)
-    bucket_method: Literal["uniform", "percentile"] = "uniform"
-    rand_crop: bool = True
-    seed: int = 0
 
 
 def num_frames(num_samples: np.ndarray | int, conv_layers: Sequence[tuple[int, int, int]] = CONV_LAYERS) -> np.ndarray:
@@ -50,7 +36,7 @@ def num_frames(num_samples: np.ndarray | int, conv_layers: Sequence[tuple[int, i
     return n
 
 
-def bucket_ids(lengths: np.ndarray, cfg: BatchingConfig) -> np.ndarray:
+def bucket_ids(lengths: np.ndarray, cfg: DataConfig) -> np.ndarray:
     """Bucket of each (clipped) length: equal-width buckets over [min, max], or length percentiles."""
     if cfg.bucket_method == "uniform":
         bounds = np.linspace(cfg.min_sample_size - 1, cfg.max_sample_size + 1, cfg.num_buckets + 1)
@@ -66,20 +52,22 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
     Args:
         lengths: samples per utterance (manifest counts), int (N,).
-        config: batching hyper-parameters.
+        config: `num_buckets`, `bucket_method`, `min_sample_size`, `max_sample_size`, `max_batch_length`
+            and `random_seed` are used.
         rank, world_size: this process's share; batches are split round-robin.
     """
 
     def __init__(
         self,
         lengths: Sequence[int] | np.ndarray,
-        config: BatchingConfig = BatchingConfig(),
+        config: DataConfig | None = None,
         *,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        config = config or DataConfig()
         if not 0 < config.min_sample_size <= config.max_sample_size <= config.max_batch_length:
             raise ValueError(
                 "need 0 < min_sample_size <= max_sample_size <= max_batch_length, got "
@@ -101,7 +89,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     def all_batches(self, epoch: int | None = None) -> list[list[int]]:
         """Every rank's batches of `epoch` (dataset indices), in order; rank r's are [r::world_size]."""
         epoch = self.epoch if epoch is None else epoch
-        rng = np.random.default_rng([self.config.seed, epoch])
+        rng = np.random.default_rng([self.config.random_seed, epoch])
         batches = self._bucket(rng)
         batches = [batches[i] for i in rng.permutation(len(batches))]
         return _divisible(batches, self.world_size)
@@ -175,8 +163,8 @@ class Batch:
 class Collator:
     """Turns `Utterance`s into a `Batch`: crop, then span masks; seeded by the batch itself."""
 
-    def __init__(self, batching: BatchingConfig | None = None, masking: MaskingConfig | None = None) -> None:
-        self.batching = batching or BatchingConfig()
+    def __init__(self, data: DataConfig | None = None, masking: MaskingConfig | None = None) -> None:
+        self.data = data or DataConfig()
         self.masking = masking or MaskingConfig()
 
     def __call__(self, items: Sequence[Utterance]) -> Batch:
@@ -184,7 +172,7 @@ class Collator:
         skipped = tuple(u.error or f"item {u.index}: skipped" for u in items if u.waveform is None)
         # Same batch, same epoch -> same crops and masks, whichever worker collates it.
         rng = np.random.default_rng(
-            [self.batching.seed, 1 + max((u.epoch for u in items), default=0), *sorted(u.index for u in items)]
+            [self.data.random_seed, 1 + max((u.epoch for u in items), default=0), *sorted(u.index for u in items)]
         )
         if not good:
             empty = torch.zeros((0, 0))
@@ -192,10 +180,10 @@ class Collator:
                 empty, torch.zeros((0, 0), dtype=torch.int64), torch.zeros(0, dtype=torch.int64), skipped=skipped
             )
         waves = [u.waveform for u in good]
-        size = min(min(w.shape[0] for w in waves), self.batching.max_sample_size)
+        size = min(min(w.shape[0] for w in waves), self.data.max_sample_size)
         crops = []
         for w in waves:
-            start = int(rng.integers(0, w.shape[0] - size + 1)) if self.batching.rand_crop else 0
+            start = int(rng.integers(0, w.shape[0] - size + 1)) if self.data.rand_crop else 0
             crops.append(w[start : start + size])
         waveforms = torch.stack(crops)  # (B, T)
         frames = int(num_frames(size))

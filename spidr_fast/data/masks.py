@@ -25,32 +25,19 @@ Every backend is deterministic given the `numpy.random.Generator` (or seed) pass
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+
+from spidr_fast.config import MaskingConfig
 
 try:
     from spidr_fast import _C
 except ImportError:  # built without the extension: the NumPy path serves
     _C = None
 
-MaskSelection = Literal["static", "uniform", "normal", "poisson"]
 Backend = Literal["auto", "cpp", "numpy", "loop"]
 _STRATEGIES: dict[str, int] = {"static": 0, "uniform": 1, "normal": 2, "poisson": 3}
-
-
-@dataclass(frozen=True, kw_only=True)
-class MaskingConfig:
-    """Span-masking hyper-parameters; defaults are the reference's `MaskingConfig`."""
-
-    mask_prob: float = 0.8
-    mask_selection: MaskSelection = "static"
-    mask_other: float = 0.0
-    mask_length: int = 10
-    no_mask_overlap: bool = False
-    mask_min_space: int = 1
-    min_masks: int = 2  # the reference's MaskGenerator passes min_masks=2 for time masks
 
 
 def has_cpp() -> bool:
@@ -67,7 +54,7 @@ def compute_mask_indices(
     shape: tuple[int, int],
     *,
     lengths: np.ndarray | list[int] | None = None,
-    config: MaskingConfig = MaskingConfig(),  # frozen, so a shared default is safe
+    config: MaskingConfig | None = None,
     rng: np.random.Generator | int | None = None,
     backend: Backend = "auto",
 ) -> np.ndarray:
@@ -77,7 +64,7 @@ def compute_mask_indices(
         shape: (batch, frames) of the frame axis being masked.
         lengths: optional int (batch,) valid frames per row (frames beyond are padding and never
             masked); None means every row has `frames` valid frames.
-        config: masking hyper-parameters.
+        config: masking hyper-parameters (None: the defaults; `mask_channel_*` are not used).
         rng: numpy Generator or seed; the result is a pure function of it.
         backend: "auto" (C++ if built, else NumPy), "cpp", "numpy" or "loop".
 
@@ -85,6 +72,7 @@ def compute_mask_indices(
         int64 (batch, num_masked), each row sorted ascending, unique, within its valid frames.
     """
     batch, frames = shape
+    config = config or MaskingConfig()
     rng = as_generator(rng)
     if lengths is None:
         sizes = np.full(batch, frames, dtype=np.int64)

@@ -1,11 +1,12 @@
-"""Training configuration: the reference's TOML sections as frozen dataclasses, plus `key=value` overrides.
+"""Reading a training configuration: the reference's TOML tables into `spidr_fast.config`'s dataclasses.
 
 A config file has the tables `[run]`, `[data]`, `[model]`, `[optimizer]`, `[masking]` and
 `[validation.NAME]` (one `DataConfig` per dev set), with the reference's field names and defaults
-(`spidr.config`); a reference TOML loads unchanged. Fields that the reference lacks are marked
-"spidr_fast" in their comment. Overrides are `section.field=value` with a TOML value (`run.compile=false`,
-`optimizer.betas=[0.9, 0.98]`, `data.manifest=/data/train.csv`: a bare word is a string), checked against
-the field's type. `read_config` is the one entry point; `save_resolved` writes what a run used.
+(`spidr.config`); a reference TOML loads unchanged. Fields declared only for the reference's
+configs (`unused` in `spidr_fast.config`) are warned about when set to anything but their default.
+Overrides are `section.field=value` with a TOML value (`run.compile=false`, `optimizer.betas=[0.9,
+0.98]`, `data.manifest=/data/train.csv`: a bare word is a string), checked against the field's
+type. `read_config` is the one entry point; `save_resolved` writes what a run used.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import logging
 import sys
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,152 +25,19 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 (setup.py installs tomli there)
     import tomli as tomllib
 
-from spidr_fast.config import CONFIG_CLASSES, DinoSRConfig, ModelType, model_config_from_dict
-from spidr_fast.data.batching import BatchingConfig
-from spidr_fast.data.masks import MaskingConfig as DataMaskingConfig
+from spidr_fast.config import (
+    CONFIG_CLASSES,
+    DataConfig,
+    MaskingConfig,
+    ModelType,
+    OptimizerConfig,
+    RunConfig,
+    TrainConfig,
+    model_config_from_dict,
+)
 
 logger = logging.getLogger(__name__)
 PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-MaskingStrategy = Literal["static", "uniform", "normal", "poisson"]
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Where the run lives, how often it logs and saves, and how the model is parallelised and compiled."""
-
-    workdir: str = "runs"
-    wandb_project: str = "spidr"  # reference: run folder is workdir/wandb_project/wandb_name
-    wandb_name: str = "default"
-    wandb_mode: Literal["online", "offline", "disabled"] = "offline"  # kept for reference TOMLs; unused
-    random_seed: int = 0
-    use_deterministic: bool = False
-    log_interval: int = 200
-    save_interval: int = 2_500
-    init_ckpt: str | None = None
-    compile: bool = True
-    keep_latest: int = -1
-    model_type: ModelType = "dinosr"
-    slurm_validation: dict[str, Any] | None = None  # reference only (submitit); unused here
-    # spidr_fast
-    parallelism: Literal["fsdp", "ddp", "none"] = "fsdp"  # "none" only with one process
-    compile_backend: str = "inductor"
-    compile_dynamic: bool = True  # symbolic (B, T): one compile per layer whatever the batch shape
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    checkpoint_format: Literal["full", "sharded"] = "full"  # one .pt (rank 0) or a DCP folder per step
-    validation_interval: int = 0  # steps between validations (0: at each save)
-    flops_per_device: float = 0.0  # peak FLOP/s for MFU; 0 = guessed from the GPU name (none on CPU)
-    max_time_s: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
-    tensorboard: bool = True  # when installed
-    num_threads: int = 0  # torch CPU threads (torch.set_num_threads); 0 = torch's default
-
-    @property
-    def dir(self) -> Path:
-        return Path(self.workdir).resolve() / self.wandb_project / self.wandb_name
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Data loading and batching; defaults are the reference's."""
-
-    manifest: str = ""
-    enable_padding: bool = False  # the reference's padded mode is not supported: must stay False
-    rand_crop: bool = True
-    normalize: bool = True
-    num_buckets: int = 1000
-    min_sample_size: int = 2_000
-    max_sample_size: int = 320_000
-    max_batch_length: int = 3_800_000
-    drop_last: bool = False
-    num_workers: int = 10
-    pin_memory: bool | None = None  # spidr_fast: None = on when CUDA is available (reference: false)
-    prefetch_factor: int = 2
-    persistent_workers: bool = True
-    random_seed: int = 0
-    bucket_method: Literal["uniform", "percentile"] = "uniform"
-    alignments_path: str | None = None
-    skip_bad: bool = False  # spidr_fast: log and skip unreadable files instead of stopping
-
-    def batching(self) -> BatchingConfig:
-        return BatchingConfig(
-            num_buckets=self.num_buckets,
-            min_sample_size=self.min_sample_size,
-            max_sample_size=self.max_sample_size,
-            max_batch_length=self.max_batch_length,
-            bucket_method=self.bucket_method,
-            rand_crop=self.rand_crop,
-            seed=self.random_seed,
-        )
-
-
-@dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW, clipping, precision and LR schedule; defaults are the reference recipe (SPEC.md)."""
-
-    lr: float = 5e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.01
-    eps: float = 1e-6
-    max_norm: float = 10.0
-    dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
-    init_lr_scale: float = 0.01
-    final_lr_scale: float = 0.01
-    max_steps: int = 400_000
-    warmup_steps: int = 12_000
-    hold_steps: int = 188_000
-    decay_steps: int = 200_000
-    rsqrt_timescale: int = 10_000
-    rsqrt_shift: int = 0
-    scheduler: Literal["tristage", "cosine", "rsqrt", "constant"] = "tristage"
-    exclude_from_optimizer: list[str] = field(default_factory=lambda: ["teacher"])
-    to_freeze: list[str] = field(default_factory=lambda: ["feature_extractor", "feature_projection"])
-
-    @property
-    def mixed_precision(self) -> bool:
-        return self.dtype != "float32"
-
-
-@dataclass(frozen=True)
-class MaskingConfig:
-    """Span masking over frames; the reference's fields (channel masking is not supported: keep 0)."""
-
-    mask_prob: float = 0.8
-    mask_selection: MaskingStrategy = "static"
-    mask_other: float = 0.0
-    mask_length: int = 10
-    no_mask_overlap: bool = False
-    mask_min_space: int = 1
-    mask_channel_prob: float = 0.0
-    mask_channel_selection: MaskingStrategy = "static"
-    mask_channel_other: float = 0.0
-    mask_channel_length: int = 10
-    no_mask_channel_overlap: bool = False
-    mask_channel_min_space: int = 1
-
-    def data_masking(self) -> DataMaskingConfig:
-        return DataMaskingConfig(
-            mask_prob=self.mask_prob,
-            mask_selection=self.mask_selection,
-            mask_other=self.mask_other,
-            mask_length=self.mask_length,
-            no_mask_overlap=self.no_mask_overlap,
-            mask_min_space=self.mask_min_space,
-        )
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    run: RunConfig
-    data: DataConfig
-    model: DinoSRConfig
-    optimizer: OptimizerConfig
-    masking: MaskingConfig
-    validation: dict[str, DataConfig]
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
-        d["model"] = self.model.to_dict()
-        d["validation"] = {k: dataclasses.asdict(v) for k, v in self.validation.items()}
-        return d
 
 
 SECTIONS: dict[str, type] = {
@@ -227,7 +94,17 @@ def _build(cls: type, fields: dict[str, Any], section: str) -> Any:
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ValueError(f"[{section}]: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return cls(**{k: _check(v, hints[k], f"{section}.{k}") for k, v in fields.items()})
+    built = cls(**{k: _check(v, hints[k], f"{section}.{k}") for k, v in fields.items()})
+    for f in dataclasses.fields(cls):
+        if "unused" in f.metadata and f.name in fields and getattr(built, f.name) != getattr(cls(), f.name):
+            logger.warning(
+                "%s.%s=%r has no effect here (kept so that the reference's configs load): %s",
+                section,
+                f.name,
+                getattr(built, f.name),
+                f.metadata["unused"],
+            )
+    return built
 
 
 def _parse_value(text: str) -> Any:

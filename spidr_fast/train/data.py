@@ -20,9 +20,9 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from spidr_fast.config import DataConfig, MaskingConfig
 from spidr_fast.data.batching import Batch, BucketBatchSampler, Collator
 from spidr_fast.data.dataset import SpeechDataset
-from spidr_fast.train.config import DataConfig, MaskingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -131,13 +131,12 @@ def build_loader(
     if not cfg.manifest:
         raise ValueError("data.manifest is not set")
     dataset = SpeechDataset(cfg.manifest, normalize=cfg.normalize, skip_bad=cfg.skip_bad, log_skipped=log_skipped)
-    batching = cfg.batching()
-    sampler = ResumableBatchSampler(BucketBatchSampler(dataset.lengths, batching, rank=rank, world_size=world_size))
+    sampler = ResumableBatchSampler(BucketBatchSampler(dataset.lengths, cfg, rank=rank, world_size=world_size))
     workers = cfg.num_workers
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=Collator(batching, masking.data_masking()),
+        collate_fn=Collator(cfg, masking),
         num_workers=workers,
         pin_memory=pin_memory(cfg),
         prefetch_factor=cfg.prefetch_factor if workers > 0 else None,

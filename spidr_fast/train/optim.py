@@ -16,7 +16,7 @@ from torch import nn
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import LambdaLR
 
-from spidr_fast.train.config import OptimizerConfig
+from spidr_fast.config import OptimizerConfig
 
 
 def _linear(step: int, total: int, start: float, end: float) -> float:

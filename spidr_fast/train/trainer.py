@@ -19,10 +19,10 @@ import torch
 from tqdm import tqdm
 
 from spidr_fast.checkpoint import build_model, load_state_dict_strict, state_dict_from_checkpoint
-from spidr_fast.config import SAMPLE_RATE
+from spidr_fast.config import SAMPLE_RATE, TrainConfig
 from spidr_fast.data.batching import num_frames
 from spidr_fast.train.checkpoint import Checkpointer, step_of
-from spidr_fast.train.config import TrainConfig, save_resolved
+from spidr_fast.train.config import save_resolved
 from spidr_fast.train.data import SkippedFiles, build_loader, first_usable_batch
 from spidr_fast.train.env import all_ranks, close_env, init_env, seed_everything, setup_torch
 from spidr_fast.train.flops import count_step_flops, peak_flops

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from spidr_fast.config import DataConfig, MaskingConfig
 from spidr_fast.data.dataset import SpeechDataset
-from spidr_fast.train.config import DataConfig, MaskingConfig
 from spidr_fast.train.data import SkippedFiles, build_loader
 from spidr_fast.train.env import all_ranks
 from spidr_fast.train.step import autocast

@@ -1,5 +1,6 @@
 """Batching: deterministic per (seed, epoch), every utterance once per epoch, ranks disjoint, budgets held."""
 
+import dataclasses
 from collections import Counter
 
 import numpy as np
@@ -7,9 +8,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from spidr_fast.config import DataConfig
 from spidr_fast.data.batching import (
     Batch,
-    BatchingConfig,
     BucketBatchSampler,
     Collator,
     num_frames,
@@ -17,7 +18,7 @@ from spidr_fast.data.batching import (
 from spidr_fast.data.dataset import Utterance
 
 # Small budgets keep these fast: 40 k samples per batch, utterances of 0.1-3 s.
-SMALL = BatchingConfig(num_buckets=50, min_sample_size=2000, max_sample_size=32_000, max_batch_length=40_000)
+SMALL = DataConfig(num_buckets=50, min_sample_size=2000, max_sample_size=32_000, max_batch_length=40_000)
 
 
 def lengths(n: int = 300, seed: int = 0) -> np.ndarray:
@@ -29,7 +30,7 @@ def test_deterministic_per_seed_and_epoch() -> None:
     a, b = BucketBatchSampler(lengths(), cfg), BucketBatchSampler(lengths(), cfg)
     assert a.all_batches(0) == b.all_batches(0)
     assert a.all_batches(0) != a.all_batches(1)
-    other = BucketBatchSampler(lengths(), BatchingConfig(**{**cfg.__dict__, "seed": 1}))
+    other = BucketBatchSampler(lengths(), dataclasses.replace(cfg, random_seed=1))
     assert other.all_batches(0) != a.all_batches(0)
     a.set_epoch(1)
     assert [[i for i, _ in batch] for batch in a] == a.all_batches(1)

@@ -97,11 +97,12 @@ def test_stale_manifest_is_an_error(audio_dir: Path, tone: Callable[..., Path]) 
 def test_worker_raises_or_skips_without_hanging(audio_dir: Path, tone: Callable[..., Path]) -> None:
     from torch.utils.data import DataLoader
 
-    from spidr_fast.data.batching import BatchingConfig, BucketBatchSampler, Collator
+    from spidr_fast.config import DataConfig
+    from spidr_fast.data.batching import BucketBatchSampler, Collator
 
     entries = scan_folder(audio_dir, progress=False)
     tone(audio_dir / "b" / "u3.wav", 5200, channels=2)  # bad after the scan
-    cfg = BatchingConfig(num_buckets=4, min_sample_size=2000, max_sample_size=8000, max_batch_length=8000)
+    cfg = DataConfig(num_buckets=4, min_sample_size=2000, max_sample_size=8000, max_batch_length=8000)
 
     def loader(skip_bad: bool) -> DataLoader:
         dataset = SpeechDataset(entries, skip_bad=skip_bad)

@@ -5,8 +5,9 @@ from math import comb
 import numpy as np
 import pytest
 
+from spidr_fast.config import MaskingConfig
 from spidr_fast.data import masks
-from spidr_fast.data.masks import MaskingConfig, compute_mask_indices
+from spidr_fast.data.masks import compute_mask_indices
 
 BACKENDS = ["cpp", "numpy", "loop"] if masks.has_cpp() else ["numpy", "loop"]
 STRATEGIES = [("static", 0.0), ("uniform", 0.0), ("normal", 2.0), ("poisson", 0.0)]

@@ -7,9 +7,10 @@ import torch
 import torch._dynamo
 
 from spidr_fast import SpidR
+from spidr_fast.config import MaskingConfig, OptimizerConfig
 from spidr_fast.data.batching import num_frames
-from spidr_fast.data.masks import MaskingConfig, compute_mask_indices
-from spidr_fast.train.config import OptimizerConfig, read_config
+from spidr_fast.data.masks import compute_mask_indices
+from spidr_fast.train.config import read_config
 from spidr_fast.train.optim import build_optimizer
 from spidr_fast.train.parallelize import parallelize
 from spidr_fast.train.step import StepContext, train_step

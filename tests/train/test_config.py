@@ -121,3 +121,27 @@ def test_batch_sizes_checked_with_the_config() -> None:
         read_config("tiny", ["data.max_batch_length=40000"])
     with pytest.raises(ValueError, match=r"validation\.dev\.min_sample_size"):
         read_config("tiny", ["validation.dev.manifest=x.csv", "validation.dev.min_sample_size=0"])
+
+
+def test_every_masking_field_is_settable_and_reaches_the_collator() -> None:
+    import torch
+
+    from spidr_fast.data.batching import Collator
+    from spidr_fast.data.dataset import Utterance
+
+    # k spans of length 1 at distinct starts mask exactly k frames: min_masks=3 sets the count.
+    cfg = read_config("tiny", ["masking.min_masks=3", "masking.mask_prob=0.0", "masking.mask_length=1"])
+    assert cfg.masking.min_masks == 3
+    batch = Collator(cfg.data, cfg.masking)([Utterance(i, 0, torch.randn(8000)) for i in range(2)])
+    assert batch.mask_indices.shape == (2, 3)
+
+
+def test_fields_kept_for_the_reference_warn_when_set(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="spidr_fast.train.config"):
+        read_config("tiny", ['optimizer.to_freeze=["feature_extractor", "feature_projection"]', "data.drop_last=false"])
+    assert not caplog.records  # the reference's defaults: nothing is ignored
+    with caplog.at_level(logging.WARNING, logger="spidr_fast.train.config"):
+        read_config("tiny", ["data.drop_last=true", "optimizer.to_freeze=[]", "run.wandb_mode=online"])
+    text = caplog.text
+    for name in ("data.drop_last=True", "optimizer.to_freeze=[]", "run.wandb_mode='online'"):
+        assert f"{name} has no effect here" in text

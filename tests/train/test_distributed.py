@@ -16,9 +16,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from spidr_fast import SpidR
+from spidr_fast.config import MaskingConfig, OptimizerConfig
 from spidr_fast.data.batching import num_frames
-from spidr_fast.data.masks import MaskingConfig, compute_mask_indices
-from spidr_fast.train.config import OptimizerConfig, read_config
+from spidr_fast.data.masks import compute_mask_indices
+from spidr_fast.train.config import read_config
 from spidr_fast.train.flops import count_step_flops
 from spidr_fast.train.optim import build_optimizer
 from spidr_fast.train.parallelize import parallelize, rewrap_after_freeze

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spidr_fast import DinoSR, DinoSRConfig, SpidR, SpidRConfig
-from spidr_fast.train.config import OptimizerConfig
+from spidr_fast.config import OptimizerConfig
 from spidr_fast.train.optim import build_optimizer, lr_factor
 
 TINY = dict(

@@ -37,7 +37,7 @@ def _with_bad_files(corpus: Path, out: Path, bad: set[int]) -> Path:
 
 def _batches_of_epoch(manifest: Path, overrides: list[str], epoch: int) -> list[list[int]]:
     cfg = read_config("tiny", overrides)
-    sampler = BucketBatchSampler([e.num_samples for e in read_manifest(manifest)], cfg.data.batching())
+    sampler = BucketBatchSampler([e.num_samples for e in read_manifest(manifest)], cfg.data)
     return sampler.all_batches(epoch)
 
 
