@@ -1,8 +1,8 @@
 """DinoSR: a student transformer predicts, at masked frames, the online-codebook labels of an EMA teacher.
 
-Read top to bottom: `forward` is the training objective of SPEC.md; `get_intermediate_outputs` and
-`get_codebooks` are the inference API of the reference. The hot paths go through
-`spidr_fast.kernels` (codebook assignment + statistics, heads + cross-entropy, attention).
+Read top to bottom: `forward` is the reference's training objective (`spidr.models.dinosr.DinoSR.forward`);
+`get_intermediate_outputs` and `get_codebooks` are the inference API of the reference. The hot paths go
+through `spidr_fast.kernels` (codebook assignment + statistics, heads + cross-entropy, attention).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""LR schedules (vs the reference's SequentialLR chains and SPEC.md) and EMA schedules (SPEC.md)."""
+"""LR schedules (vs the reference's SequentialLR chains, `spidr.optimizer.build_scheduler`) and EMA schedules
+(the formulas of `spidr.models.spidr.exp_ema_scheduler` and `spidr.models.dinosr.ema_scheduler`)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ TINY = dict(
 SHORT = {"warmup_steps": 10, "hold_steps": 20, "decay_steps": 30, "max_steps": 60, "rsqrt_timescale": 7}
 
 
-def test_tristage_matches_spec_at_chosen_steps() -> None:
+def test_tristage_at_chosen_steps() -> None:
     f = lr_factor(OptimizerConfig())
     assert f(0) == pytest.approx(0.01)
     assert f(6_000) == pytest.approx(0.01 + 0.99 * 0.5)
@@ -66,7 +67,7 @@ def test_optimizer_excludes_teacher_and_frozen() -> None:
 
 
 @pytest.mark.parametrize("step", [0, 1, 1_000, 20_000, 100_000, 290_000, 300_000])
-def test_ema_schedules_match_spec(step: int) -> None:
+def test_ema_schedules_match_the_reference_formulas(step: int) -> None:
     spidr = 1 - (1 - 0.999) * math.exp(-step / 20_000)
     spidr = spidr if 1 - spidr > 1e-7 else 1.0
     assert SpidR(SpidRConfig(**TINY)).update_ema(step) == pytest.approx(spidr, rel=0, abs=1e-15)
