@@ -12,18 +12,9 @@ import spidr_fast
 from spidr_fast import checkpoint
 from spidr_fast.checkpoint import CheckpointError
 from spidr_fast.config import DinoSRConfig, SpidRConfig
+from spidr_fast.train.config import preset_model_fields
 
-TINY = dict(
-    extractor_conv_layer_config=[(8, 10, 5)] + [(8, 3, 2)] * 4 + [(8, 2, 2)] * 2,
-    encoder_embed_dim=16,
-    encoder_num_heads=2,
-    encoder_num_layers=2,
-    encoder_ff_interm_features=32,
-    encoder_pos_conv_kernel=15,
-    encoder_pos_conv_groups=4,
-    codebook_size=4,
-    num_codebooks=2,
-)
+TINY = preset_model_fields("tiny")
 
 
 def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -38,7 +29,9 @@ def test_save_load_round_trip(cls: type, tmp_path: Path) -> None:
     model = cls(cls.config_class(**TINY))
     model.update_ema(7)
     path = spidr_fast.save_model(model, tmp_path / "m.pt")
-    assert json.loads((tmp_path / "config.json").read_text())["model"]["encoder_embed_dim"] == 16
+    assert (
+        json.loads((tmp_path / "config.json").read_text())["model"]["encoder_embed_dim"] == TINY["encoder_embed_dim"]
+    )
     loaded = spidr_fast.load_model(path)
     assert type(loaded) is cls and loaded.cfg == model.cfg and not loaded.training
     assert_same_state(model, loaded)
@@ -115,7 +108,7 @@ def test_wrong_keys_and_shapes_are_named(tmp_path: Path) -> None:
     assert "bad.pt" in message
     assert "missing keys (1): mask_embedding" in message
     assert "unexpected keys (1): extra.weight" in message
-    assert "heads.0.0.bias: checkpoint (5,) vs model (4,)" in message
+    assert f"heads.0.0.bias: checkpoint (5,) vs model ({TINY['codebook_size']},)" in message
 
 
 def test_bad_config_json_is_named(tmp_path: Path) -> None:
@@ -153,7 +146,7 @@ def to_fairseq_layout(model: spidr_fast.DinoSR) -> dict:
     for ours, target, prefix in (("student", out, "encoder."), ("teacher", out["_ema"], "")):
         for leaf in ("weight", "bias"):
             target[f"{prefix}layer_norm.{leaf}"] = sd[f"{ours}.layer_norm.{leaf}"]
-            for j in range(5):
+            for j in range(model.cfg.encoder_pos_conv_depth):
                 target[f"{prefix}pos_conv.{j}.0.{leaf}"] = sd[f"{ours}.pos_conv_embed.convs.{j}.{leaf}"]
             for i in range(len(model.student.layers)):
                 for fairseq_name, our_name in names.items():

@@ -28,6 +28,7 @@ else:  # pragma: no cover - Python 3.10 (setup.py installs tomli there)
 from spidr_fast.config import (
     CONFIG_CLASSES,
     DataConfig,
+    DinoSRConfig,
     MaskingConfig,
     ModelType,
     OptimizerConfig,
@@ -188,6 +189,17 @@ def resolve_path(path: str | Path) -> Path:
     if not path.exists() and (PACKAGE_CONFIGS / f"{path.name.removesuffix('.toml')}.toml").is_file():
         return PACKAGE_CONFIGS / f"{path.name.removesuffix('.toml')}.toml"
     return path
+
+
+def preset_model_fields(preset: str | Path = "tiny", **overrides: Any) -> dict[str, Any]:
+    """A preset's `[model]` fields that every model type takes, with `overrides`: the model of tests and
+    benchmarks, e.g. `SpidRConfig(**preset_model_fields("tiny", encoder_num_layers=3))`."""
+    path = resolve_path(preset)
+    if not path.is_file():
+        raise FileNotFoundError(f"config not found: {path} (shipped presets: base, tiny)")
+    fields = tomllib.loads(path.read_text(encoding="utf-8")).get("model", {})
+    common = {f.name for f in dataclasses.fields(DinoSRConfig)}
+    return {**{k: v for k, v in fields.items() if k in common}, **overrides}
 
 
 def read_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

@@ -11,18 +11,10 @@ import soundfile as sf
 import torch
 
 import spidr_fast
+from spidr_fast.train.config import preset_model_fields
 
-TINY = {
-    "extractor_conv_layer_config": [[16, 10, 5]] + [[16, 3, 2]] * 4 + [[16, 2, 2]] * 2,
-    "encoder_embed_dim": 32,
-    "encoder_num_heads": 4,
-    "encoder_num_layers": 3,
-    "encoder_ff_interm_features": 64,
-    "encoder_pos_conv_kernel": 15,
-    "encoder_pos_conv_groups": 4,
-    "codebook_size": 16,
-    "num_codebooks": 2,
-}
+# Three layers (the tests read layers 1 and 3) and 16 codewords per codebook.
+TINY = preset_model_fields("tiny", encoder_num_layers=3, codebook_size=16)
 
 
 def tiny_model(model_type: str = "spidr", seed: int = 0, **overrides: object) -> spidr_fast.DinoSR:

@@ -8,18 +8,9 @@ import torch
 from spidr_fast.config import SpidRConfig
 from spidr_fast.models import SpidR
 from spidr_fast.models.padding import attention_mask_from_lengths
+from spidr_fast.train.config import preset_model_fields
 
-TINY = dict(
-    extractor_conv_layer_config=[(16, 10, 5)] + [(16, 3, 2)] * 4 + [(16, 2, 2)] * 2,
-    encoder_embed_dim=32,
-    encoder_num_heads=2,
-    encoder_num_layers=3,
-    encoder_ff_interm_features=64,
-    encoder_pos_conv_kernel=15,
-    encoder_pos_conv_groups=4,
-    codebook_size=8,
-    num_codebooks=2,
-)
+TINY = preset_model_fields("tiny")
 LENGTHS = [9_000, 6_417, 400, 7_999]  # 400 samples: exactly one frame
 
 

@@ -17,6 +17,7 @@ import torch
 
 import spidr_fast
 from spidr_fast.config import model_config_from_dict
+from spidr_fast.train.config import preset_model_fields
 
 spidr = pytest.importorskip("spidr", reason="the reference package: `make test` installs spidr==0.2.0")
 from spidr.config import DinoSRConfig as RefDinoSRConfig  # noqa: E402
@@ -25,17 +26,7 @@ from spidr.models import DinoSR as RefDinoSR  # noqa: E402
 from spidr.models import SpidR as RefSpidR  # noqa: E402
 from spidr.models.utils import build_model as ref_build_model  # noqa: E402
 
-TINY = {
-    "extractor_conv_layer_config": [[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2,
-    "encoder_embed_dim": 64,
-    "encoder_num_heads": 4,
-    "encoder_num_layers": 4,
-    "encoder_ff_interm_features": 128,
-    "encoder_pos_conv_kernel": 15,
-    "encoder_pos_conv_groups": 4,
-    "codebook_size": 16,
-    "num_codebooks": 2,
-}
+TINY = preset_model_fields("tiny", encoder_num_layers=3)  # 3 codebooks in one variant
 NO_DROPOUT = {
     "encoder_projection_dropout": 0.0,
     "encoder_attention_dropout": 0.0,

@@ -138,10 +138,22 @@ def test_every_masking_field_is_settable_and_reaches_the_collator() -> None:
 
 def test_fields_kept_for_the_reference_warn_when_set(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="spidr_fast.train.config"):
-        read_config("tiny", ['optimizer.to_freeze=["feature_extractor", "feature_projection"]', "data.drop_last=false"])
+        read_config(
+            "tiny", ['optimizer.to_freeze=["feature_extractor", "feature_projection"]', "data.drop_last=false"]
+        )
     assert not caplog.records  # the reference's defaults: nothing is ignored
     with caplog.at_level(logging.WARNING, logger="spidr_fast.train.config"):
         read_config("tiny", ["data.drop_last=true", "optimizer.to_freeze=[]", "run.wandb_mode=online"])
     text = caplog.text
     for name in ("data.drop_last=True", "optimizer.to_freeze=[]", "run.wandb_mode='online'"):
         assert f"{name} has no effect here" in text
+
+
+def test_preset_model_fields_are_the_presets_model() -> None:
+    from spidr_fast.config import DinoSRConfig
+    from spidr_fast.train.config import preset_model_fields
+
+    assert DinoSRConfig(**preset_model_fields("tiny")) == read_config("tiny", ["run.model_type=dinosr"]).model
+    assert SpidRConfig(**preset_model_fields("tiny", codebook_size=16)).codebook_size == 16
+    with pytest.raises(FileNotFoundError, match=r"nope\.toml"):
+        preset_model_fields("nope.toml")

@@ -11,17 +11,11 @@ import torch
 
 from spidr_fast import DinoSR, DinoSRConfig, SpidR, SpidRConfig
 from spidr_fast.config import OptimizerConfig
+from spidr_fast.train.config import preset_model_fields
 from spidr_fast.train.optim import build_optimizer, lr_factor
 
-TINY = dict(
-    encoder_embed_dim=32,
-    encoder_num_layers=2,
-    encoder_num_heads=4,
-    num_codebooks=2,
-    codebook_size=8,
-    encoder_ff_interm_features=64,
-    extractor_conv_layer_config=[(16, 10, 5)] + [(16, 3, 2)] * 4 + [(16, 2, 2)] * 2,
-)
+# The schedules' reference values below are for the default EMA steps (freeze at 200k, not tiny's 1000).
+TINY = preset_model_fields("tiny", freeze_step=200_000)
 SHORT = {"warmup_steps": 10, "hold_steps": 20, "decay_steps": 30, "max_steps": 60, "rsqrt_timescale": 7}
 
 
