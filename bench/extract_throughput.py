@@ -38,18 +38,9 @@ from spidr_fast.checkpoint import load_state_dict_strict
 from spidr_fast.data.batching import num_frames
 from spidr_fast.extraction import FeatureExtractor, standardize
 from spidr_fast.models.padding import attention_mask_from_lengths
+from spidr_fast.train.config import preset_model_fields
 
-TINY = {
-    "extractor_conv_layer_config": [(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2,
-    "encoder_embed_dim": 64,
-    "encoder_num_heads": 4,
-    "encoder_num_layers": 4,
-    "encoder_ff_interm_features": 128,
-    "encoder_pos_conv_kernel": 15,
-    "encoder_pos_conv_groups": 4,
-    "codebook_size": 16,
-    "num_codebooks": 2,
-}
+TINY = preset_model_fields("tiny", encoder_num_layers=3)  # --smoke reads layer 3
 
 
 def reference_available() -> bool:

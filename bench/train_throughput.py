@@ -37,6 +37,7 @@ from spidr_fast.config import SAMPLE_RATE, DataConfig
 from spidr_fast.data.batching import BucketBatchSampler, num_frames
 from spidr_fast.data.masks import compute_mask_indices
 from spidr_fast.kernels._dispatch import OPS, use_triton
+from spidr_fast.train.config import preset_model_fields
 from spidr_fast.train.flops import count_step_flops, peak_flops
 from spidr_fast.train.parallelize import apply_compile
 
@@ -51,12 +52,11 @@ SMALL = dict(
     codebook_size=64,
     num_codebooks=4,
 )
-TINY = dict(SMALL, encoder_num_layers=2, num_codebooks=2, encoder_ff_interm_features=256)
 # name -> (model fields, samples per batch, max samples per utterance)
 PRESETS: dict[str, tuple[dict[str, Any], int, int]] = {
     "base": ({}, 3_800_000, 320_000),
     "small": (SMALL, 320_000, 96_000),
-    "tiny": (TINY, 32_000, 16_000),
+    "tiny": (preset_model_fields("tiny"), 32_000, 16_000),  # the shipped tiny preset's model
 }
 
 
