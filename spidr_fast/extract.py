@@ -40,9 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--units",
-        choices=["heads", "codebooks"],
-        help="also write units: argmax of the student head of --units-layer (heads), or nearest codeword of "
-        "its instance-normalised output (codebooks)",
+        type=_units_kind,
+        metavar="{heads,codebooks,kmeans:PATH}",
+        help="also write units: argmax of the student head of --units-layer (heads), nearest codeword of "
+        "its instance-normalised output (codebooks), or nearest centroid of its features in a file written "
+        "by `spidr-fast kmeans` (kmeans:PATH)",
     )
     parser.add_argument("--units-layer", type=int, help="layer the units are for (default: the deepest --layer)")
     parser.add_argument("--units-only", action="store_true", help="write units only, no features")
@@ -78,6 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CPU threads; on the CPU each computes whole batches (default: torch's thread count)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _units_kind(value: str) -> str:
+    if value in ("heads", "codebooks") or (value.startswith("kmeans:") and len(value) > len("kmeans:")):
+        return value
+    raise argparse.ArgumentTypeError(f"invalid choice {value!r} (heads, codebooks or kmeans:PATH)")
 
 
 def main(args: argparse.Namespace) -> int:
