@@ -48,6 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--units-layer", type=int, help="layer the units are for (default: the deepest --layer)")
     parser.add_argument("--units-only", action="store_true", help="write units only, no features")
+    parser.add_argument(
+        "--dedup", action="store_true", help="merge runs of a repeated unit: units of the runs + 'durations' (frames)"
+    )
+    parser.add_argument(
+        "--units-format",
+        choices=["files", "jsonl"],
+        default="files",
+        help="jsonl: also OUTPUT_DIR/units.jsonl, a line per file {file, units[, durations]} (default: files)",
+    )
     parser.add_argument("--format", choices=["npy", "pt"], default="npy", help="output format (default: npy)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available, else cpu)")
     parser.add_argument(

@@ -2,8 +2,9 @@
 
 UNITS_DIR holds units written by `spidr-fast extract --units ...` (searched recursively):
 `c.units.npy`, `c.npy` holding a 1-D array (--units-only), or `c.pt` dicts with a "units" entry;
-50 units per second. ALIGNMENTS is an `alignments.jsonl` (one {"fileid", "phones": [one label per
-10 ms]} per line, as the built-in corpus's; a corpus folder works too). A units file matches the
+50 units per second (merged runs from `--dedup` are expanded with their durations). ALIGNMENTS is
+an `alignments.jsonl` (one {"fileid", "phones": [one label per 10 ms]} per line, as the built-in
+corpus's; a corpus folder works too). A units file matches the
 fileid equal to its path under UNITS_DIR without suffix, or else to its name.
 
 Prints PNMI, phone and cluster purity, unit perplexity, active units, bitrate, mean run length
@@ -36,7 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_units(folder: Path) -> dict[str, np.ndarray]:
-    """Relative key (path without suffix, `.units` dropped) -> int64 units, for every units file."""
+    """Relative key (path without suffix, `.units` dropped) -> int64 frame units, for every units file
+    (merged runs, `extract --dedup`, are expanded back to frames with their durations)."""
+    from spidr_fast.units import expand_runs
+
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a folder")
     out = {}
@@ -50,8 +54,11 @@ def read_units(folder: Path) -> dict[str, np.ndarray]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(obj, dict) and "units" in obj:
                 out[key] = obj["units"].numpy()
+                if "durations" in obj:  # extract --dedup: runs back to frames
+                    out[key] = expand_runs(out[key], obj["durations"].numpy())
         elif key.endswith(".units"):
-            out[key.removesuffix(".units")] = np.load(path)
+            units, durations = np.load(path), path.with_name(path.name.replace(".units.npy", ".durations.npy"))
+            out[key.removesuffix(".units")] = expand_runs(units, np.load(durations)) if durations.exists() else units
         elif "." not in path.stem and (array := np.load(path, mmap_mode="r")).ndim == 1:
             out[key] = np.asarray(array)
     if not out:

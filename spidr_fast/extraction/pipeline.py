@@ -36,6 +36,7 @@ from spidr_fast.extraction.files import (
     shard,
     write_failures,
 )
+from spidr_fast.extraction.unit_outputs import dedup_result, write_units_jsonl
 
 RELEASED = ("spidr_base", "dinosr_base_reproduced", "dinosr_base_original")
 
@@ -101,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
     names = [f"layer{n}" for n in sorted(set(layers))] + (["units"] if args.units else [])
     if not names:
         raise SystemExit("spidr-fast extract: --units-only needs --units")
+    dedup, jsonl = getattr(args, "dedup", False), getattr(args, "units_format", "files") == "jsonl"
+    if (dedup or jsonl) and not args.units:
+        raise SystemExit("spidr-fast extract: --dedup and --units-format jsonl need --units")
+    names += ["durations"] if dedup else []
     everything = list_inputs(args.input)
     if not everything:
         print(f"spidr-fast extract: warning: no audio files found in {args.input}", file=sys.stderr)
@@ -157,11 +162,14 @@ def run(args: argparse.Namespace) -> int:
 
         with ThreadPoolExecutor(2, thread_name_prefix="write") as writer:
             for item, result in extractor.stream(_decoded(todo, args, failures, advance), presorted=True):
+                result = dedup_result(result) if dedup else result
                 writes.append((item, writer.submit(save_outputs, result, paths[item.key], save_dtype)))
                 advance(item)
                 settle(16)
             settle(0)
         bar.close()
+    if jsonl:
+        write_units_jsonl(out_dir / ("units.jsonl" if world == 1 else f"units.rank{rank}.jsonl"), inputs, paths, names)
     failures_file = out_dir / ("failures.jsonl" if world == 1 else f"failures.rank{rank}.jsonl")
     write_failures(failures_file, sorted(failures))
     _summary(rank, world, written, len(inputs) - len(todo), failures, sum(seconds.values()), start, failures_file)
