@@ -4,7 +4,8 @@ ITEM is an ABX item file (`spidr_fast.metrics.item_file` writes one from 10 ms a
 ZeroSpeech / Libri-light ones work as they are). FEATURES is a flat OUTPUT_DIR of `spidr-fast
 extract` (fileids as the item file's `#file`): `c.npy`, `c.layer6.npy` per layer, or `c.pt` dicts.
 `--layers 4,5,6,7` sweeps the layers extracted there (`extract --layer 4 --layer 5 ...`) and prints
-a table. Features are at 50 Hz (a 20 ms frame step: the ZeroSpeech toolkit's `--file_extension
+a table; `--name probs --distance kl_symmetric` scores codebook posteriors (`extract --units
+codebook-probs`). Features are at 50 Hz (a 20 ms frame step: the ZeroSpeech toolkit's `--file_extension
 .npy` with a 0.02 s step reads the same folder).
 
 fastabx is an optional dependency (`pip install fastabx`, Python >= 3.12): without it this command
@@ -33,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("features", type=Path, help="flat folder written by `spidr-fast extract`")
     parser.add_argument("--layers", help="comma-separated layers to compare, e.g. 4,5,6,7 (default: the only one)")
+    parser.add_argument("--name", help="the array to score instead of layers: probs (extract --units codebook-probs)")
     parser.add_argument("--speaker", choices=["within", "across"], default="within", help="(default: within)")
     parser.add_argument("--context", choices=["within", "any"], default="within", help="(default: within)")
     parser.add_argument(
@@ -44,13 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="subsampling seed (default: 0)")
 
 
-def sources(folder: Path, layers: list[int] | None) -> list[tuple[str, str, Callable[[Path], object]]]:
-    """(label, file extension, feature maker) per layer, for fastabx's `zerospeech_abx`."""
+def sources(
+    folder: Path, layers: list[int] | None, name: str | None = None
+) -> list[tuple[str, str, Callable[[Path], object]]]:
+    """(label, file extension, feature maker) per layer (or for the array `name`), for fastabx's `zerospeech_abx`."""
     from spidr_fast.kmeans import FeatureFolder
 
     out = []
     for layer in layers or [None]:
-        found = FeatureFolder(folder, None if layer is None else f"layer{layer}")
+        found = FeatureFolder(folder, name if layer is None else f"layer{layer}")
         label = found.name or "features"
         if found.kind == "pt":
             out.append((label, ".pt", lambda p, f=found: _tensor(f.load(Path(p)))))
@@ -85,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
         if not args.item.is_file():
             raise ValueError(f"{args.item}: no such item file")
         rows = []
-        for label, extension, maker in sources(args.features, layers):
+        for label, extension, maker in sources(args.features, layers, args.name):
             error = zerospeech_abx(
                 args.item, args.features, max_size_group=args.max_size_group, max_x_across=args.max_x_across,
                 speaker=args.speaker, context=args.context, distance=args.distance, frequency=args.frequency,

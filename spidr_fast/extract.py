@@ -41,10 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--units",
         type=_units_kind,
-        metavar="{heads,codebooks,kmeans:PATH}",
+        metavar="{heads,codebooks,codebook-probs,kmeans:PATH}",
         help="also write units: argmax of the student head of --units-layer (heads), nearest codeword of "
-        "its instance-normalised output (codebooks), or nearest centroid of its features in a file written "
-        "by `spidr-fast kmeans` (kmeans:PATH)",
+        "its instance-normalised output (codebooks), that head's softmax as 'probs' (codebook-probs, for KL "
+        "ABX), or nearest centroid of its features in a file written by `spidr-fast kmeans` (kmeans:PATH)",
     )
     parser.add_argument("--units-layer", type=int, help="layer the units are for (default: the deepest --layer)")
     parser.add_argument("--units-only", action="store_true", help="write units only, no features")
@@ -92,9 +92,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _units_kind(value: str) -> str:
-    if value in ("heads", "codebooks") or (value.startswith("kmeans:") and len(value) > len("kmeans:")):
+    if value in ("heads", "codebooks", "codebook-probs") or (
+        value.startswith("kmeans:") and len(value) > len("kmeans:")
+    ):
         return value
-    raise argparse.ArgumentTypeError(f"invalid choice {value!r} (heads, codebooks or kmeans:PATH)")
+    raise argparse.ArgumentTypeError(f"invalid choice {value!r} (heads, codebooks, codebook-probs or kmeans:PATH)")
 
 
 def main(args: argparse.Namespace) -> int:

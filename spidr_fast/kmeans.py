@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-_NAMED = re.compile(r"^(?P<key>.+)\.(?P<name>layer\d+|units)\.npy$")  # extract: c.layer6.npy, c.units.npy
+_NAMED = re.compile(r"^(?P<key>.+)\.(?P<name>layer\d+|units|durations|probs)\.npy$")  # extract: c.layer6.npy ...
+NOT_FEATURES = ("units", "durations", "probs")  # probs (codebook posteriors): only when --name asks
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +66,7 @@ class FeatureFolder:
             self.kind = "npy"
             named = {p: m["name"] for p in files if (m := _NAMED.match(p.name))}
             keys = sorted(set(named.values()))
-        features = [k for k in keys if k != "units"]
+        features = [k for k in keys if k not in NOT_FEATURES]
         if name is None:
             if self.kind == "npy" and not named:
                 self.name, self.paths = None, files

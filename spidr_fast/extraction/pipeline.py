@@ -99,12 +99,13 @@ def run(args: argparse.Namespace) -> int:
     rank, world = rank_and_world()
     out_dir = Path(args.output_dir)
     layers = [] if args.units_only else (args.layer or [6])
-    names = [f"layer{n}" for n in sorted(set(layers))] + (["units"] if args.units else [])
+    unit_names = (["probs"] if args.units == "codebook-probs" else ["units"]) if args.units else []
+    names = [f"layer{n}" for n in sorted(set(layers))] + unit_names
     if not names:
         raise SystemExit("spidr-fast extract: --units-only needs --units")
     dedup, jsonl = getattr(args, "dedup", False), getattr(args, "units_format", "files") == "jsonl"
-    if (dedup or jsonl) and not args.units:
-        raise SystemExit("spidr-fast extract: --dedup and --units-format jsonl need --units")
+    if (dedup or jsonl) and unit_names != ["units"]:
+        raise SystemExit("spidr-fast extract: --dedup and --units-format jsonl need --units (discrete units)")
     names += ["durations"] if dedup else []
     everything = list_inputs(args.input)
     if not everything:

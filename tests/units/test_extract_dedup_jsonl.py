@@ -82,3 +82,32 @@ def test_units_jsonl_complete_after_sigkill_and_rerun(corpus, tmp_path):
     assert _cli(src, clean, *args).wait() == 0
     assert (killed / "units.jsonl").read_text() == (clean / "units.jsonl").read_text()
     assert len((clean / "units.jsonl").read_text().splitlines()) == 40
+
+
+def test_codebook_probs_are_the_heads_softmax(corpus, tmp_path, monkeypatch, capsys):
+    src = corpus / "wavs"
+    assert extract(src, tmp_path / "heads", "--layer", "3") == 0
+    common = [a for a in COMMON if a not in ("--units", "heads")]
+    assert (
+        main(["extract", str(src), str(tmp_path / "probs"), *common, "--layer", "3", "--units", "codebook-probs"]) == 0
+    )
+    for path in sorted((tmp_path / "heads").glob("*.units.npy")):
+        key = path.name.removesuffix(".units.npy")
+        probs = np.load(tmp_path / "probs" / f"{key}.probs.npy")
+        assert probs.dtype == np.float32 and probs.shape[1] == 16  # codebook size of the fixture
+        np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+        assert np.array_equal(probs.argmax(1), np.load(path))
+        assert np.array_equal(
+            np.load(tmp_path / "probs" / f"{key}.layer3.npy"), np.load(tmp_path / "heads" / f"{key}.layer3.npy")
+        )
+    # the abx command finds them by name (fastabx stood in for: see tests/units/test_abx_cli.py)
+    import types
+
+    seen = []
+    fake = types.SimpleNamespace(zerospeech_abx=lambda item, root, **kw: seen.append(kw["extension"]) or 0.0)
+    monkeypatch.setitem(sys.modules, "fastabx", fake)
+    (tmp_path / "x.item").write_text("#file onset offset #phone prev-phone next-phone speaker\n")
+    assert main(["abx", str(tmp_path / "x.item"), str(tmp_path / "probs"), "--name", "probs"]) == 0
+    assert seen == [".probs.npy"]
+    with pytest.raises(SystemExit, match="discrete units"):
+        main(["extract", str(src), str(tmp_path / "x"), *common, "--units", "codebook-probs", "--dedup"])

@@ -67,5 +67,5 @@ def test_kmeans_units_errors(tmp_path, corpus, capsys):
     assert "bad.pt: not a k-means file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         extract(corpus / "wavs", tmp_path / "o", "--units", "kmeans")
-    assert "heads, codebooks or kmeans:PATH" in capsys.readouterr().err
+    assert "invalid choice 'kmeans' (heads, codebooks, codebook-probs or kmeans:PATH)" in capsys.readouterr().err
     assert not Path(tmp_path / "o").exists() or not list(Path(tmp_path / "o").rglob("*.npy"))
