@@ -6,6 +6,9 @@ array (layer6, ...) when there are several; by default the only layer there is. 
 memory-mapped and read in chunks, once per iteration: memory is bounded by a chunk, not by the
 corpus, unless --max-frames asks for a subsample (drawn from --seed, held in memory).
 
+With --checkpoint, FEATURES is audio instead (a folder, manifest or file, as for `extract`): the
+--layer features are extracted in memory (held whole: frames x dim x 4 bytes) and never written.
+
 Writes OUT.pt atomically (`spidr_fast.units.KMeans.load` reads it; `predict` gives units), and
 prints the inertia at each iteration. Example:
 
@@ -31,7 +34,12 @@ NOT_FEATURES = ("units", "durations", "probs")  # probs (codebook posteriors): o
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `spidr-fast kmeans`."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("features", type=Path, help="folder written by `spidr-fast extract` (.npy or .pt per file)")
+    parser.add_argument(
+        "features",
+        type=Path,
+        help="folder written by `spidr-fast extract` (.npy or .pt per file); with --checkpoint: audio (a folder, "
+        "manifest or file) whose --layer features are extracted in memory",
+    )
     parser.add_argument("output", type=Path, help="where to write the centroids (.pt)")
     parser.add_argument("--k", type=int, required=True, help="number of centroids (units)")
     parser.add_argument("--iters", type=int, default=100, help="most Lloyd iterations (default: 100)")
@@ -41,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--n-init", type=int, default=1, help="k-means++ seedings; the best fit is kept (default: 1)")
     parser.add_argument("--name", help="which array when there are several per file (layer6, ...)")
+    parser.add_argument("--checkpoint", help="extract FEATURES (audio) with this model in memory, writing no features")
+    parser.add_argument("--layer", type=int, default=6, help="with --checkpoint: the layer, from 1 (default: 6)")
+    parser.add_argument(
+        "--after-residual", action="store_true", help="with --checkpoint: layer outputs instead of FFN outputs"
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     parser.add_argument(
         "--precision", choices=["fp32", "tf32x3", "tf32", "fp64"], default="fp32", help="arithmetic (default: fp32)"
@@ -110,6 +123,25 @@ def _pt_names(path: Path) -> list[str]:
     return sorted(obj)
 
 
+def extract_in_memory(args: argparse.Namespace) -> tuple[list[np.ndarray], str]:
+    """Layer `args.layer` of every audio input (sorted by output key, as `extract` would name them),
+    as fp32 arrays in memory: memory grows with the corpus (frames x dim x 4 bytes); for a large
+    corpus write the features with `extract` and fit on the folder (streamed) instead."""
+    from spidr_fast.extraction import FeatureExtractor
+    from spidr_fast.extraction.files import list_inputs, read_audio
+    from spidr_fast.extraction.pipeline import load_checkpoint
+
+    inputs = list_inputs(args.features)
+    if not inputs:
+        raise ValueError(f"{args.features}: no audio files")
+    extractor = FeatureExtractor(load_checkpoint(args.checkpoint), layers=[args.layer], device=args.device,
+                                 before_residual=not args.after_residual)  # fmt: skip
+
+    decoded = ((item, read_audio(item)) for item in inputs)  # an unusable file: AudioError (a ValueError) naming it
+    out = {item.key: result[f"layer{args.layer}"].numpy() for item, result in extractor.stream(decoded)}
+    return [out[key] for key in sorted(out)], f"{len(out)} audio files (layer{args.layer}, extracted in memory)"
+
+
 def main(args: argparse.Namespace) -> int:
     """Fit and save; exit status 2 on bad arguments or input."""
     try:
@@ -124,10 +156,13 @@ def _run(args: argparse.Namespace) -> int:
 
     from spidr_fast.units import KMeans
 
-    folder = FeatureFolder(args.features, args.name)
+    if args.checkpoint:
+        features, what = extract_in_memory(args)
+    else:
+        folder = FeatureFolder(args.features, args.name)
+        features, what = folder, f"{len(folder.paths)} files" + (f" ({folder.name})" if folder.name else "")
     model = KMeans(args.k, iters=args.iters, seed=args.seed, device=args.device, precision=args.precision,
                    max_frames=args.max_frames, n_init=args.n_init)  # fmt: skip
-    what = f"{len(folder.paths)} files" + (f" ({folder.name})" if folder.name else "")
     print(f"k-means: k={args.k} on {what} from {args.features}, device {model.device}, {args.precision}", flush=True)
     bar = tqdm(total=args.iters * args.n_init, unit="iter", disable=args.no_progress, file=sys.stderr)
     start = time.monotonic()
@@ -138,7 +173,7 @@ def _run(args: argparse.Namespace) -> int:
         tqdm.write(f"  iteration {iteration:4d}: inertia {inertia:.8g}", file=sys.stdout)
 
     with bar:
-        model.fit(folder, progress=progress)
+        model.fit(features, progress=progress)
     path = model.save(args.output)
     seconds = time.monotonic() - start
     print(f"done in {seconds:.1f} s: {model.n_iter_} iterations, inertia {model.inertia_:.8g}; centroids in {path}")

@@ -76,3 +76,24 @@ def test_kmeans_cli_errors(extracted, tmp_path, capsys):
     assert main(["kmeans", str(extracted["one"]), str(tmp_path / "a.pt"), "--k", "100000", "--device", "cpu"]) == 2
     assert "needs at least 100000 frames" in capsys.readouterr().err
     assert not (tmp_path / "a.pt").exists()
+
+
+def test_kmeans_on_audio_with_a_checkpoint_equals_on_extracted_features(corpus, extracted, tmp_path, capsys):
+    """--checkpoint: features extracted in memory (none written) give the centroids of `extract` + `kmeans`."""
+    args = ["--k", "6", "--iters", "5", "--device", "cpu", "--no-progress", "--max-frames", "200", "--seed", "2"]
+    assert main(["kmeans", str(extracted["one"]), str(tmp_path / "from_files.pt"), *args]) == 0
+    audio = [str(corpus / "wavs"), str(tmp_path / "from_audio.pt"), "--checkpoint", str(FIXTURE_DIR / "model.pt")]
+    assert main(["kmeans", *audio, "--layer", "2", *args]) == 0
+    assert "extracted in memory" in capsys.readouterr().out
+    a, b = KMeans.load(tmp_path / "from_files.pt"), KMeans.load(tmp_path / "from_audio.pt")
+    assert torch.equal(a.cluster_centers_, b.cluster_centers_)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["from_audio.pt", "from_files.pt"]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.wav").write_bytes(b"not audio")
+    assert (
+        main(
+            ["kmeans", str(tmp_path / "bad"), str(tmp_path / "c.pt"), "--checkpoint", audio[3], "--layer", "2", *args]
+        )
+        == 2
+    )
+    assert "x.wav" in capsys.readouterr().err
