@@ -202,7 +202,7 @@ def item_file(
     import json
     import re
 
-    from spidr_fast.data.manifest import atomic_write_text
+    from spidr_fast.io import atomic_write_text
 
     if isinstance(alignments, (str, Path)):
         path = Path(alignments)

@@ -210,7 +210,7 @@ class KMeans:
 
     def save(self, path: str | Path) -> Path:
         """Write the centroids and settings to `path` (torch.save, atomically: temp file + rename)."""
-        from spidr_fast.checkpoint import _atomic_write
+        from spidr_fast.io import atomic_write
 
         state = {
             "format": FORMAT,
@@ -222,7 +222,7 @@ class KMeans:
             "settings": {"k": self.k, "iters": self.iters, "seed": self.seed, "precision": self.precision},
         }
         path = Path(path)
-        _atomic_write(path, lambda tmp: torch.save(state, tmp))
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
         return path
 
     @classmethod

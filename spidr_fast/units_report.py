@@ -86,7 +86,7 @@ def plot_cooccurrence(counts: np.ndarray, phones: list[str], units: list[int], p
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from spidr_fast.checkpoint import _atomic_write
+    from spidr_fast.io import atomic_write
 
     p = counts / np.maximum(counts.sum(0, keepdims=True), 1)  # (phones, units)
     order = np.lexsort((-p.max(0), p.argmax(0)))
@@ -100,7 +100,7 @@ def plot_cooccurrence(counts: np.ndarray, phones: list[str], units: list[int], p
     ax.set_title("p(phone | unit)")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -145,7 +145,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  {name:26s} {value:.4f}" if isinstance(value, float) else f"  {name:26s} {value}")
     print(f"  co-occurrence figure: {png}")
     if args.json:
-        from spidr_fast.data.manifest import atomic_write_text
+        from spidr_fast.io import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(rows, indent=2) + "\n")
     return 0

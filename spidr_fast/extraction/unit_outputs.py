@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spidr_fast.data.manifest import atomic_write_text
 from spidr_fast.extraction.files import Input, is_complete
+from spidr_fast.io import atomic_write_text
 from spidr_fast.units import merge_runs
 
 

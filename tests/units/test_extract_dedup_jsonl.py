@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from spidr_fast.__main__ import main
-from spidr_fast.units import expand_runs
+from spidr_fast.units import KMeans, expand_runs
 from spidr_fast.units_report import read_units
 from tests.conftest import FIXTURE_DIR
 from tests.sigkill import kill_mid_run
@@ -47,7 +47,7 @@ def test_dedup_expands_back_to_the_frame_units(corpus, tmp_path, fmt):
     assert extract(corpus / "wavs", tmp_path / "runs", "--layer", "3", "--format", fmt, "--dedup") == 0
 
 
-def test_units_jsonl(corpus, tmp_path):
+def test_units_jsonl(corpus, tmp_path, capsys):
     args = ["--units-only", "--units-layer", "3", "--units-format", "jsonl", "--dedup"]
     assert extract(corpus / "wavs", tmp_path / "out", *args) == 0
     rows = [json.loads(line) for line in (tmp_path / "out" / "units.jsonl").read_text().splitlines()]
@@ -58,8 +58,9 @@ def test_units_jsonl(corpus, tmp_path):
     assert extract(corpus / "wavs", tmp_path / "plain", "--layer", "3", "--units-format", "jsonl") == 0
     row = json.loads((tmp_path / "plain" / "units.jsonl").read_text().splitlines()[0])
     assert set(row) == {"file", "units"} and len(row["units"]) == len(frames[row["file"].removesuffix(".wav")])
-    with pytest.raises(SystemExit, match="need --units"):
-        main(["extract", str(corpus / "wavs"), str(tmp_path / "x"), *COMMON[:5], "--dedup"])
+    capsys.readouterr()
+    assert main(["extract", str(corpus / "wavs"), str(tmp_path / "x"), *COMMON[:5], "--dedup"]) == 2
+    assert "--dedup and --units-format jsonl need discrete units" in capsys.readouterr().err
 
 
 def _cli(src: Path, out: Path, *args: str) -> subprocess.Popen:
@@ -109,5 +110,25 @@ def test_codebook_probs_are_the_heads_softmax(corpus, tmp_path, monkeypatch, cap
     (tmp_path / "x.item").write_text("#file onset offset #phone prev-phone next-phone speaker\n")
     assert main(["abx", str(tmp_path / "x.item"), str(tmp_path / "probs"), "--name", "probs"]) == 0
     assert seen == [".probs.npy"]
-    with pytest.raises(SystemExit, match="discrete units"):
-        main(["extract", str(src), str(tmp_path / "x"), *common, "--units", "codebook-probs", "--dedup"])
+    capsys.readouterr()
+    assert main(["extract", str(src), str(tmp_path / "x"), *common, "--units", "codebook-probs", "--dedup"]) == 2
+    assert "need discrete units" in capsys.readouterr().err
+
+
+def test_settings_record_dedup_and_the_kmeans_file(corpus, tmp_path, capsys):
+    """A rerun into the same folder with --dedup, or with another k-means file at the same path, is refused."""
+    src, out = corpus / "wavs", tmp_path / "out"
+    assert extract(src, out, "--layer", "3") == 0
+    capsys.readouterr()
+    assert extract(src, out, "--layer", "3", "--dedup") == 2
+    assert "dedup: false -> true" in capsys.readouterr().err
+    features = [np.load(p) for p in sorted(out.glob("*.layer3.npy"))]
+    km = tmp_path / "km.pt"
+    common = [a for a in COMMON if a not in ("--units", "heads")]
+    run = ["extract", str(src), str(tmp_path / "k"), *common, "--layer", "3", "--units", f"kmeans:{km}"]
+    KMeans(4, iters=2, device="cpu", seed=0).fit(features).save(km)
+    assert main(run) == 0
+    KMeans(4, iters=2, device="cpu", seed=1).fit(features).save(km)
+    capsys.readouterr()
+    assert main(run) == 2
+    assert "kmeans_sha256" in capsys.readouterr().err

@@ -60,7 +60,7 @@ def test_kmeans_units_errors(tmp_path, corpus, capsys):
         spidr_fast.FeatureExtractor(model, layers=[1], units=km, device="cpu")
     with pytest.raises(ValueError, match="not fitted"):
         spidr_fast.FeatureExtractor(model, layers=[1], units=KMeans(2), device="cpu")
-    with pytest.raises(ValueError, match="need units_layer"):
+    with pytest.raises(ValueError, match="give units_layer"):
         spidr_fast.FeatureExtractor(model, layers=[], units="heads", device="cpu")
     (tmp_path / "bad.pt").write_bytes(b"x")
     assert extract(corpus / "wavs", tmp_path / "o", "--layer", "1", "--units", f"kmeans:{tmp_path / 'bad.pt'}") == 2
