@@ -1,13 +1,14 @@
-"""Length-bucketed, cropped batches (the reference recipe), split across ranks.
+"""Length-bucketed, cropped batches (the reference recipe), split across ranks: `BucketBatchSampler`, `Collator`.
 
-Utterances of at least `min_sample_size` samples are grouped by
-length into `num_buckets` buckets; per epoch, each bucket is shuffled and batches are filled in
-bucket order up to `max_batch_length` samples (each utterance counted at min(length,
-max_sample_size)); the collator crops every utterance of a batch at a random offset to the
-shortest one (and to `max_sample_size`), so nothing is padded and `attention_mask` is None.
+Both take the `DataConfig` and `MaskingConfig` of a training config (`spidr_fast.config`). Utterances
+of at least `min_sample_size` samples are grouped by length into `num_buckets` buckets; per epoch,
+each bucket is shuffled and batches are filled in bucket order up to `max_batch_length` samples
+(each utterance counted at min(length, max_sample_size)); the collator crops every utterance of a
+batch at a random offset to the shortest one (and to `max_sample_size`), so nothing is padded and
+`attention_mask` is None.
 
-The batch list is a pure function of (seed, epoch); batch order is shuffled; the list
-is made divisible by `world_size` by splitting the largest batches in two (never by repeating or
+The batch list is a pure function of (random_seed, epoch); batch order is shuffled; the list is
+made divisible by `world_size` by splitting the largest batches in two (never by repeating or
 dropping one), and rank r takes batches r, r + world_size, ...: every utterance is used exactly
 once per epoch across ranks, and every rank runs the same number of steps.
 """
