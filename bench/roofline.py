@@ -28,7 +28,8 @@ all variants of one config are measured against the same FLOPs (those of spidr_f
     python bench/roofline.py --compare spidr_fast reference   # side by side (H100 unless --device)
     python bench/roofline.py --compare spidr_fast spidr_fast:ref_ops=conv_frontend --json out.json
 Variant: `spidr_fast` | `reference`, then `:eager`, `:ref_ops=a+b` (SPIDR_FAST_REFERENCE_OPS),
-`:frozen` (phase B: extractor frozen, no EMA), `:extract` (extraction forward). For the GPU check:
+`:frozen` (phase B: extractor frozen, no EMA), `:extract` (extraction forward), `:ncw` (what-if: cuDNN wraps
+every channels-first bf16 conv in NCW <-> NHWC transposes, which a GPU profile shows or not). For the GPU check:
 `predict(config, device)` gives predicted ms per class and `classify(kernel_name)` maps a profiler kernel
 name onto the same classes.
 """
@@ -190,7 +191,8 @@ class Op:
     label: str  # module path (forward) or that of the forward op a backward op differentiates
     flops: int
     low_precision: bool  # the op's floating inputs are bf16/fp16 (tensor-core peak) rather than fp32
-    bytes: int
+    bytes: int  # moved by the op's own kernel(s)
+    extra: int  # moved by helper kernels around it (layout transposes, hidden .contiguous() copies): serial
     kernels: int
     groups: int
     ins: list[int]  # value ids read
@@ -213,6 +215,8 @@ class _State:
     modules: list[str] = []  # noqa: RUF012  (stack of module paths being run)
     node_labels: dict[Any, str] = {}  # noqa: RUF012  (autograd node -> forward label)
     phase = "fwd"
+    suppress = 0  # > 0: ops are not recorded (layout fix-ups that stand for what cuDNN does inside its kernels)
+    ncw_transposes = False  # what-if: cuDNN wraps channels-first bf16 convs in NCW <-> NHWC transposes
 
 
 class _EmulatedAutocast(contextlib.ContextDecorator):
@@ -291,8 +295,16 @@ class _CudaLike(TorchFunctionMode):
                 elif func in _FP32_UNLESS_DTYPE and kwargs.get("dtype") is None:
                     kwargs = {**kwargs, "dtype": torch.float32}
             out = func(*args, **kwargs)
+            if func in (F.conv1d, torch.conv1d) and _is_channels_last(args[0]):
+                _State.suppress += 1  # cuDNN: a channels-last input gives a channels-last output (meta: NCW)
+                out = out.transpose(1, 2).contiguous().transpose(1, 2)
+                _State.suppress -= 1
         _tag(out)
         return out
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    return t.dim() == 3 and t.shape[1] > 1 and t.stride(1) == 1
 
 
 def _ubytes(t: Tensor) -> int:
@@ -330,6 +342,8 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if _State.suppress:
+            return out
         packet = func._overloadpacket
         name = packet.__name__
         if func.namespace == "spidr_fast":
@@ -354,18 +368,32 @@ class _Recorder(TorchDispatchMode):
         low = any(t.dtype in (torch.bfloat16, torch.float16) for t in ins if t.is_floating_point())
         node = torch._C._current_autograd_node()
         label = _State.node_labels.get(node, "") if node is not None else (_State.modules or [""])[-1]
-        kernels, groups = 1, 1
+        kernels, groups, extra = 1, 1, 0
         if name == "convolution":
             groups = args[-1]
+            if _State.ncw_transposes and low and args[0].shape[1] > 1 and not _is_channels_last(args[0]):
+                extra += 2 * (_ubytes(args[0]) + _ubytes(out))  # NCW -> NHWC input, NHWC -> NCW output
+                kernels += 2
         elif name == "convolution_backward":
             groups, kernels = args[-2], max(1, sum(bool(m) for m in args[-1]))
+            if _State.ncw_transposes and low and args[1].shape[1] > 1 and not _is_channels_last(args[1]):
+                extra += 2 * (_ubytes(args[0]) + _ubytes(args[1]) + (_ubytes(out[0]) if args[-1][0] else 0))
+                kernels += 3
+        elif name == "native_layer_norm" and not args[0].is_contiguous():
+            extra += 2 * _ubytes(args[0])  # layer_norm_cuda: X.contiguous(), a copy kernel
+            kernels += 1
+        elif name == "native_layer_norm_backward":
+            kernels = 2  # the input gradient, then gamma/beta gradients
+            for t in args[:2]:  # dY and X made contiguous
+                if not t.is_contiguous():
+                    extra, kernels = extra + 2 * _ubytes(t), kernels + 1
         elif "attention_backward" in name:
             kernels = 3  # preprocess, the backward kernel, dq conversion
         elif op_class(name) == "optimizer/EMA":
             lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], Tensor)]
             kernels = max(1, math.ceil(len(lists[0]) / 48)) if lists else 1  # multi_tensor_apply chunks
         self.ops.append(Op(name, op_class(name), region_of(label, _State.phase), _State.phase, label, flops, low,
-                           nbytes, kernels, groups, in_values, out_values))  # fmt: skip
+                           nbytes, extra, kernels, groups, in_values, out_values))  # fmt: skip
         return out
 
 
@@ -373,8 +401,6 @@ class _Recorder(TorchDispatchMode):
 def _cuda_like_trace(model: nn.Module | None, use_triton: bool) -> Iterator[_Recorder]:
     """Module-path hooks, emulated autocast, CUDA dispatch decisions; yields the recorder."""
     from torch.nn.modules import module as module_mod
-
-    import spidr_fast.kernels as kernels_pkg
 
     _State.modules, _State.node_labels, _State.cast_cache, _State.phase = [], {}, {}, "fwd"
     names = {id(m): n for n, m in model.named_modules()} if model is not None else {}
@@ -394,8 +420,8 @@ def _cuda_like_trace(model: nn.Module | None, use_triton: bool) -> Iterator[_Rec
     def on_cuda(x: Tensor, op: str | None = None) -> bool:  # the decision `use_triton` takes on a CUDA tensor
         return use_triton and _dispatch.forced_backend() != "reference" and op not in _dispatch.reference_ops()
 
-    for mod in [m for n, m in sys.modules.items() if n.startswith(kernels_pkg.__name__)]:
-        if hasattr(mod, "use_triton"):
+    for mod in [m for n, m in list(sys.modules.items()) if n.startswith("spidr_fast")]:
+        if getattr(mod, "use_triton", None) is _dispatch.use_triton:  # modules that imported it by name
             patched.append((mod, "use_triton", on_cuda))
     saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patched]
     hooks = [module_mod.register_module_forward_pre_hook(pre), module_mod.register_module_forward_hook(post)]
@@ -409,7 +435,7 @@ def _cuda_like_trace(model: nn.Module | None, use_triton: bool) -> Iterator[_Rec
             h.remove()
         for obj, attr, old in saved:
             setattr(obj, attr, old)
-        _State.autocast, _State.cast_cache = False, {}
+        _State.autocast, _State.cast_cache, _State.ncw_transposes = False, {}, False
 
 
 @dataclasses.dataclass
@@ -439,6 +465,7 @@ class Variant:
     compiled: bool = True
     ref_ops: str = ""  # SPIDR_FAST_REFERENCE_OPS for the trace
     mode: str = "train"  # train (phase A) | frozen (phase B) | extract
+    ncw_transposes: bool = False  # what-if: cuDNN transposes channels-first bf16 conv operands (PERF-MODEL.md)
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -451,15 +478,19 @@ class Variant:
                 kw["compiled"] = False
             elif opt in ("frozen", "extract"):
                 kw["mode"] = opt
+            elif opt == "ncw":
+                kw["ncw_transposes"] = True
             elif opt.startswith("ref_ops="):
                 kw["ref_ops"] = opt.split("=", 1)[1].replace("+", ",")
             else:
-                raise ValueError(f"variant {spec!r}: unknown option {opt!r} (eager, frozen, extract, ref_ops=a+b)")
+                known = "eager, frozen, extract, ncw, ref_ops=a+b"
+                raise ValueError(f"variant {spec!r}: unknown option {opt!r} ({known})")
         return cls(**kw)
 
     def __str__(self) -> str:
         opts = [] if self.compiled else ["eager"]
         opts += [] if self.mode == "train" else [self.mode]
+        opts += ["ncw"] if self.ncw_transposes else []
         opts += [f"ref_ops={self.ref_ops.replace(',', '+')}"] if self.ref_ops else []
         return ":".join([self.impl, *opts])
 
@@ -548,6 +579,7 @@ def trace(
         model = _build(variant.impl, cfg)
         wav = torch.empty(batch, samples, device="meta")
         with _cuda_like_trace(model, use_triton=variant.impl == "spidr_fast") as rec:
+            _State.ncw_transposes = variant.ncw_transposes
             if variant.mode == "extract":
                 model.eval()
                 with torch.no_grad(), _EmulatedAutocast():
@@ -597,13 +629,15 @@ def _ema(model: nn.Module) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _fused_costs(tr: Trace) -> tuple[list[float], list[float]]:
-    """Per-op (bytes, kernels) after fusing runs of consecutive fusible ops in one compiled region: a run
-    moves the values entering it and those it produces that are read elsewhere (or never read: results)."""
+def _fused_costs(tr: Trace) -> tuple[list[float], list[float], list[float]]:
+    """Per-op (bytes, helper-kernel bytes, kernels) after fusing runs of consecutive fusible ops in one compiled
+    region: a run moves the values entering it and those it produces that are read elsewhere (or never read:
+    results), and has no helper kernels (Inductor generates its own LayerNorm, reading any strides)."""
     nbytes = [float(op.bytes) for op in tr.ops]
+    extra = [float(op.extra) for op in tr.ops]
     kernels = [float(op.kernels) for op in tr.ops]
     if tr.compiled is None:
-        return nbytes, kernels
+        return nbytes, extra, kernels
     readers: dict[int, set[int]] = collections.defaultdict(set)
     for i, op in enumerate(tr.ops):
         for v in op.ins:
@@ -630,8 +664,8 @@ def _fused_costs(tr: Trace) -> tuple[list[float], list[float]]:
         eager = sum(nbytes[i] for i in run) or 1.0
         for i in run:  # the run's traffic and kernels, shared in proportion to eager traffic
             share = nbytes[i] / eager
-            nbytes[i], kernels[i] = moved * share, max(1, reductions) * share
-    return nbytes, kernels
+            nbytes[i], kernels[i], extra[i] = moved * share, max(1, reductions) * share, 0.0
+    return nbytes, extra, kernels
 
 
 def efficiency(op: Op) -> float:
@@ -651,17 +685,17 @@ def summarize(tr: Trace, device: str = "H100") -> dict[str, Any]:
         raise ValueError(f"device {device!r}: one of {sorted(DEVICES)}")
     hw = DEVICES[device]
     bw = hw["hbm"] * EFFICIENCY["memory"][0]
-    nbytes, kernels = _fused_costs(tr)
+    nbytes, extra, kernels = _fused_costs(tr)
     rows = {c: collections.Counter() for c in CLASSES}
     regions = {r: collections.Counter() for r in REGIONS}
-    for op, b, k in zip(tr.ops, nbytes, kernels):
+    for op, b, e, k in zip(tr.ops, nbytes, extra, kernels):
         t_compute = 0.0
         if op.flops:
             t_compute = op.flops / (hw["bf16" if op.low_precision else "fp32"] * efficiency(op))
-        t = max(t_compute, b / bw, k * EFFICIENCY["kernel_min_s"][0])
+        t = max(t_compute, b / bw, k * EFFICIENCY["kernel_min_s"][0]) + e / bw
         for row in (rows[op.cls], regions[op.region]):
             row["gflop"] += op.flops / 1e9
-            row["gb"] += b / 1e9
+            row["gb"] += (b + e) / 1e9
             row["kernels"] += k
             row["ms"] += t * 1e3
             row["compute_bound_ms"] += t * 1e3 if t_compute >= b / bw else 0.0
@@ -673,10 +707,10 @@ def summarize(tr: Trace, device: str = "H100") -> dict[str, Any]:
         "ms": total_ms,
         "gflop": sum(op.flops for op in tr.ops) / 1e9,
         "model_gflop": tr.model_flops / 1e9,
-        "gb": sum(nbytes) / 1e9,
+        "gb": (sum(nbytes) + sum(extra)) / 1e9,
         "audio_s": tr.audio_s,
         "floor_compute_ms": sum(op.flops / hw["bf16" if op.low_precision else "fp32"] for op in tr.ops) * 1e3,
-        "floor_memory_ms": sum(nbytes) / hw["hbm"] * 1e3,
+        "floor_memory_ms": (sum(nbytes) + sum(extra)) / hw["hbm"] * 1e3,
     }
 
 

@@ -121,3 +121,15 @@ def test_predict_and_classify_share_the_classes() -> None:
     assert {n: roofline.classify(n) for n in names} == names
     with pytest.raises(ValueError, match="variant 'spidr_fast:fast'"):
         roofline.Variant.parse("spidr_fast:fast")
+
+
+def test_channels_last_front_end_has_no_layout_transposes() -> None:
+    """Under the `ncw` what-if (cuDNN transposes channels-first bf16 convs), the channels-last front-end's
+    convs need none (block 0 reads 1 channel); SPIDR_FAST_REFERENCE_OPS=frontend_layout brings them back."""
+
+    def conv_transposes(variant: str) -> int:
+        tr = roofline.trace(variant, "tiny", batch=2, seconds=1.0)
+        return sum(op.extra for op in tr.ops if op.cls == "conv" and op.region == "front-end convs")
+
+    assert conv_transposes("spidr_fast:ncw") == 0
+    assert conv_transposes("spidr_fast:ncw:ref_ops=frontend_layout") > 0
