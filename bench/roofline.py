@@ -545,8 +545,10 @@ def _optimizer_step(params: list[Tensor], grad_scaler: bool) -> None:
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, torch.ones((), device="meta"))
     total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
     torch._foreach_mul_(grads, torch.clamp(10.0 / (total + 1e-6), max=1.0))
+    _State.suppress += 1  # the optimizer's state exists already in a steady-state step
     state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
     steps = [torch.zeros((), device="meta") for _ in params]
+    _State.suppress -= 1
     torch._fused_adamw_(params, grads, state[0], state[1], [], steps, lr=5e-4, beta1=0.9, beta2=0.98,
                         weight_decay=0.01, eps=1e-6, amsgrad=False, maximize=False)  # fmt: skip
 
@@ -806,6 +808,35 @@ def report(variants: list[str], config: Any = "base", batch: int = 16, seconds: 
     return "\n".join(lines), out
 
 
+# The levers built so far, each switched off by a SPIDR_FAST_REFERENCE_OPS name; (title, name)
+LEVERS = (
+    ("channels-last front-end (kernels/conv_frontend.py)", "frontend_layout"),
+    ("bf16 residual stream (spidr_fast/models/layer_norm.py)", "residual_dtype"),
+)
+
+
+def levers_table(config: Any = "base", batch: int = 16, seconds: float = 15.0, device: str = "H100") -> str:
+    """spidr_fast with every built lever off, then each switched on in turn (cumulative), with and without the
+    `ncw` what-if; run average of phases A and B, MFU on the spidr_fast basis."""
+    basis = trace(Variant(), config, batch, seconds).model_flops
+    lines = [f"| levers, cumulative ({device}) | ncw | A ms | B ms | run avg ms | gain ms | MFU run avg |",
+             "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for ncw in (False, True):
+        off = [name for _, name in LEVERS]
+        first = None
+        for title in ["all built levers off", *(f"+ {t}" for t, _ in LEVERS)]:
+            if title.startswith("+"):
+                off.pop(0)
+            v = Variant(ref_ops=",".join(off), ncw_transposes=ncw)
+            a = summarize(trace(v, config, batch, seconds), device)["ms"]
+            b = summarize(trace(dataclasses.replace(v, mode="frozen"), config, batch, seconds), device)["ms"]
+            avg = (a + b) / 2
+            first = avg if first is None else first
+            lines.append(f"| {title} | {'yes' if ncw else 'no'} | {a:.1f} | {b:.1f} | {avg:.1f} | {first - avg:.1f} | "
+                         f"{mfu(basis, avg, device):.1%} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variant", default="spidr_fast", help="variant to predict (without --compare)")
@@ -815,10 +846,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=15.0, help="per utterance (16 x 15 s = 3.84M samples)")
     ap.add_argument("--device", choices=sorted(DEVICES), action="append", help="default: all")
     ap.add_argument("--json", help="also write the numbers here")
+    ap.add_argument("--levers", action="store_true", help="also the built levers' cumulative gains (first device)")
     args = ap.parse_args(argv)
     variants = list(args.compare) if args.compare else [args.variant]
-    text, out = report(variants, args.config, args.batch, args.seconds, tuple(args.device or DEVICES))
+    devices = tuple(args.device or DEVICES)
+    text, out = report(variants, args.config, args.batch, args.seconds, devices)
     print(text)
+    if args.levers:
+        device = "H100" if "H100" in devices else devices[0]
+        print(f"\n## Levers built (SPIDR_FAST_REFERENCE_OPS switches each off), {device}\n")
+        print(levers_table(args.config, args.batch, args.seconds, device))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

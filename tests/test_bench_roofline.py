@@ -133,3 +133,10 @@ def test_channels_last_front_end_has_no_layout_transposes() -> None:
 
     assert conv_transposes("spidr_fast:ncw") == 0
     assert conv_transposes("spidr_fast:ncw:ref_ops=frontend_layout") > 0
+
+
+def test_levers_table_switches_each_built_lever() -> None:
+    rows = [r for r in roofline.levers_table("tiny", batch=1, seconds=1.0).splitlines() if r.startswith("| ")][1:]
+    assert len(rows) == 2 * (1 + len(roofline.LEVERS))
+    assert [r.split(" | ")[1] for r in rows] == ["no"] * 3 + ["yes"] * 3
+    assert {r.split(" | ")[0] for r in rows} == {"| all built levers off", *(f"| + {t}" for t, _ in roofline.LEVERS)}
