@@ -25,9 +25,11 @@ MFU = the step's model FLOPs (forward + backward, counted as the trainer counts 
 all variants of one config are measured against the same FLOPs (those of spidr_fast's phase-A step).
 
     python bench/roofline.py                                  # spidr_fast, base, 16 x 15 s, all devices
-    python bench/roofline.py --compare spidr_fast reference   # side by side (H100 unless --device)
+    python bench/roofline.py --compare spidr_fast reference   # side by side (all devices unless --device)
     python bench/roofline.py --compare spidr_fast spidr_fast:ref_ops=conv_frontend --json out.json
-Variant: `spidr_fast` | `reference`, then `:eager`, `:ref_ops=a+b` (SPIDR_FAST_REFERENCE_OPS),
+    python bench/roofline.py --device H100 --levers --eff conv_grouped=0.4     # built levers; an efficiency what-if
+Variant: `spidr_fast` | `reference`, then `:eager`, `:whole` (spidr_fast compiled as one graph, glue
+included, as the reference), `:ref_ops=a+b` (SPIDR_FAST_REFERENCE_OPS),
 `:frozen` (phase B: extractor frozen, no EMA), `:extract` (extraction forward), `:ncw` (what-if: cuDNN wraps
 every channels-first bf16 conv in NCW <-> NHWC transposes, which a GPU profile shows or not). For the GPU check:
 `predict(config, device)` gives predicted ms per class and `classify(kernel_name)` maps a profiler kernel
@@ -463,6 +465,7 @@ def trace_fn(fn: Callable[[], Any], model: nn.Module | None = None, *, autocast:
 class Variant:
     impl: str = "spidr_fast"  # spidr_fast | reference
     compiled: bool = True
+    whole_model: bool = False  # spidr_fast compiled as one graph (forward + backward), not layer by layer
     ref_ops: str = ""  # SPIDR_FAST_REFERENCE_OPS for the trace
     mode: str = "train"  # train (phase A) | frozen (phase B) | extract
     ncw_transposes: bool = False  # what-if: cuDNN transposes channels-first bf16 conv operands (PERF-MODEL.md)
@@ -476,6 +479,8 @@ class Variant:
         for opt in opts:
             if opt == "eager":
                 kw["compiled"] = False
+            elif opt == "whole":
+                kw["whole_model"] = True
             elif opt in ("frozen", "extract"):
                 kw["mode"] = opt
             elif opt == "ncw":
@@ -483,12 +488,13 @@ class Variant:
             elif opt.startswith("ref_ops="):
                 kw["ref_ops"] = opt.split("=", 1)[1].replace("+", ",")
             else:
-                known = "eager, frozen, extract, ncw, ref_ops=a+b"
+                known = "eager, whole, frozen, extract, ncw, ref_ops=a+b"
                 raise ValueError(f"variant {spec!r}: unknown option {opt!r} ({known})")
         return cls(**kw)
 
     def __str__(self) -> str:
         opts = [] if self.compiled else ["eager"]
+        opts += ["whole"] if self.whole_model and self.impl == "spidr_fast" else []
         opts += [] if self.mode == "train" else [self.mode]
         opts += ["ncw"] if self.ncw_transposes else []
         opts += [f"ref_ops={self.ref_ops.replace(',', '+')}"] if self.ref_ops else []
@@ -614,7 +620,7 @@ def trace(
             os.environ["SPIDR_FAST_REFERENCE_OPS"] = saved_env
     compiled = None
     if variant.compiled:
-        compiled = _per_layer if variant.impl == "spidr_fast" else _whole_model
+        compiled = _per_layer if variant.impl == "spidr_fast" and not variant.whole_model else _whole_model
     model_flops = sum(op.flops for op in rec.ops if op.phase in ("fwd", "bwd", "loss"))
     return Trace(rec.ops, rec.value_bytes, batch * samples / 16000, compiled, model_flops)
 
@@ -847,7 +853,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", choices=sorted(DEVICES), action="append", help="default: all")
     ap.add_argument("--json", help="also write the numbers here")
     ap.add_argument("--levers", action="store_true", help="also the built levers' cumulative gains (first device)")
+    ap.add_argument("--eff", action="append", default=[], metavar="KEY=VALUE", help="what-if: an EFFICIENCY value")
     args = ap.parse_args(argv)
+    for item in args.eff:
+        key, _, value = item.partition("=")
+        if key not in EFFICIENCY:
+            raise SystemExit(f"--eff {item!r}: the key must be one of {sorted(EFFICIENCY)}")
+        EFFICIENCY[key] = (float(value), f"what-if (--eff {item}); default {EFFICIENCY[key][0]:g}")
     variants = list(args.compare) if args.compare else [args.variant]
     devices = tuple(args.device or DEVICES)
     text, out = report(variants, args.config, args.batch, args.seconds, devices)

@@ -140,3 +140,16 @@ def test_levers_table_switches_each_built_lever() -> None:
     assert len(rows) == 2 * (1 + len(roofline.LEVERS))
     assert [r.split(" | ")[1] for r in rows] == ["no"] * 3 + ["yes"] * 3
     assert {r.split(" | ")[0] for r in rows} == {"| all built levers off", *(f"| + {t}" for t, _ in roofline.LEVERS)}
+
+
+def test_whole_model_compile_and_efficiency_what_ifs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(roofline, "EFFICIENCY", dict(roofline.EFFICIENCY))  # --eff edits the table
+    out = tmp_path / "r.json"
+    roofline.main(["--compare", "spidr_fast", "spidr_fast:whole", "--config", "tiny", "--batch", "1", "--seconds",
+                   "1", "--device", "H100", "--eff", "conv_grouped=0.3", "--json", str(out)])  # fmt: skip
+    data = json.loads(out.read_text())
+    assert data["efficiency"]["conv_grouped"][0] == 0.3 and "what-if" in data["efficiency"]["conv_grouped"][1]
+    per_layer, whole = (data["variants"][v]["H100"] for v in ("spidr_fast", "spidr_fast:whole"))
+    assert whole["gflop"] == per_layer["gflop"] and whole["gb"] < per_layer["gb"]  # more fused, less traffic
+    with pytest.raises(SystemExit, match="--eff 'gemmm=1'"):
+        roofline.main(["--config", "tiny", "--eff", "gemmm=1"])
