@@ -22,10 +22,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import soundfile as sf
 from tqdm import tqdm
 
-from spidr_fast.data.audio import SAMPLE_RATE, AudioError
+from spidr_fast.data.audio import SAMPLE_RATE, AudioError, soundfile
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 _FILE_FIELDS = ["fileid", "path", "num_samples"]
@@ -240,6 +239,7 @@ def _members(tar: tarfile.TarFile, bar: tqdm) -> Iterator[tarfile.TarInfo]:
 
 
 def _frames(source: Path | io.RawIOBase, name: str) -> int:
+    sf = soundfile()
     try:
         return int(sf.info(source).frames)
     except Exception as exc:

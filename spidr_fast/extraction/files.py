@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 
 from spidr_fast.checkpoint import _atomic_write
-from spidr_fast.data.audio import SAMPLE_RATE, AudioError, check_audio, read_archive_member
+from spidr_fast.data.audio import SAMPLE_RATE, AudioError, check_audio, read_archive_member, soundfile
 from spidr_fast.data.manifest import AUDIO_EXTENSIONS, ManifestEntry, read_manifest
 
 EXTENSIONS = (*AUDIO_EXTENSIONS, ".mp3", ".aiff", ".aif", ".au")
@@ -84,6 +83,7 @@ def shard(inputs: Sequence[Input], rank: int, world_size: int) -> list[Input]:
 
 def probe_seconds(item: Input) -> float:
     """Duration from the header (no decoding), 0 when it cannot be read (decoding then reports why)."""
+    sf = soundfile()
     try:
         if item.entry.num_samples >= 0 and not item.entry.in_archive:
             return item.entry.num_samples / SAMPLE_RATE
@@ -109,6 +109,7 @@ def read_audio(item: Input, *, resample: bool = False, downmix: bool = False) ->
     Raises `AudioError` (unreadable, empty, < 400 samples, NaN/Inf, and, unless the flags allow
     converting them, several channels or another sample rate).
     """
+    sf = soundfile()
     try:
         waveform, sample_rate = sf.read(_open(item), dtype="float32", always_2d=True)
     except AudioError:
