@@ -17,10 +17,15 @@ What the trace emulates of a CUDA run (the CPU build has no CUDA autocast):
   * SDPA: the flash backend when no mask is passed, memory-efficient with an additive bias otherwise;
     dropout as one fused `native_dropout`;
   * spidr_fast's ops take their Triton path (as on CUDA) unless `SPIDR_FAST_REFERENCE_OPS` lists them;
+  * cuDNN's layout choice (a channels-last conv input gives a channels-last output) and the hidden
+    `.contiguous()` copy of an eager LayerNorm given a non-contiguous input (serial helper-kernel time);
   * "compiled": runs of consecutive fusible ops (not GEMM, conv, attention, custom or multi-tensor ops)
     inside one compiled region become one kernel per reduction that moves only the values crossing the
     run's boundary. spidr_fast compiles each transformer layer (its trainer's default); the reference
     0.2.0 compiles the whole model (fwd + bwd; optimizer and EMA stay eager).
+Limits: efficiencies are assumptions until `make gpu-check` calibrates them; the fusion estimate keeps
+eager's saved-for-backward set (Inductor may recompute instead: compiled traffic is an upper bound); no
+host time (no host syncs in either step), no communication (one GPU).
 MFU = the step's model FLOPs (forward + backward, counted as the trainer counts them) / time / bf16 peak;
 all variants of one config are measured against the same FLOPs (those of spidr_fast's phase-A step).
 
@@ -147,7 +152,8 @@ def classify(kernel_name: str) -> str:
         return "optimizer/EMA"
     # cuDNN conv kernels (and its layout transposes around channels-first convs) before GEMMs: their names
     # say "implicit_gemm" too.
-    if any(w in k for w in ("conv", "fprop", "dgrad", "wgrad", "winograd", "nchwtonhwc", "nhwctonchw")):
+    if any(w in k.replace("convert", "") for w in ("conv", "fprop", "dgrad", "wgrad", "winograd", "nchwtonhwc",
+                                                   "nhwctonchw")):  # fmt: skip
         return "conv"
     if any(w in k for w in ("gemm", "cublas", "cutlass", "nvjet", "s16816", "splitk", "gemv", "xmma")):
         return "gemm"

@@ -117,6 +117,10 @@ def test_predict_and_classify_share_the_classes() -> None:
         "_assign_kernel": "codebook",
         "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer/EMA",
         "Memcpy HtoD (Pageable -> Device)": "other",
+        "void cudnn::cnn::wgrad2d_grouped_direct_kernel<float, __nv_bfloat16>": "conv",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::bfloat16_copy_kernel_cuda>": "norm/elementwise",
+        "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_32x6_tn_align8>": "gemm",
+        "void flash::flash_bwd_convert_dq_kernel<Flash_bwd_kernel_traits<64, 128>>": "attention",
     }
     assert {n: roofline.classify(n) for n in names} == names
     with pytest.raises(ValueError, match="variant 'spidr_fast:fast'"):
