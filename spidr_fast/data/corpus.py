@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from spidr_fast.data.audio import SAMPLE_RATE, soundfile
-from spidr_fast.data.manifest import ManifestEntry, atomic_write_text, write_manifest
+from spidr_fast.data.manifest import ManifestEntry, write_manifest
+from spidr_fast.io import atomic_write_text
 
 FRAME_SHIFT = 160  # samples per alignment frame (10 ms)
 

@@ -1,7 +1,10 @@
 """`FeatureExtractor`: batched, chunked extraction of layer features and discrete units.
 
-Waveforms of any lengths go in (16 kHz mono, numpy or torch; standardised here, per utterance,
-over the whole utterance); per waveform a dict comes out:
+Waveforms of any lengths go in, numpy or torch, as decoded: at 16 kHz or any rate given as
+`sample_rate=` (resampled as `spidr-fast extract --resample` does), mono or, with `downmix=True`,
+multi-channel (channels averaged). They are standardised here, per utterance over the whole
+utterance (mean 0, variance 1: what the model expects), so do not standardise them yourself
+(harmless, but redundant). Per waveform a dict comes out:
 `{"layer6": (frames, D) float32, ..., "units": (frames,) int64}`. Layers are numbered from 1.
 
 How it runs (all of it transparent to the results):
@@ -22,6 +25,11 @@ the last `num_codebooks` layers (SpidR base: layers 5..12):
 - `"codebooks"`: nearest codeword (L2, fp32) of the layer's FFN output (before residual)
   instance-normalised over the utterance's frames: the teacher-target recipe, applied to the
   student. For chunked files the normalisation statistics cover the whole file.
+- `"codebook-probs"`: the softmax of that head, (frames, K) fp32 posteriors over the codewords,
+  returned as "probs" (for KL-based ABX: `spidr-fast abx --name probs --distance kl_symmetric`).
+- `"kmeans:PATH"` (or a fitted `spidr_fast.units.KMeans`): nearest centroid of the layer's features
+  (FFN output, or the layer output with `before_residual=False`: what `extract` writes and
+  `spidr-fast kmeans` fits on), any layer, computed on the device in the same pass.
 
 Measured (bench/extract_throughput.py, base config with random weights, noise input, layer 6,
 CPU; rerun with `--experiment chunking|dtype`):
@@ -67,6 +75,7 @@ from spidr_fast.config import SAMPLE_RATE
 from spidr_fast.data import batching
 from spidr_fast.data.audio import MIN_SAMPLES
 from spidr_fast.data.batching import CONV_LAYERS
+from spidr_fast.extraction.files import conform
 from spidr_fast.extraction.frontend import ChannelsLastFrontend
 from spidr_fast.models.padding import key_mask_from_lengths, masked_instance_norm
 
@@ -74,7 +83,7 @@ RECEPTIVE_FIELD = int(MIN_SAMPLES)  # samples of the first frame
 HOP = math.prod(stride for _, _, stride in CONV_LAYERS)  # samples between frames (320)
 _EPS = 1e-5  # the standardisation's variance epsilon (a layer norm without affine)
 
-UnitsKind = Literal["heads", "codebooks"]
+UnitsKind = Literal["heads", "codebooks", "codebook-probs"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -89,6 +98,17 @@ def standardize(waveform: np.ndarray | Tensor) -> Tensor:
 
 def num_frames(num_samples: int) -> int:
     return int(batching.num_frames(num_samples))
+
+
+def _mono_16k(key: Any, waveform: np.ndarray | Tensor, sample_rate: int, downmix: bool) -> np.ndarray:
+    """One waveform, checked, as float32 (samples,) at 16 kHz: resampled, channels averaged if `downmix`."""
+    name = f"waveforms[{key}]" if isinstance(key, int) else str(key)
+    x = waveform.detach().to("cpu", torch.float32).numpy() if isinstance(waveform, Tensor) else np.asarray(waveform)
+    if x.ndim not in (1, 2):
+        raise ValueError(f"{name}: a waveform is 1-D (samples) or 2-D (channels), got shape {x.shape}")
+    x = x.reshape(-1, 1) if x.ndim == 1 else (x if x.shape[1] <= x.shape[0] else x.T)  # (samples, channels)
+    hints = ("sample_rate=", "downmix=True")
+    return conform(x.astype(np.float32, copy=False), sample_rate, name, resample=True, downmix=downmix, hints=hints)
 
 
 @dataclass(frozen=True)
@@ -138,7 +158,9 @@ class FeatureExtractor:
         model: a `spidr_fast.SpidR` / `DinoSR` (put in eval mode and moved to `device`).
         layers: layers whose features to return, numbered from 1 (the reference's extraction
             numbering; 6 is the usual choice). Empty: units only.
-        units: None, "heads" or "codebooks" (see the module docstring).
+        units: None, "heads", "codebooks", "codebook-probs" (returned as "probs"), or k-means:
+            "kmeans:PATH" (a file of `KMeans.save`) or a fitted `spidr_fast.units.KMeans` (see the
+            module docstring).
         units_layer: layer the units are for; default the deepest of `layers`.
         device: where to run (default: cuda if available, else cpu).
         dtype: "float32" (default), "bfloat16" or "float16" (autocast; units are always assigned in fp32).
@@ -157,8 +179,12 @@ class FeatureExtractor:
             layer_norm mode. It snapshots the conv weights: build the extractor after loading them.
 
     Calling it on a list of waveforms returns, per waveform, {"layer{l}": (frames, D) float32 on the
-    CPU, ..., "units": (frames,) int64}. It leaves the model untouched (no hooks) and keeps no
-    per-call state, so several threads may call one extractor at once.
+    CPU, ..., "units": (frames,) int64}; on one waveform (a 1-D array or tensor), that one dict.
+    Waveforms are raw audio: the extractor standardises each itself, resamples it from
+    `sample_rate` to 16 kHz, and averages the channels of a 2-D one only with `downmix=True`
+    (else refused: a stereo array must not run as one channel of double length). It leaves the
+    model untouched (no hooks) and keeps no per-call state, so several threads may call one
+    extractor at once.
     """
 
     def __init__(
@@ -195,21 +221,33 @@ class FeatureExtractor:
         for layer in self.layers:
             if not 1 <= layer <= num_layers:
                 raise ValueError(f"layer {layer} does not exist: the model has layers 1..{num_layers}")
-        if units not in (None, "heads", "codebooks"):
-            raise ValueError(f"units must be None, 'heads' or 'codebooks', got {units!r}")
+        self.kmeans = _kmeans_units(units, self.device)
+        if self.kmeans is None and units not in (None, "heads", "codebooks", "codebook-probs"):
+            raise ValueError(
+                f"units must be None, 'heads', 'codebooks', 'codebook-probs', 'kmeans:PATH' or a KMeans, got {units!r}"
+            )
         if units is None and not self.layers:
             raise ValueError("nothing to extract: give at least one layer or units")
-        self.units = units
+        self.units = "kmeans" if self.kmeans is not None else units
         self.units_layer = self.units_head = None
         if units is not None:
+            if units_layer is None and not self.layers:
+                raise ValueError("units without layers: give units_layer, the layer the units are for")
             self.units_layer = int(units_layer if units_layer is not None else max(self.layers))
-            first = num_layers - model.num_codebooks + 1
+            first = 1 if self.kmeans is not None else num_layers - model.num_codebooks + 1
             if not first <= self.units_layer <= num_layers:
                 raise ValueError(
                     f"units for layer {self.units_layer}: only layers {first}..{num_layers} have a head and codebook"
+                    if self.kmeans is None
+                    else f"units for layer {self.units_layer}: the model has layers 1..{num_layers}"
+                )
+            if self.kmeans is not None and self.kmeans.cluster_centers_.shape[1] != model.cfg.encoder_embed_dim:
+                raise ValueError(
+                    f"the k-means centroids are {self.kmeans.cluster_centers_.shape[1]}-dim, "
+                    f"the model's layers {model.cfg.encoder_embed_dim}-dim"
                 )
             self.units_head = self.units_layer - first  # index of the head / codebook
-        self.is_dinosr_heads = units == "heads" and model.cfg.model_type == "dinosr"
+        self.is_dinosr_heads = units in ("heads", "codebook-probs") and model.cfg.model_type == "dinosr"
         # Deepest layer the transformer must run: DinoSR heads read the final output.
         self.depth = num_layers if self.is_dinosr_heads else max([*self.layers, self.units_layer or 0])
         # Layers whose outputs a forward keeps: the features' and the units' (DinoSR heads: the last).
@@ -237,10 +275,28 @@ class FeatureExtractor:
             self._forward = torch.compile(self._forward_impl, dynamic=False)
 
     # ---------------------------------------------------------------- public API
-    def __call__(self, waveforms: Sequence[np.ndarray | Tensor]) -> list[dict[str, Tensor]]:
-        """Extract every waveform (any lengths); results in input order."""
+    def __call__(
+        self,
+        waveforms: Sequence[np.ndarray | Tensor] | np.ndarray | Tensor,
+        *,
+        sample_rate: int = SAMPLE_RATE,
+        downmix: bool = False,
+    ) -> list[dict[str, Tensor]] | dict[str, Tensor]:
+        """Extract every waveform (any lengths; results in input order), or one waveform (one dict).
+
+        `waveforms`: a list of 1-D waveforms (or 2-D (samples, channels) / (channels, samples) with
+        `downmix=True`), or one such array or tensor. `sample_rate`: their rate, resampled to 16 kHz.
+        """
+        if isinstance(waveforms, (np.ndarray, Tensor)):
+            if waveforms.ndim == 2 and not downmix and min(waveforms.shape) > 1:
+                raise ValueError(
+                    f"a 2-D waveform of shape {tuple(waveforms.shape)}: pass a list of 1-D waveforms for several "
+                    "utterances, or downmix=True to average the channels of one recording"
+                )
+            return self([waveforms], sample_rate=sample_rate, downmix=downmix)[0]  # type: ignore[return-value]
         results: list[dict[str, Tensor] | None] = [None] * len(waveforms)
-        for index, result in self.stream(enumerate(waveforms), presorted=False):
+        items = enumerate(waveforms)
+        for index, result in self.stream(items, presorted=False, sample_rate=sample_rate, downmix=downmix):
             results[index] = result
         return results  # type: ignore[return-value]
 
@@ -250,8 +306,12 @@ class FeatureExtractor:
         *,
         presorted: bool = True,
         window: int | None = None,
+        sample_rate: int = SAMPLE_RATE,
+        downmix: bool = False,
     ) -> Iterator[tuple[Any, dict[str, Tensor]]]:
         """Extract (key, waveform) pairs as they come; yields (key, result) as each utterance completes.
+
+        Each waveform is checked and converted as `__call__` describes (`sample_rate`, `downmix`).
 
         Pieces are queued until they fill `window` batches (default: 4, or twice the CPU workers so
         that every worker has work), then sorted by length and batched (the last, partial batch
@@ -277,9 +337,7 @@ class FeatureExtractor:
                     yield from self._collect(batch, future.result())
 
             for key, waveform in items:
-                wave = standardize(waveform)
-                if wave.numel() < RECEPTIVE_FIELD:
-                    raise ValueError(f"{key}: {wave.numel()} samples, fewer than one frame ({RECEPTIVE_FIELD})")
+                wave = standardize(_mono_16k(key, waveform, sample_rate, downmix))
                 pending = _Pending(key, plan_pieces(wave.numel(), self.chunk_frames, self.overlap_frames))
                 pending.outputs = [None] * len(pending.pieces)
                 queue.extend((pending, i, wave[p.start : p.stop]) for i, p in enumerate(pending.pieces))
@@ -422,6 +480,8 @@ class FeatureExtractor:
         if self.is_dinosr_heads:
             last = captured[self.depth][0]
             outputs["units_input"] = student.layer_norm(last) if student.pre_ln else last
+        elif self.kmeans is not None:  # the layer's features, as `extract` writes them (what k-means was fit on)
+            outputs["units_input"] = captured[self.units_layer][1 if self.before_residual else 0]
         elif self.units is not None:
             outputs["units_input"] = captured[self.units_layer][1]
         return outputs
@@ -435,19 +495,38 @@ class FeatureExtractor:
         units_input = joined.pop("units_input", None)
         result = {name: y.float().cpu() for name, y in joined.items()}
         if units_input is not None:
-            result["units"] = self.units_of(units_input).cpu()
+            result["probs" if self.units == "codebook-probs" else "units"] = self.units_of(units_input).cpu()
         return result
 
     @torch.inference_mode()
     def units_of(self, x: Tensor) -> Tensor:
-        """(T, D) units input of one whole utterance -> (T,) int64, in fp32."""
+        """(T, D) units input of one whole utterance -> (T,) int64 ((T, K) fp32 probabilities for
+        "codebook-probs"), in fp32."""
         x = x.float()
+        if self.kmeans is not None:
+            return self.kmeans.predict(x)
         c = self.units_head
-        if self.units == "heads":
+        if self.units in ("heads", "codebook-probs"):
             head = self.model.heads[c]
             with torch.autocast(x.device.type, enabled=False):
-                return head(x).argmax(-1)
+                logits = head(x)
+            return logits.softmax(-1) if self.units == "codebook-probs" else logits.argmax(-1)
         codebook, counts = self.model.codebooks.stacked()
         # (1, T, D), statistics over the utterance; the masked form also takes T = 1 (F.instance_norm refuses it).
         target = masked_instance_norm(x.unsqueeze(0), torch.ones(1, x.shape[0], dtype=torch.bool, device=x.device))
         return kernels.codebook_assign(target, codebook[c : c + 1].float(), counts[c : c + 1].float())[0]
+
+
+def _kmeans_units(units: object, device: torch.device) -> Any:
+    """The `spidr_fast.units.KMeans` that `units` names ("kmeans:PATH" or a fitted KMeans), else None."""
+    from spidr_fast.units import KMeans
+
+    if isinstance(units, KMeans):
+        if units.cluster_centers_ is None:
+            raise ValueError("units: the KMeans is not fitted")
+        model = KMeans.__new__(KMeans)
+        model.__dict__.update(units.__dict__, device=device)  # a copy on the extractor's device
+        return model
+    if isinstance(units, str) and units.startswith("kmeans:"):
+        return KMeans.load(units.removeprefix("kmeans:"), device=device)
+    return None

@@ -6,11 +6,9 @@ import dataclasses
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +22,12 @@ from spidr_fast.data.manifest import scan_tar, write_manifest
 from spidr_fast.extraction import standardize
 from spidr_fast.extraction.files import list_inputs, shard
 from tests.extract.conftest import TINY, write_audio
+from tests.sigkill import kill_mid_run
 
 
 def extract(*args: object) -> int:
-    return main(["extract", *map(str, args), "--no-progress"])
+    # Not GPU tests: the CLI defaults to CUDA + bf16 when present, and these compare with CPU fp32 at 1e-4.
+    return main(["extract", *map(str, args), "--no-progress", "--device", "cpu"])
 
 
 def outputs(folder: Path) -> dict[str, np.ndarray | bytes]:
@@ -58,7 +58,7 @@ def test_layout_and_values(corpus: Path, checkpoint: Path, tmp_path: Path) -> No
     model = spidr_fast.load_model(checkpoint)
     written = outputs(out)
     expected_names = {f.relative_to(corpus).with_suffix(".npy").as_posix() for f in audio_files(corpus)}
-    assert set(written) == expected_names | {"failures.jsonl"}
+    assert set(written) == expected_names | {"failures.jsonl", "extract_settings.json"}
     assert (out / "failures.jsonl").read_text() == ""
     for f in audio_files(corpus):
         wave, _ = sf.read(f, dtype="float32")
@@ -131,7 +131,7 @@ def test_bad_inputs_are_reported_and_good_files_written(corpus: Path, checkpoint
     assert "NaN or Inf" in failures["nan.wav"] and "NaN or Inf" in failures["inf.wav"]
     assert "unreadable" in failures["text.wav"] and "unreadable" in failures["truncated.wav"]
     good = {f.relative_to(corpus).with_suffix(".npy").as_posix() for f in audio_files(corpus) if f.parent != bad}
-    assert set(outputs(out)) - {"failures.jsonl"} == good
+    assert set(outputs(out)) - {"failures.jsonl", "extract_settings.json"} == good
 
     # Conversions happen only on request: --downmix and --resample rescue those two files.
     assert extract(corpus, out, "--checkpoint", checkpoint, "--layer", 1, "--downmix", "--resample") == 1
@@ -161,6 +161,7 @@ def test_rerun_skips_complete_and_redoes_partial(
 
 def _cli(*args: object, env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "spidr_fast", "extract", *map(str, args), "--no-progress", "--num-workers", "1"]
+    cmd += ["--device", "cpu"]  # not GPU tests (see `extract`)
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}  # 2 shared cores: no thread oversubscription
     return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
 
@@ -171,15 +172,7 @@ def test_sigkill_then_rerun_equals_clean_run(checkpoint: Path, tmp_path: Path) -
         write_audio(corpus / f"d{i % 3}" / f"u{i:02d}.wav", 16000 + 97 * i, seed=i)
     args = ("--checkpoint", checkpoint, "--layer", 2, "--max-batch-seconds", 1.2, "--units", "heads")
     killed = tmp_path / "killed"
-    proc = _cli(corpus, killed, *args)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and len(list(killed.rglob("*.npy"))) < 2:
-        time.sleep(0.005)
-    finished_before_kill = proc.poll() is not None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if finished_before_kill:
-        pytest.skip("the run finished before it could be killed")
+    kill_mid_run(_cli(corpus, killed, *args), lambda: len(list(killed.rglob("*.npy"))) >= 2)
     assert len(list(killed.rglob("*.npy"))) < 120  # killed mid-run
     assert _cli(corpus, killed, *args).wait() == 0
 
