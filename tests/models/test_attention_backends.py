@@ -66,8 +66,10 @@ def make_padding(lengths: list[int]) -> tuple[Padding, torch.Tensor]:
     return Padding.from_mask(mask), mask
 
 
-def qkv(batch: int, seq: int, dtype: torch.dtype, grad: bool = True, device: str = "cpu") -> list[torch.Tensor]:
-    return [torch.randn(batch, 2, seq, 16, dtype=dtype, device=device, requires_grad=grad) for _ in range(3)]
+def qkv(
+    batch: int, seq: int, dtype: torch.dtype, grad: bool = True, device: str = "cpu", dim: int = 16
+) -> list[torch.Tensor]:
+    return [torch.randn(batch, 2, seq, dim, dtype=dtype, device=device, requires_grad=grad) for _ in range(3)]
 
 
 # ------------------------------------------------------------------------------ the backend choice
@@ -208,8 +210,8 @@ def dropout_statistics(backend: str, device: str, dtype: torch.dtype, draws: int
     """With dropout the output changes, each draw keeps about (1 - p) of the weights, and the mean over
     draws approaches the dropout-free output (dropout is unbiased)."""
     torch.manual_seed(0)
-    q, k, v = qkv(2, 6, dtype, grad=False, device=device)
-    v = torch.eye(6, 16, dtype=dtype, device=device).expand(2, 2, 6, 16).contiguous()  # out = attention weights
+    q, k, _ = qkv(2, 6, dtype, grad=False, device=device, dim=64)  # 64: the model's head size (FA4 takes 64+)
+    v = torch.eye(6, 64, dtype=dtype, device=device).expand(2, 2, 6, 64).contiguous()  # out = attention weights
     padding = Padding.from_mask(torch.arange(6, device=device) < torch.tensor([[6], [3]], device=device))
     assert select_backend(padding, q, 0.3) == backend
     exact = attention(q, k, v, padding).float()
@@ -297,7 +299,7 @@ def test_gpu_backend_matches_sdpa(name: str, dtype: torch.dtype, monkeypatch: py
         pytest.skip(f"{name} is not installed or not supported on this GPU")
     monkeypatch.setenv("SPIDR_FAST_ATTENTION", name)
     lengths = [300, 17, 256, 1]
-    q, k, v = qkv(4, 300, dtype, device="cuda")
+    q, k, v = qkv(4, 300, dtype, device="cuda", dim=64)  # the model's head size (FA4: 64, 96, 128)
     q, k, v = (x.detach().mul(0.5).requires_grad_() for x in (q, k, v))
     mask = torch.arange(300, device="cuda") < torch.tensor(lengths, device="cuda")[:, None]
     padding = Padding.from_mask(mask)

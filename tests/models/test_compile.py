@@ -139,3 +139,25 @@ def test_gpu_whole_model_has_no_graph_break(use: str) -> None:
         torch._dynamo.reset()
         out = torch.compile(fn, fullgraph=True, dynamic=True)(*args)
     assert out is not None
+
+
+def test_compiled_forward_with_a_packed_backend_has_no_graph_break(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As `FeatureExtractor(compile=True)` on CUDA: a key mask that becomes a Padding inside the compiled
+    region, with a packed backend available, no longer breaks the graph in every layer (the `nonzero`
+    and `.item()` of the packed metadata are skipped there; the layers run masked SDPA)."""
+    monkeypatch.setenv("SPIDR_FAST_ATTENTION", "nested")  # a packed backend, as on CUDA
+    torch._dynamo.reset()
+    model = whole_model(SpidR, "layer_norm").eval()
+    features = torch.randn(2, 20, TINY["encoder_embed_dim"])
+    key_mask = torch.arange(20) < torch.tensor([[20], [11]])
+
+    def layers(x: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        return [out for out, _ in model.student.iter_layer_outputs(x, mask)]
+
+    explanation = torch._dynamo.explain(layers)(features, key_mask)
+    assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
+    with torch.no_grad():
+        eager = layers(features, key_mask)  # eagerly: the packed (nested) backend
+        compiled = torch.compile(layers, fullgraph=True, backend="eager")(features, key_mask)
+    for a, b in zip(compiled, eager, strict=True):
+        assert (a - b)[key_mask].abs().max() <= 1e-5
