@@ -9,7 +9,7 @@ else
 SETUP := .external-install
 endif
 
-.PHONY: test demo bench bench-smoke lint clean
+.PHONY: test demo bench bench-smoke gpu-check lint clean
 
 $(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -36,6 +36,12 @@ bench: $(SETUP)
 
 bench-smoke: $(SETUP)
 	$(PYTHON) bench/run.py --smoke --out $${TMPDIR:-/tmp}/spidr_fast_bench_smoke
+
+# Everything a GPU session must measure, each step under its own time limit, <= 8 min on one H100:
+# results + REPORT.md in OUT (bench/gpu_check.py; GPU steps are skipped, saying why, without CUDA).
+OUT ?= gpu-check-results
+gpu-check: $(SETUP)
+	$(PYTHON) bench/gpu_check.py --out $(OUT) $(GPU_CHECK_ARGS)
 
 lint: $(SETUP)
 	$(PYTHON) -m ruff check .

@@ -10,7 +10,7 @@ is used then).
 import os
 from glob import glob
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ext_modules = []
 if os.environ.get("SPIDR_FAST_SKIP_EXT") != "1" and glob("csrc/*.cpp"):
@@ -25,12 +25,11 @@ setup(
     version="0.1.0",
     description="Fast, drop-in reimplementation of SpidR and DinoSR (self-supervised speech units)",
     python_requires=">=3.10",
+    # Every package under spidr_fast/ (found, never listed: a listed one goes missing from wheels), plus kernels/.
     packages=[
-        "spidr_fast",
-        "spidr_fast.models",
-        "spidr_fast.data",
-        "spidr_fast.train",
+        *find_packages(include=["spidr_fast", "spidr_fast.*"]),
         "spidr_fast.kernels",
+        *(f"spidr_fast.kernels.{name}" for name in find_packages("kernels")),
     ],
     package_dir={"spidr_fast": "spidr_fast", "spidr_fast.kernels": "kernels"},
     package_data={"spidr_fast": ["configs/*.toml"]},

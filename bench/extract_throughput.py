@@ -52,35 +52,51 @@ TINY = {
 }
 
 
-def models(config: str, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(reference SpidR, spidr_fast SpidR) with the same weights, eval mode."""
+def reference_available() -> bool:
+    try:
+        import spidr  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def models(config: str, device: torch.device, need_reference: bool = True) -> tuple[Any, torch.nn.Module]:
+    """(reference SpidR, spidr_fast SpidR) with the same weights, eval mode. Without the reference
+    package and `need_reference=False`: (None, spidr_fast SpidR with seeded random weights)."""
+    fields = TINY if config == "tiny" else {}
+    torch.manual_seed(0)
+    ours = spidr_fast.SpidR(spidr_fast.SpidRConfig(**fields))
+    if not need_reference and not reference_available():
+        return None, ours.eval().to(device)
     require_reference()
     from spidr.config import SpidRConfig as RefConfig
     from spidr.models import SpidR as RefSpidR
 
-    fields = TINY if config == "tiny" else {}
     torch.manual_seed(0)
     ref = RefSpidR(RefConfig(**fields)).eval().to(device)
-    ours = spidr_fast.SpidR(spidr_fast.SpidRConfig(**fields))
     load_state_dict_strict(ours, {k: v.cpu() for k, v in ref.state_dict().items()}, "reference")
     return ref, ours.eval().to(device)
 
 
-def reference_run(ref: torch.nn.Module, waves: list[torch.Tensor], layer: int, batch: int) -> list[torch.Tensor]:
-    """The reference API: batches of `batch` utterances in corpus order, zero-padded, with its mask."""
+def reference_run(
+    ref: torch.nn.Module, waves: list[torch.Tensor], layers: list[int], batch: int, dtype: torch.dtype
+) -> list[list[torch.Tensor]]:
+    """The reference API: batches of `batch` utterances in corpus order, zero-padded, with its mask;
+    per utterance the outputs of `layers` (autocast to `dtype` unless fp32)."""
     out = []
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(waves[0].device.type, dtype=dtype, enabled=dtype != torch.float32):
         for i in range(0, len(waves), batch):
             group = waves[i : i + batch]
             if len(group) == 1:
-                out.append(ref.get_intermediate_outputs(group[0][None])[layer - 1][0])
+                ys = ref.get_intermediate_outputs(group[0][None])
+                out.append([ys[layer - 1][0] for layer in layers])
                 continue
             width = max(w.numel() for w in group)
             x = torch.stack([torch.nn.functional.pad(w, (0, width - w.numel())) for w in group])
             frames = torch.from_numpy(num_frames([w.numel() for w in group])).to(x.device)
             mask = attention_mask_from_lengths(frames, int(num_frames(width)))
-            y = ref.get_intermediate_outputs(x, attention_mask=mask)[layer - 1]
-            out += [y[j, :n] for j, n in enumerate(frames.tolist())]
+            ys = ref.get_intermediate_outputs(x, attention_mask=mask)
+            out += [[ys[layer - 1][j, :n] for layer in layers] for j, n in enumerate(frames.tolist())]
     return out
 
 
@@ -92,24 +108,42 @@ def timed(fn: Any, device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
+def layer_list(spec: str, num_layers: int) -> list[int]:
+    """ "6" -> [6]; "all" -> every layer; "1,6,12" -> those."""
+    if spec == "all":
+        return list(range(1, num_layers + 1))
+    try:
+        return [int(v) for v in spec.split(",")]
+    except ValueError:
+        raise SystemExit(f"--layers: {spec!r} is not a layer number, a comma-separated list or 'all'") from None
+
+
 def throughput(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    ref, ours = models(args.config, device)
+    ref, ours = models(args.config, device, need_reference=not args.no_reference)
     lengths = librispeech_like_lengths(args.num_utts, seed=0)
     if args.max_seconds:
         lengths = np.minimum(lengths, int(args.max_seconds * 16_000))
     rng = np.random.default_rng(0)
     waves = [standardize(0.1 * rng.standard_normal(n)).to(device) for n in lengths]
     audio = float(lengths.sum()) / 16_000
-    runs: dict[str, Any] = {
-        f"reference batch={b}": (lambda b=b: reference_run(ref, waves, args.layer, b)) for b in args.ref_batches
-    }
+    records = []
+    for spec in args.layers:
+        layers = layer_list(spec, len(ours.student.layers))
+        for dtype_name in args.dtypes:
+            dtype = getattr(torch, dtype_name)
+            records += throughput_one(args, device, ref, ours, waves, audio, layers, spec, dtype_name, dtype)
+    return records
+
+
+def throughput_one(args, device, ref, ours, waves, audio, layers, spec, dtype_name, dtype) -> list[dict]:
+    runs: dict[str, Any] = {}
+    if ref is not None:
+        for b in args.ref_batches:
+            runs[f"reference batch={b}"] = lambda b=b: reference_run(ref, waves, layers, b, dtype)
     for seconds in args.batch_seconds:
-        extractor = FeatureExtractor(
-            ours, layers=[args.layer], device=device, dtype="float32", max_batch_seconds=seconds
-        )
-        runs[f"spidr_fast max_batch_seconds={seconds:g}"] = lambda e=extractor: [
-            r[f"layer{args.layer}"] for r in e(waves)
-        ]
+        extractor = FeatureExtractor(ours, layers=layers, device=device, dtype=dtype_name, max_batch_seconds=seconds)
+        name = "spidr_fast batch=1" if seconds < 1 else f"spidr_fast max_batch_seconds={seconds:g}"
+        runs[name] = lambda e=extractor: [[r[f"layer{layer}"] for layer in layers] for r in e(waves)]
     best = {name: float("inf") for name in runs}
     errors: dict[str, float] = {}
     expected = None
@@ -117,14 +151,17 @@ def throughput(args: argparse.Namespace, device: torch.device) -> list[dict]:
         for name, fn in runs.items():
             wall, outputs = timed(fn, device)
             if round_ == 0:
-                if expected is None and name == "reference batch=1":
-                    expected = [o.cpu() for o in outputs]
-                if expected is not None:
-                    errors[name] = max((o.cpu() - e).abs().max().item() for o, e in zip(outputs, expected))
+                if expected is None and name == next(iter(runs)):  # the reference one at a time, when there
+                    expected = [[y.float().cpu() for y in o] for o in outputs]
+                errors[name] = max(
+                    (a.float().cpu() - e).abs().max().item() for o, eo in zip(outputs, expected) for a, e in zip(o, eo)
+                )
                 continue
             best[name] = min(best[name], wall)
-    ref_single = best.get("reference batch=1", float("nan"))
-    ref_best = min(v for k, v in best.items() if k.startswith("reference"))
+    baseline = next(iter(runs))
+    ref_single = best[baseline] if baseline.startswith("reference") else float("nan")
+    ref_times = [v for k, v in best.items() if k.startswith("reference")]
+    ref_best = min(ref_times) if ref_times else float("nan")
     env = environment(device)
     records = []
     for name, wall in best.items():
@@ -133,18 +170,21 @@ def throughput(args: argparse.Namespace, device: torch.device) -> list[dict]:
                 "benchmark": "extract_throughput",
                 "impl": name,
                 "config": args.config,
-                "layer": args.layer,
+                "layer": layers[0] if len(layers) == 1 else spec,
+                "dtype": dtype_name,
                 "num_utts": args.num_utts,
                 "audio_seconds": round(audio, 2),
                 "wall_seconds": round(wall, 4),
                 "audio_seconds_per_second": round(audio / wall, 2),
-                "speedup_vs_reference_single": round(ref_single / wall, 3),
-                "speedup_vs_reference_best": round(ref_best / wall, 3),
-                "max_abs_error_vs_reference_single": errors.get(name),
+                "speedup_vs_reference_single": round(ref_single / wall, 3) if ref is not None else None,
+                "speedup_vs_reference_best": round(ref_best / wall, 3) if ref is not None else None,
+                "max_abs_error_vs_reference_single": errors.get(name) if ref is not None else None,
+                "reference": "none (not installed)" if ref is None else None,
                 "repeats": args.repeats,
                 **env,
             }
         )
+    append_jsonl(args.out, records)  # per configuration: a later one that times out loses nothing
     return records
 
 
@@ -215,12 +255,22 @@ def dtypes(args: argparse.Namespace, device: torch.device) -> list[dict]:
     return records
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", choices=["throughput", "chunking", "dtype"], default="throughput")
     parser.add_argument("--smoke", action="store_true", help="tiny config, short files: a CPU check in < 1 min")
     parser.add_argument("--config", choices=["base", "tiny"], default="base")
-    parser.add_argument("--layer", type=int, default=6)
+    parser.add_argument("--layer", type=int, default=6, help="layer of the chunking and dtype experiments")
+    parser.add_argument(
+        "--layers",
+        nargs="+",
+        default=None,
+        help="throughput: layer sets, each '6', '1,6,12' or 'all' (default: --layer)",
+    )
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"], help="throughput"
+    )
+    parser.add_argument("--no-reference", action="store_true", help="throughput without the reference package")
     parser.add_argument("--num-utts", type=int, default=16)
     parser.add_argument("--max-seconds", type=float, help="cap utterance lengths (seconds)")
     parser.add_argument(
@@ -242,18 +292,21 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "extract_throughput.jsonl")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.smoke:
-        args.config, args.layer, args.num_utts, args.max_seconds = "tiny", 3, 8, 4.0
-        args.batch_seconds, args.ref_batches, args.repeats, args.long_seconds = [4.0, 16.0], [1, 4], 1, 30.0
+        args.config, args.layer, args.num_utts, args.max_seconds = "tiny", 3, min(args.num_utts, 8), 4.0
+        args.batch_seconds = args.batch_seconds or [4.0, 16.0]
+        args.ref_batches, args.repeats, args.long_seconds = [1, 4], 1, 30.0
         args.chunk_settings = [(5.0, 1.0)]
     device = torch.device(args.device)
     if args.batch_seconds is None:
         args.batch_seconds = [20.0, 60.0, 200.0] if device.type == "cuda" else [5.0, 20.0]
+    args.layers = args.layers or [str(args.layer)]
     records = {"throughput": throughput, "chunking": chunking, "dtype": dtypes}[args.experiment](args, device)
-    append_jsonl(args.out, records)
+    if args.experiment != "throughput":  # throughput appends per configuration as it goes
+        append_jsonl(args.out, records)
     for r in records:
         print({k: v for k, v in r.items() if k not in ("date", "python", "triton", "cuda", "gpu_count")})
 

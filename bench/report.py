@@ -69,8 +69,11 @@ def ablation_table(records: list[dict[str, Any]]) -> list[str]:
     rows = [r for r in records if r.get("benchmark") == "train_ablation"]
     if not rows:
         return []
+    kind = rows[0].get("ablation_kind", "additive")
     lines = [
-        "## Training step ablation (each row adds one change)",
+        "## Training step ablation ("
+        + ("each fused op switched off in turn" if kind == "off-one" else "each row adds one change")
+        + ")",
         "",
         "| device | config | step | fused ops that ran | audio s/s | MFU | vs reference | commit |",
         "|---|---|---|---|---|---|---|---|",
@@ -94,13 +97,14 @@ def extract_table(records: list[dict[str, Any]]) -> list[str]:
     lines = [
         "## Extraction throughput (side by side with the reference, same weights and waveforms)",
         "",
-        "| device | threads | config | layer | utterances | audio s | impl | audio s/s "
+        "| device | threads | config | layer | dtype | utterances | audio s | impl | audio s/s "
         "| vs reference one at a time | max abs error | commit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['device']} | {r.get('cpu_threads')} | {r['config']} | {r['layer']} | {r['num_utts']} | "
+            f"| {r['device']} | {r.get('cpu_threads')} | {r['config']} | {r['layer']} | {r.get('dtype', 'float32')} | "
+            f"{r['num_utts']} | "
             f"{r['audio_seconds']:.1f} | {r['impl']} | {r['audio_seconds_per_second']:.2f} | "
             f"{fmt_ratio(r.get('speedup_vs_reference_single'))} | "
             f"{fmt(r.get('max_abs_error_vs_reference_single'), '.1e')} | {r['commit']} |"

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tag = "smoke" if args.smoke else torch.cuda.get_device_name().split()[-1].lower() if device == "cuda" else "cpu"
-    smoke = ["--smoke"] if args.smoke else []
+    smoke = ["--smoke", "--device", "cpu"] if args.smoke else []  # the smoke run checks the harness, on the CPU
     steps: list[list[str]] = [
         [
             sys.executable, "-m", "pytest", "-q", str(BENCH), "--benchmark-only", "-p", "no:cacheprovider",

@@ -7,8 +7,9 @@ Providers:
   triton       the fused custom op (one read of x and one write of y; the backward reads x and dy
                and writes dx, with per-program partial sums for grad_weight/grad_bias)
 Modes: fwd (y only) and full (y, then grad_x, grad_weight, grad_bias for a given dy).
-GPU shapes: `block0` is the extractor's first block over a 64k-frame slice of a step (B=4, T=16000,
-C=512, affine); `posconv` is one positional-conv layer (B=4, T=3000, C=768, no affine).
+GPU shapes (a real base step, 3.8M samples per GPU as 12 utterances of 316k samples): `block0` is the
+extractor's first block (B=12, T=63200, C=512, affine); `posconv` is one positional-conv layer (B=12,
+T=987 frames, C=768, no affine).
 Each record's extra_info holds the device, versions, peak memory (GPU), and the achieved GB/s at the
 median time, counting only the unavoidable traffic: fwd reads x and writes y (2 tensors of x's
 size), full adds reading x and dy and writing dx (5 in all); statistics and parameters not counted.
@@ -27,9 +28,9 @@ from common import measure  # bench/common.py: timing + device, versions, commit
 from spidr_fast.kernels import conv_frontend as cf
 from spidr_fast.kernels._dispatch import interpreter_on, triton_available
 
-GPU_SHAPES = {
-    "block0": {"B": 4, "C": 512, "T": 16_000, "affine": True},
-    "posconv": {"B": 4, "C": 768, "T": 3_000, "affine": False},
+GPU_SHAPES = {  # a real base step: 3.8M samples per GPU, e.g. 12 utterances of 316k samples (~11.9k frames)
+    "block0": {"B": 12, "C": 512, "T": 63_200, "affine": True},
+    "posconv": {"B": 12, "C": 768, "T": 987, "affine": False},
 }
 SMOKE_SHAPE = {"B": 2, "C": 59, "T": 64, "affine": True}
 PROVIDERS: dict[str, Callable[[], Callable]] = {

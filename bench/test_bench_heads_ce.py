@@ -5,7 +5,7 @@ Providers (modes: `fwd` = loss and probability sums, `full` = forward + backward
   ref          `heads_cross_entropy_ref` (one batched baddbmm; materialises (C, N, V) log-probs)
   compile_ref  torch.compile(ref)
   triton       the fused custom op (one launch per direction for the C heads)
-GPU shape: the SpidR base step (C=8 heads, N=40k masked frames, H=768, V=256), bf16 inputs as
+GPU shapes: C=8 heads, H=768, V=256 at a real base step's ~6k masked frames per GPU and at N=40k, bf16 inputs as
 under autocast. extra_info: device, versions, peak memory and TFLOP/s at the median time
 (2 N H V per head forward, 3x that with the backward's two GEMMs).
 Run: `pytest bench/test_bench_heads_ce.py --benchmark-only` (GPU), `-k smoke` on CPU.
@@ -21,7 +21,7 @@ from test_bench_codebook import DEVICE, skip_unless_runnable  # bench/ is on sys
 
 from spidr_fast.kernels.heads_ce import heads_cross_entropy_ref
 
-GPU_SHAPE = {"C": 8, "N": 40_000, "H": 768, "V": 256}
+GPU_SHAPES = {"step": {"C": 8, "N": 6_000, "H": 768, "V": 256}, "40k": {"C": 8, "N": 40_000, "H": 768, "V": 256}}
 SMOKE_SHAPE = {"C": 2, "N": 200, "H": 48, "V": 32}
 
 
@@ -71,9 +71,10 @@ def run_heads(benchmark, provider: str, mode: str, shape: dict, device: str, dty
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", ["fwd", "full"])
+@pytest.mark.parametrize("size", list(GPU_SHAPES))
 @pytest.mark.parametrize("provider", list(PROVIDERS))
-def test_heads_ce_gpu(benchmark, provider, mode):
-    run_heads(benchmark, provider, mode, GPU_SHAPE, "cuda", torch.bfloat16)
+def test_heads_ce_gpu(benchmark, provider, mode, size):
+    run_heads(benchmark, provider, mode, GPU_SHAPES[size], "cuda", torch.bfloat16)
 
 
 @pytest.mark.parametrize("mode", ["fwd", "full"])

@@ -18,7 +18,6 @@ name) and peak memory. Results are appended as JSON lines to bench/results/.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import os
 import statistics
@@ -39,6 +38,7 @@ from spidr_fast.data.batching import BatchingConfig, BucketBatchSampler, librisp
 from spidr_fast.data.masks import compute_mask_indices
 from spidr_fast.kernels._dispatch import OPS, use_triton
 from spidr_fast.train.flops import count_step_flops, peak_flops
+from spidr_fast.train.parallelize import apply_compile
 
 SMALL = dict(
     extractor_conv_layer_config=[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2,
@@ -101,11 +101,32 @@ def build(impl: str, fields: dict[str, Any], device: torch.device, compile_model
     model = model.to(device).train()
     if compile_model:
         if impl == "spidr_fast":
-            for layer in model.student.layers:  # per layer, full graph: what the trainer does
-                layer.compile(fullgraph=True)
+            apply_compile(model)  # what the trainer does: each student and teacher layer, full graph, dynamic
         else:
             model.compile(dynamic=True)  # what the reference's trainer does
     return model
+
+
+_FLOPS: dict[tuple[str, str, int], int] = {}
+
+
+def step_flops(impl: str, fields: dict[str, Any], config: str, batches: list[Batch], index: int, dtype) -> int:
+    """FLOPs of one step on batches[index], counted once per implementation and batch on the eager model.
+    spidr_fast is counted with every op on its reference (SPIDR_FAST_BACKEND=reference): the fused
+    kernels' GEMMs (codebook distances, heads) are then counted like the reference's."""
+    key = (impl, config, index)
+    if key not in _FLOPS:
+        b = batches[index]
+        saved = os.environ.get("SPIDR_FAST_BACKEND")
+        os.environ["SPIDR_FAST_BACKEND"] = "reference"
+        try:
+            model = build(impl, fields, b.waveforms.device, False)
+            _FLOPS[key] = count_step_flops(model, b.waveforms, b.mask_indices, dtype)
+        finally:
+            os.environ.pop("SPIDR_FAST_BACKEND")
+            if saved is not None:
+                os.environ["SPIDR_FAST_BACKEND"] = saved
+    return _FLOPS[key]
 
 
 def run(impl: str, compile_model: bool, args: argparse.Namespace, batches: list[Batch]) -> dict[str, Any]:
@@ -148,11 +169,7 @@ def run(impl: str, compile_model: bool, args: argparse.Namespace, batches: list[
         frames += b.waveforms.shape[0] * b.frames
     total = sum(times)
     # FLOPs of the timed batches, counted on the eager model (compiled kernels do the same math).
-    flops_model = build(impl, fields, device, False) if compile_model else model
-    flops = sum(
-        count_step_flops(copy.deepcopy(flops_model), b.waveforms, b.mask_indices, dtype)
-        for b in batches[: min(len(batches), args.steps)]
-    ) * (args.steps / min(len(batches), args.steps))
+    flops = sum(step_flops(impl, fields, args.config, batches, i % len(batches), dtype) for i in range(args.steps))
     peak = peak_flops(device)
     return {
         "benchmark": "train_throughput",
@@ -181,22 +198,36 @@ ABLATION: list[tuple[str, str, bool, dict[str, str]]] = [
     ("+ fused heads", "spidr_fast", False, {}),
     ("+ compile", "spidr_fast", True, {}),
 ]
+# Each fused op switched off in turn (eager, spidr_fast): what each one is worth on its own.
+OFF_ONE: list[tuple[str, str, bool, dict[str, str]]] = [
+    ("all fused", "spidr_fast", False, {}),
+    *[(f"- {op} (on its reference)", "spidr_fast", False, {"SPIDR_FAST_REFERENCE_OPS": op}) for op in OPS],
+    ("all on references", "spidr_fast", False, {"SPIDR_FAST_BACKEND": "reference"}),
+    ("reference package", "reference", False, {}),
+]
 
 
-def run_ablation(args: argparse.Namespace, batches: list[Batch], env: dict[str, Any]) -> list[dict[str, Any]]:
+def run_ablation(
+    args: argparse.Namespace, batches: list[Batch], env: dict[str, Any], out: Path, kind: str = "additive"
+) -> list[dict[str, Any]]:
     records = []
+    rows = ABLATION if kind == "additive" else OFF_ONE
+    if "reference" not in args.impl:
+        rows = [row for row in rows if row[1] != "reference"]
     saved = {k: os.environ.get(k) for k in ("SPIDR_FAST_BACKEND", "SPIDR_FAST_REFERENCE_OPS")}
     try:
-        for name, impl, compiled, variables in ABLATION:
+        for name, impl, compiled, variables in rows:
             for k in saved:
                 os.environ.pop(k, None)
             os.environ.update(variables)
             probe = torch.empty(0, device=args.device)
             fused = [op for op in OPS if impl == "spidr_fast" and use_triton(probe, op)]
             record = {**env, **run(impl, compiled, args, batches), "benchmark": "train_ablation", "ablation": name}
+            record["ablation_kind"] = kind
             record["fused_ops"] = fused  # what actually ran fused (on CPU: none, the rows measure the same code)
             records.append(record)
-            print(f"{name:>46}: {record['audio_seconds_per_s']:9.1f} audio s/s  MFU {fmt_mfu(record)}")
+            append_jsonl(out, [record])
+            print(f"{name:>46}: {record['audio_seconds_per_s']:9.1f} audio s/s  MFU {fmt_mfu(record)}", flush=True)
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None)
@@ -215,20 +246,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--impl", nargs="+", choices=["spidr_fast", "reference"], default=["spidr_fast", "reference"])
-    parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
+    parser.add_argument(
+        "--modes", nargs="*", choices=["eager", "compiled"], default=["eager", "compiled"], help="none: ablation only"
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per implementation and mode")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens there)")
     parser.add_argument("--batches", type=int, default=5, help="distinct batches, cycled")
     parser.add_argument("--reference-mask", choices=["all-true", "none"], default="all-true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="JSONL file to append to")
-    parser.add_argument("--ablation", action="store_true", help="also run the additive ablation of the step")
+    parser.add_argument(
+        "--ablation",
+        nargs="?",
+        const="additive",
+        choices=["additive", "off-one"],
+        help="also run the ablation: additive (each row adds one change) or off-one (each fused op off in turn)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny config, 2 steps, eager only: checks the harness")
     args = parser.parse_args(argv)
     if args.smoke:
         args.config, args.steps, args.warmup, args.batches, args.modes = "tiny", 2, 1, 2, ["eager"]
     args.config = args.config or ("base" if args.device.startswith("cuda") else "small")
-    if "reference" in args.impl or args.ablation:
+    if "reference" in args.impl or args.ablation == "additive":
         require_reference()
     device = torch.device(args.device)
     _, budget, max_len = PRESETS[args.config]
@@ -240,10 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         for impl in args.impl:
             record = {**env, **run(impl, mode == "compiled", args, batches)}
             records.append(record)
+            append_jsonl(out, [record])  # as soon as measured: a later run that times out loses nothing
             print(
                 f"{impl:>10} {mode:>8}: {record['step_time_s'] * 1e3:8.1f} ms/step  "
                 f"{record['audio_seconds_per_s']:9.1f} audio s/s  {record['frames_per_s']:10.0f} frames/s  "
-                f"MFU {fmt_mfu(record)}"
+                f"MFU {fmt_mfu(record)}",
+                flush=True,
             )
     by = {(r["impl"], r["compiled"]): r for r in records}
     for compiled in (False, True):
@@ -252,8 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             ratio = ours["audio_seconds_per_s"] / ref["audio_seconds_per_s"]
             print(f"spidr_fast / reference ({'compiled' if compiled else 'eager'}): {ratio:.2f}x")
     if args.ablation:
-        records += run_ablation(args, batches, env)
-    append_jsonl(out, records)
+        records += run_ablation(args, batches, env, out, args.ablation)
     print(f"results appended to {out}")
     return 0
 

@@ -8,8 +8,6 @@ fetch the released weights through the torch hub cache.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,6 +20,7 @@ import torch
 from torch import Tensor
 
 from spidr_fast.config import DinoSRConfig, ModelType, SpidRConfig, infer_model_type, model_config_from_dict
+from spidr_fast.io import atomic_write, atomic_write_text
 from spidr_fast.models import DinoSR, SpidR
 
 MODEL_CLASSES: dict[str, type[DinoSR]] = {"spidr": SpidR, "dinosr": DinoSR}
@@ -34,6 +33,10 @@ RELEASED_URLS = {
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says why."""
+
+
+class DownloadError(RuntimeError):
+    """Released weights that could not be downloaded (no network): the message says how to load them instead."""
 
 
 def build_model(cfg: DinoSRConfig) -> DinoSR:
@@ -65,20 +68,20 @@ def state_dict_from_checkpoint(obj: Any, source: str = "checkpoint") -> dict[str
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def _config_beside(path: Path, model_type: ModelType | None) -> DinoSRConfig:
+def _config_beside(path: Path, model_type: ModelType | None) -> DinoSRConfig | None:
+    """The config in `config.json` beside `path`, or None when there is none."""
     config_path = path.parent / "config.json"
-    if config_path.is_file():
-        try:
-            fields = json.loads(config_path.read_text(encoding="utf-8"))
-            return model_config_from_dict(fields, model_type)
-        except (json.JSONDecodeError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{config_path}: {e}") from e
-    warnings.warn(f"no config.json beside {path}: using the default {model_type or 'spidr'} config", stacklevel=3)
-    return MODEL_CLASSES[model_type or "spidr"].config_class()
+    if not config_path.is_file():
+        return None
+    try:
+        fields = json.loads(config_path.read_text(encoding="utf-8"))
+        return model_config_from_dict(fields, model_type)
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_path}: {e}") from e
 
 
-def load_state_dict_strict(model: DinoSR, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
-    """`load_state_dict(strict=True)` with an error that lists every missing/unexpected key and bad shape."""
+def _mismatches(model: DinoSR, state_dict: Mapping[str, Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """(missing keys, unexpected keys, 'key: shapes' mismatches) of `state_dict` against `model`."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -87,6 +90,12 @@ def load_state_dict_strict(model: DinoSR, state_dict: Mapping[str, Tensor], sour
         for k in own
         if k in state_dict and state_dict[k].shape != own[k].shape
     ]
+    return missing, unexpected, mismatched
+
+
+def load_state_dict_strict(model: DinoSR, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """`load_state_dict(strict=True)` with an error that lists every missing/unexpected key and bad shape."""
+    missing, unexpected, mismatched = _mismatches(model, state_dict)
     if missing or unexpected or mismatched:
         lines = [f"{source} does not fit {type(model).__name__}({model.cfg.model_type} config):"]
         for title, items in (
@@ -105,14 +114,19 @@ def load_state_dict_strict(model: DinoSR, state_dict: Mapping[str, Tensor], sour
 def load_model(path: str | Path, model_type: ModelType | None = None, *, config: DinoSRConfig | None = None) -> DinoSR:
     """Load a reference or spidr_fast checkpoint (`.pt`, `{"model": state_dict}` or a bare state dict).
 
-    The config comes from `config`, else `config.json` beside the file (optionally under "model"),
-    else the defaults. SpidR vs DinoSR is `model_type`, else inferred from the config. A `module.`
-    prefix (DDP) is stripped. The model is returned in eval mode, on the CPU.
+    The config comes from `config` (e.g. `read_model_config("config.json")`), else `config.json`
+    beside the file (optionally under "model"). Without either, the base config is used if the
+    weights fit it exactly (a released base `.pt` on its own, with a warning); otherwise a
+    `CheckpointError` says that the config is missing and how to give it. SpidR vs DinoSR is
+    `model_type`, else inferred from the config. A `module.` prefix (DDP) is stripped. The model
+    is returned in eval mode, on the CPU.
     """
     path = Path(path)
     state_dict = _read_state_dict(path)
     if config is None:
         config = _config_beside(path, model_type)
+        if config is None:
+            return _load_with_base_config(path, state_dict, model_type)
     elif model_type is not None and config.model_type != model_type:
         raise ValueError(f"model_type={model_type!r} but config is a {type(config).__name__}")
     model = build_model(config)
@@ -120,27 +134,31 @@ def load_model(path: str | Path, model_type: ModelType | None = None, *, config:
     return model.eval()
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temp file in the same folder then rename: a crash never leaves a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _load_with_base_config(path: Path, state_dict: Mapping[str, Tensor], model_type: ModelType | None) -> DinoSR:
+    """A checkpoint without its config: the base config if the weights fit it, else a clear error."""
+    kind = model_type or "spidr"
+    model = build_model(SpidRConfig() if kind == "spidr" else DinoSRConfig())
+    missing, unexpected, mismatched = _mismatches(model, state_dict)
+    if missing or unexpected or mismatched:
+        raise CheckpointError(
+            f"no config.json beside {path}, and its weights are not the {kind} base size ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected and {len(mismatched)} mis-shaped keys). Put the model's config.json "
+            f"beside it, or give the config: spidr-fast extract --config CONFIG (.json or .toml), "
+            "spidr_fast.load_model(path, config=spidr_fast.read_model_config(CONFIG))."
+        )
+    warnings.warn(f"no config.json beside {path}: its weights fit the {kind} base config, using it", stacklevel=3)
+    model.load_state_dict(state_dict)
+    return model.eval()
 
 
 def save_model(model: DinoSR, path: str | Path, *, write_config: bool = True) -> Path:
     """Write `{"model": state_dict}` (the reference's released format) and `config.json` beside it."""
     path = Path(path)
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda tmp: torch.save({"model": state_dict}, tmp))
+    atomic_write(path, lambda tmp: torch.save({"model": state_dict}, tmp))
     if write_config:
         text = json.dumps({"model": model.cfg.to_dict()}, indent=2)
-        _atomic_write(path.parent / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write_text(path.parent / "config.json", text)
     return path
 
 
@@ -152,10 +170,10 @@ def _download(url: str, dest: Path, timeout: float) -> None:
     try:
         response = urllib.request.urlopen(url, timeout=timeout)
     except (urllib.error.URLError, OSError) as e:
-        raise RuntimeError(
-            f"could not download {url} ({e}). Without network, fetch the file elsewhere and load it with "
-            f"spidr_fast.load_model('/path/to/{dest.name}') (config.json beside it), or copy it to {dest}, "
-            "where the torch hub cache looks first."
+        raise DownloadError(
+            f"could not download {url} ({e}). Without network, fetch the file elsewhere and copy it to {dest} "
+            "(the torch hub cache, looked at first), or load it by path: "
+            f"spidr_fast.load_model('/path/to/{dest.name}'), spidr-fast extract --checkpoint /path/to/{dest.name}."
         ) from e
     total = int(response.headers.get("Content-Length") or 0) or None
 
@@ -165,7 +183,7 @@ def _download(url: str, dest: Path, timeout: float) -> None:
                 f.write(chunk)
                 bar.update(len(chunk))
 
-    _atomic_write(dest, write)
+    atomic_write(dest, write)
 
 
 def _fetch(name: str, *, timeout: float = 10.0) -> Any:

@@ -6,11 +6,17 @@ OUTPUT_DIR/a/b/c.npy (or c.pt); when several arrays are extracted (several --lay
 each goes to OUTPUT_DIR/a/b/c.<name>.npy (names: layer6, ..., units), or all into one c.pt dict.
 Features are (frames, D), 50 frames per second; units are (frames,) int64. Layers count from 1.
 
-Outputs are written atomically; a rerun skips complete outputs and redoes missing or partial
-ones. Files that cannot be used (unreadable, not audio, empty or shorter than 400 samples,
-NaN/Inf, several channels, not 16 kHz) are listed in OUTPUT_DIR/failures.jsonl and the summary,
-the others are written, and the exit status is 1. Audio is converted only on request
-(--resample, --downmix). Under torchrun, each rank takes a fixed share of the files.
+OUTPUT_DIR/extract_settings.json records the settings that decide the outputs (checkpoint hash,
+layers, units, residual side, dtypes, format, chunking, version). A rerun with the same settings
+skips complete outputs and redoes missing or partial ones; with other settings it is refused
+(exit 2, naming each difference) unless --overwrite, which recomputes every output. Outputs are
+written atomically, with the umask's permissions.
+
+Files that cannot be used (unreadable, not audio, empty or shorter than 400 samples, NaN/Inf,
+several channels, not 16 kHz, or sharing an output name: clip.wav and clip.ogg) are listed in
+OUTPUT_DIR/failures.jsonl and the summary, the others are written, and the exit status is 1;
+silent files are written, with a warning. Audio is converted only on request (--resample,
+--downmix). Under torchrun, each rank takes a fixed share of the files.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from spidr_fast.checkpoint import DownloadError
 from spidr_fast.extraction import FeatureExtractor
 from spidr_fast.extraction.extractor import DTYPES
+from spidr_fast.extraction.settings import SETTINGS_FILE
 
 __all__ = ["FeatureExtractor", "add_arguments", "main"]
 
@@ -36,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoint .pt (config.json beside it), or spidr_base | dinosr_base_reproduced | dinosr_base_original",
     )
     parser.add_argument(
+        "--config",
+        type=Path,
+        help="the checkpoint's model config (.json, or .toml with a [model] table), when no config.json is beside it",
+    )
+    parser.add_argument(
         "--layer", type=int, action="append", help="layer to extract, from 1; repeat for several (default: 6)"
     )
     parser.add_argument(
@@ -45,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "its instance-normalised output (codebooks)",
     )
     parser.add_argument("--units-layer", type=int, help="layer the units are for (default: the deepest --layer)")
-    parser.add_argument("--units-only", action="store_true", help="write units only, no features")
+    parser.add_argument(
+        "--units-only", action="store_true", help="write units only, no features (for --units-layer, else the --layer)"
+    )
     parser.add_argument("--format", choices=["npy", "pt"], default="npy", help="output format (default: npy)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available, else cpu)")
     parser.add_argument(
@@ -77,6 +92,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="CPU threads; on the CPU each computes whole batches (default: torch's thread count)",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"recompute every output, even when OUTPUT_DIR/{SETTINGS_FILE} records other settings",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -86,6 +106,6 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         return run(args)
-    except (ValueError, OSError) as exc:  # bad arguments, input or checkpoint: one line, no traceback
+    except (ValueError, OSError, DownloadError) as exc:  # bad arguments, input, checkpoint: no traceback
         print(f"spidr-fast extract: error: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,8 @@ import torch
 try:
     import spidr_fast.kernels  # noqa: F401  (kernels/ exists as spidr_fast.kernels only once installed)
 except ModuleNotFoundError as e:  # pragma: no cover
+    if e.name not in ("spidr_fast", "spidr_fast.kernels"):  # installed, but a dependency is missing: say which
+        raise pytest.UsageError(f"importing spidr_fast.kernels failed: {type(e).__name__}: {e}") from e
     raise pytest.UsageError("spidr_fast is not installed: run `make test` (or `pip install -e .`) first") from e
 
 FIXTURE_DIR = Path(__file__).parent / "fixtures" / "tiny-spidr"

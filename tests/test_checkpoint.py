@@ -63,11 +63,26 @@ def test_training_checkpoint_layout(tmp_path: Path) -> None:
     assert_same_state(model, loaded)
 
 
-def test_no_config_beside_uses_defaults_with_warning(tmp_path: Path) -> None:
+def test_no_config_beside_says_so_and_how_to_give_it(tmp_path: Path) -> None:
     model = spidr_fast.SpidR(SpidRConfig(**TINY))
     spidr_fast.save_model(model, tmp_path / "m.pt", write_config=False)
-    with pytest.warns(UserWarning, match="no config.json"), pytest.raises(CheckpointError, match="shape mismatches"):
-        spidr_fast.load_model(tmp_path / "m.pt")  # defaults = base size: every shape differs
+    with pytest.raises(CheckpointError) as info:
+        spidr_fast.load_model(tmp_path / "m.pt")  # not base-sized: no list of hundreds of keys
+    message = str(info.value)
+    assert "no config.json beside" in message and "--config" in message and "config=" in message
+    assert len(message.splitlines()) == 1 and "feature_extractor" not in message
+    config = tmp_path / "elsewhere.json"
+    config.write_text(json.dumps(model.cfg.to_dict()))
+    assert_same_state(model, spidr_fast.load_model(tmp_path / "m.pt", config=spidr_fast.read_model_config(config)))
+
+
+def test_no_config_beside_base_weights_load_with_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A released base `.pt` alone (its weights fit the defaults) still loads; the base size is TINY here."""
+    model = spidr_fast.SpidR(SpidRConfig(**TINY))
+    spidr_fast.save_model(model, tmp_path / "m.pt", write_config=False)
+    monkeypatch.setattr(checkpoint, "SpidRConfig", lambda: SpidRConfig(**TINY))
+    with pytest.warns(UserWarning, match="no config.json"):
+        assert_same_state(model, spidr_fast.load_model(tmp_path / "m.pt"))
 
 
 def test_missing_file() -> None:

@@ -11,7 +11,7 @@ import sys
 
 def test_demo_runs_and_prints_results(tmp_path):
     cmd = [sys.executable, "-m", "spidr_fast", "demo", "--workdir", str(tmp_path), "--minutes", "0.3"]
-    cmd += ["--utterances", "30", "--max-steps", "30"]
+    cmd += ["--utterances", "30", "--max-steps", "30", "run.device=cpu"]  # not a GPU test
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout

@@ -1,7 +1,8 @@
 """Audio decoding and checks, shared by the training dataset and the extraction CLI.
 
 `load_audio` decodes one utterance with soundfile (wav, flac, ogg; a path or the bytes of a tar
-member), checks it is usable for SpidR (16 kHz, mono, at least 400 samples = one frame, finite
+member; soundfile is imported on first use through `soundfile()`, so the models, kernels and
+extractor import without it), checks it is usable for SpidR (16 kHz, mono, at least 400 samples = one frame, finite
 samples) and standardises it (mean 0, variance 1 over the whole waveform, float32), which is what
 the model expects: the model itself never standardises. Every failure raises `AudioError` naming
 the file and the reason.
@@ -13,14 +14,30 @@ import io
 import mmap
 from functools import lru_cache
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
-import soundfile as sf
 
 from spidr_fast.config import SAMPLE_RATE
 
 MIN_SAMPLES = 400  # the conv extractor's receptive field: fewer samples give zero frames
 _LAYER_NORM_EPS = 1e-5  # torch.nn.functional.layer_norm's default, what the reference standardises with
+
+
+def soundfile() -> ModuleType:
+    """The `soundfile` module, imported here on first use: only decoding, headers and writing audio need it.
+
+    Raises:
+        ImportError: soundfile (or its libsndfile) is missing, with what to install.
+    """
+    try:
+        import soundfile as sf
+    except (ImportError, OSError) as exc:  # OSError: the module is there but libsndfile is not
+        raise ImportError(
+            f"reading or writing audio files needs the soundfile package ({type(exc).__name__}: {exc}): "
+            "`pip install soundfile` (its wheels bundle libsndfile)"
+        ) from exc
+    return sf
 
 
 class AudioError(ValueError):
@@ -85,6 +102,7 @@ def load_audio(source: str | Path | bytes, *, name: str | None = None, normalize
         AudioError: unreadable, not 16 kHz, not mono, empty, shorter than 400 samples, or NaN/Inf.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    sf = soundfile()  # outside the try: a missing package is not an unreadable file
     try:
         handle = io.BytesIO(source) if isinstance(source, bytes) else source
         waveform, sample_rate = sf.read(handle, dtype="float32", always_2d=True)

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
-from spidr_fast.data.audio import SAMPLE_RATE
-from spidr_fast.data.manifest import ManifestEntry, atomic_write_text, write_manifest
+from spidr_fast.data.audio import SAMPLE_RATE, soundfile
+from spidr_fast.data.manifest import ManifestEntry, write_manifest
+from spidr_fast.io import atomic_write_text
 
 FRAME_SHIFT = 160  # samples per alignment frame (10 ms)
 
@@ -248,7 +248,7 @@ def generate_corpus(
         wav = synthesize(seq, speaker, rng)
         fileid = f"{speaker.name}_{i:05d}"
         path = out / "wavs" / f"{fileid}.wav"
-        sf.write(path, wav, SAMPLE_RATE, subtype="PCM_16")
+        soundfile().write(path, wav, SAMPLE_RATE, subtype="PCM_16")
         entries.append(ManifestEntry(fileid, str(path.resolve()), int(wav.shape[0])))
         labels = frame_labels(seq)
         alignments.append({"fileid": fileid, "speaker": speaker.name, "frame_shift_ms": 10, "phones": labels})

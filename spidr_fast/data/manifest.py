@@ -7,6 +7,11 @@ Forms (chosen by the output suffix), the reference recipe's:
   gives fileid = relative path and path = root/relative path. Files only, not tar members.
 - `.jsonl`: one object per line with the CSV's fields.
 Sample counts come from file headers (`soundfile.info`), without decoding. Writes are atomic.
+
+`spidr-fast manifest` goes past bad files (unreadable header, fewer samples than one frame): the
+good ones are written, the bad ones listed with their reasons in `OUT_STEM.failures.jsonl` and
+the summary, and the exit status is 1. The summary gives the duration at each file's own sample
+rate and warns, with counts, of files that are not 16 kHz mono and of ids shared by several files.
 """
 
 from __future__ import annotations
@@ -16,16 +21,17 @@ import csv
 import io
 import json
 import os
+import sys
 import tarfile
-import tempfile
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import soundfile as sf
 from tqdm import tqdm
 
-from spidr_fast.data.audio import SAMPLE_RATE, AudioError
+from spidr_fast.data.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, soundfile
+from spidr_fast.io import atomic_write_text, write_failures
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 _FILE_FIELDS = ["fileid", "path", "num_samples"]
@@ -51,23 +57,6 @@ class ManifestEntry:
     def name(self) -> str:
         """How errors name this utterance."""
         return f"{self.archive}:{self.path}" if self.archive is not None else self.path
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and `os.replace`.
-
-    A reader never sees a half-written file, and an interrupted run leaves the old file intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_manifest(entries: Iterable[ManifestEntry], path: str | Path, *, root: str | Path | None = None) -> Path:
@@ -184,33 +173,79 @@ class _ByteRange(io.RawIOBase):
         return got or 0
 
 
+@dataclass
+class Scan:
+    """What a scan found: usable entries with each one's (sample rate, channels), and the files left out."""
+
+    entries: list[ManifestEntry] = field(default_factory=list)
+    formats: list[tuple[int, int]] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+
+    def add(self, source: Path | io.RawIOBase, name: str, make: Callable[[int], ManifestEntry]) -> None:
+        """Read `source`'s header: an entry (`make(num_samples)`), or a failure naming `name`."""
+        sf = soundfile()  # outside the try: a missing soundfile is no file's fault
+        try:
+            info = sf.info(source)
+        except Exception as exc:
+            self.failures.append((name, f"unreadable header ({type(exc).__name__}: {exc})"))
+            return
+        if info.frames < MIN_SAMPLES:
+            short = f"too short: {info.frames} samples < {MIN_SAMPLES} (one frame)"
+            self.failures.append((name, short if info.frames else "empty (0 samples)"))
+            return
+        self.entries.append(make(int(info.frames)))
+        self.formats.append((int(info.samplerate), int(info.channels)))
+
+    def strict(self) -> list[ManifestEntry]:
+        """The entries; `AudioError` for the first file left out."""
+        if self.failures:
+            raise AudioError(*self.failures[0])
+        return self.entries
+
+
 def scan_folder(
     root: str | Path, *, extensions: tuple[str, ...] = AUDIO_EXTENSIONS, progress: bool = True
 ) -> list[ManifestEntry]:
-    """Entries for every audio file under `root` (sorted), fileid = relative path without suffix."""
-    root = Path(root).resolve()
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file())
-    entries = []
-    for p in tqdm(files, desc=f"scan {root.name}", unit="file", disable=not progress):
-        entries.append(
-            ManifestEntry(
-                fileid=p.relative_to(root).with_suffix("").as_posix(), path=str(p), num_samples=_frames(p, str(p))
-            )
-        )
-    return entries
+    """Entries for every audio file under `root` (sorted), fileid = relative path without suffix.
+
+    Raises `AudioError` for an unreadable file or one shorter than a frame (`scan_source` lists them instead).
+    """
+    return _scan_folder(Path(root).resolve(), extensions, progress).strict()
 
 
 def scan_tar(
     archive: str | Path, *, extensions: tuple[str, ...] = AUDIO_EXTENSIONS, progress: bool = True
 ) -> list[ManifestEntry]:
-    """Entries for every audio member of an uncompressed tar, with their data byte ranges."""
-    archive = Path(archive).resolve()
+    """Entries for every audio member of an uncompressed tar, with their data byte ranges (errors as `scan_folder`)."""
+    return _scan_tar(Path(archive).resolve(), extensions, progress).strict()
+
+
+def scan_source(source: str | Path, *, extensions: tuple[str, ...] = AUDIO_EXTENSIONS, progress: bool = True) -> Scan:
+    """Scan a folder or an uncompressed tar, going past bad files: they are listed in `Scan.failures`."""
+    source = Path(source)
+    if source.is_dir():
+        return _scan_folder(source.resolve(), extensions, progress)
+    if source.is_file():
+        return _scan_tar(source.resolve(), extensions, progress)
+    raise FileNotFoundError(f"{source} is neither a folder nor a file")
+
+
+def _scan_folder(root: Path, extensions: tuple[str, ...], progress: bool) -> Scan:
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file())
+    scan = Scan()
+    for p in tqdm(files, desc=f"scan {root.name}", unit="file", disable=not progress):
+        fileid = p.relative_to(root).with_suffix("").as_posix()
+        scan.add(p, str(p), lambda n, fileid=fileid, p=p: ManifestEntry(fileid=fileid, path=str(p), num_samples=n))
+    return scan
+
+
+def _scan_tar(archive: Path, extensions: tuple[str, ...], progress: bool) -> Scan:
     try:
         # "r:" refuses compressed tars: byte offsets must address raw member bytes. Closed by `with tar` below.
         tar = tarfile.open(archive, mode="r:")  # noqa: SIM115
     except tarfile.ReadError as exc:
         raise ValueError(f"{archive}: not an uncompressed tar ({exc})") from exc
-    entries = []
+    scan = Scan()
     with tar, archive.open("rb") as raw:
         bar = tqdm(
             desc=f"scan {archive.name}", unit="B", unit_scale=True, total=archive.stat().st_size, disable=not progress
@@ -218,32 +253,26 @@ def scan_tar(
         for member in _members(tar, bar):
             if not member.isfile() or Path(member.name).suffix.lower() not in extensions:
                 continue
-            window = _ByteRange(raw, member.offset_data, member.size)
-            entries.append(
-                ManifestEntry(
+
+            def make(n: int, member: tarfile.TarInfo = member) -> ManifestEntry:
+                return ManifestEntry(
                     fileid=Path(member.name).with_suffix("").as_posix(),
                     path=member.name,
-                    num_samples=_frames(window, f"{archive}:{member.name}"),
+                    num_samples=n,
                     archive=str(archive),
                     byte_offset=member.offset_data,
                     byte_size=member.size,
                 )
-            )
+
+            scan.add(_ByteRange(raw, member.offset_data, member.size), f"{archive}:{member.name}", make)
         bar.close()
-    return entries
+    return scan
 
 
 def _members(tar: tarfile.TarFile, bar: tqdm) -> Iterator[tarfile.TarInfo]:
     for member in tar:
         bar.update(member.offset_data + member.size - bar.n)
         yield member
-
-
-def _frames(source: Path | io.RawIOBase, name: str) -> int:
-    try:
-        return int(sf.info(source).frames)
-    except Exception as exc:
-        raise AudioError(name, f"unreadable header ({type(exc).__name__}: {exc})") from exc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -255,19 +284,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Scan `args.source` and write `args.out`; returns the exit status."""
+    """Scan `args.source` and write `args.out`; returns the exit status (1 when files were left out)."""
     extensions = tuple(e if e.startswith(".") else f".{e}" for e in args.ext.lower().split(",") if e)
-    if args.source.is_dir():
-        entries = scan_folder(args.source, extensions=extensions, progress=not args.no_progress)
-        root = args.source.resolve()
-    elif args.source.is_file():
-        entries = scan_tar(args.source, extensions=extensions, progress=not args.no_progress)
-        root = None
+    failures_file = args.out.with_name(f"{args.out.stem}.failures.jsonl")
+    try:
+        scan = scan_source(args.source, extensions=extensions, progress=not args.no_progress)
+        if not scan.entries and not scan.failures:
+            raise ValueError(f"no {'/'.join(extensions)} audio in {args.source}")
+        if scan.entries:
+            write_manifest(scan.entries, args.out, root=args.source.resolve() if args.source.is_dir() else None)
+        if scan.failures:
+            write_failures(failures_file, scan.failures)
+        else:
+            failures_file.unlink(missing_ok=True)  # a previous run's
+    except (ValueError, OSError) as exc:
+        print(f"spidr-fast manifest: error: {exc}", file=sys.stderr)
+        return 2
+    _report(scan, args.out, failures_file)
+    return 1 if scan.failures else 0
+
+
+def _report(scan: Scan, out: Path, failures_file: Path) -> None:
+    """The summary: duration at each file's own rate, warnings on formats and ids, the files left out."""
+    if scan.entries:
+        seconds = sum(e.num_samples / rate for e, (rate, _) in zip(scan.entries, scan.formats))
+        print(f"wrote {out}: {len(scan.entries)} utterances, {seconds:.1f} s ({seconds / 3600:.2f} h)")
     else:
-        raise SystemExit(f"spidr-fast manifest: {args.source} is neither a folder nor a file")
-    if not entries:
-        raise SystemExit(f"spidr-fast manifest: no {'/'.join(extensions)} audio in {args.source}")
-    write_manifest(entries, args.out, root=root)
-    hours = sum(e.num_samples for e in entries) / SAMPLE_RATE / 3600
-    print(f"wrote {args.out}: {len(entries)} utterances, {hours:.2f} h at {SAMPLE_RATE} Hz")
-    return 0
+        print(f"spidr-fast manifest: no usable audio: {out} not written", file=sys.stderr)
+    rates = Counter(rate for rate, _ in scan.formats if rate != SAMPLE_RATE)
+    multi = sum(channels > 1 for _, channels in scan.formats)
+    if rates or multi:
+        odd = sum(rate != SAMPLE_RATE or channels > 1 for rate, channels in scan.formats)
+        kinds = [f"{n} at {rate} Hz" for rate, n in sorted(rates.items())]
+        kinds += [f"{multi} with several channels"] if multi else []
+        print(
+            f"warning: {odd} file(s) are not {SAMPLE_RATE // 1000} kHz mono ({', '.join(kinds)}): extract them with "
+            "--resample / --downmix; training needs 16 kHz mono",
+            file=sys.stderr,
+        )
+    ids = Counter(e.fileid for e in scan.entries)
+    shared = {fileid: n for fileid, n in ids.items() if n > 1}
+    if shared:
+        example = next(iter(shared))
+        paths = [Path(e.path).name for e in scan.entries if e.fileid == example]
+        print(
+            f"warning: {len(shared)} id(s) are shared by several files ({sum(shared.values())} files; e.g. {example}: "
+            f"{', '.join(paths)}): extract fails such files (they share an output name), rename them",
+            file=sys.stderr,
+        )
+    if scan.failures:
+        lines = [f"spidr-fast manifest: {len(scan.failures)} file(s) left out, listed in {failures_file}:"]
+        lines += [f"    {path}: {reason}" for path, reason in scan.failures[:20]]
+        if len(scan.failures) > 20:
+            lines.append(f"    ... and {len(scan.failures) - 20} more")
+        print("\n".join(lines), file=sys.stderr)

@@ -1,7 +1,10 @@
 """`FeatureExtractor`: batched, chunked extraction of layer features and discrete units.
 
-Waveforms of any lengths go in (16 kHz mono, numpy or torch; standardised here, per utterance,
-over the whole utterance); per waveform a dict comes out:
+Waveforms of any lengths go in, numpy or torch, as decoded: at 16 kHz or any rate given as
+`sample_rate=` (resampled as `spidr-fast extract --resample` does), mono or, with `downmix=True`,
+multi-channel (channels averaged). They are standardised here, per utterance over the whole
+utterance (mean 0, variance 1: what the model expects), so do not standardise them yourself
+(harmless, but redundant). Per waveform a dict comes out:
 `{"layer6": (frames, D) float32, ..., "units": (frames,) int64}`. Layers are numbered from 1.
 
 How it runs (all of it transparent to the results):
@@ -67,6 +70,7 @@ from spidr_fast.config import SAMPLE_RATE
 from spidr_fast.data import batching
 from spidr_fast.data.audio import MIN_SAMPLES
 from spidr_fast.data.batching import CONV_LAYERS
+from spidr_fast.extraction.files import conform
 from spidr_fast.extraction.frontend import ChannelsLastFrontend
 from spidr_fast.models.padding import key_mask_from_lengths, masked_instance_norm
 
@@ -89,6 +93,17 @@ def standardize(waveform: np.ndarray | Tensor) -> Tensor:
 
 def num_frames(num_samples: int) -> int:
     return int(batching.num_frames(num_samples))
+
+
+def _mono_16k(key: Any, waveform: np.ndarray | Tensor, sample_rate: int, downmix: bool) -> np.ndarray:
+    """One waveform, checked, as float32 (samples,) at 16 kHz: resampled, channels averaged if `downmix`."""
+    name = f"waveforms[{key}]" if isinstance(key, int) else str(key)
+    x = waveform.detach().to("cpu", torch.float32).numpy() if isinstance(waveform, Tensor) else np.asarray(waveform)
+    if x.ndim not in (1, 2):
+        raise ValueError(f"{name}: a waveform is 1-D (samples) or 2-D (channels), got shape {x.shape}")
+    x = x.reshape(-1, 1) if x.ndim == 1 else (x if x.shape[1] <= x.shape[0] else x.T)  # (samples, channels)
+    hints = ("sample_rate=", "downmix=True")
+    return conform(x.astype(np.float32, copy=False), sample_rate, name, resample=True, downmix=downmix, hints=hints)
 
 
 @dataclass(frozen=True)
@@ -157,8 +172,12 @@ class FeatureExtractor:
             layer_norm mode. It snapshots the conv weights: build the extractor after loading them.
 
     Calling it on a list of waveforms returns, per waveform, {"layer{l}": (frames, D) float32 on the
-    CPU, ..., "units": (frames,) int64}. It leaves the model untouched (no hooks) and keeps no
-    per-call state, so several threads may call one extractor at once.
+    CPU, ..., "units": (frames,) int64}; on one waveform (a 1-D array or tensor), that one dict.
+    Waveforms are raw audio: the extractor standardises each itself, resamples it from
+    `sample_rate` to 16 kHz, and averages the channels of a 2-D one only with `downmix=True`
+    (else refused: a stereo array must not run as one channel of double length). It leaves the
+    model untouched (no hooks) and keeps no per-call state, so several threads may call one
+    extractor at once.
     """
 
     def __init__(
@@ -202,6 +221,8 @@ class FeatureExtractor:
         self.units = units
         self.units_layer = self.units_head = None
         if units is not None:
+            if units_layer is None and not self.layers:
+                raise ValueError("units without layers: give units_layer, the layer the units are for")
             self.units_layer = int(units_layer if units_layer is not None else max(self.layers))
             first = num_layers - model.num_codebooks + 1
             if not first <= self.units_layer <= num_layers:
@@ -237,10 +258,28 @@ class FeatureExtractor:
             self._forward = torch.compile(self._forward_impl, dynamic=False)
 
     # ---------------------------------------------------------------- public API
-    def __call__(self, waveforms: Sequence[np.ndarray | Tensor]) -> list[dict[str, Tensor]]:
-        """Extract every waveform (any lengths); results in input order."""
+    def __call__(
+        self,
+        waveforms: Sequence[np.ndarray | Tensor] | np.ndarray | Tensor,
+        *,
+        sample_rate: int = SAMPLE_RATE,
+        downmix: bool = False,
+    ) -> list[dict[str, Tensor]] | dict[str, Tensor]:
+        """Extract every waveform (any lengths; results in input order), or one waveform (one dict).
+
+        `waveforms`: a list of 1-D waveforms (or 2-D (samples, channels) / (channels, samples) with
+        `downmix=True`), or one such array or tensor. `sample_rate`: their rate, resampled to 16 kHz.
+        """
+        if isinstance(waveforms, (np.ndarray, Tensor)):
+            if waveforms.ndim == 2 and not downmix and min(waveforms.shape) > 1:
+                raise ValueError(
+                    f"a 2-D waveform of shape {tuple(waveforms.shape)}: pass a list of 1-D waveforms for several "
+                    "utterances, or downmix=True to average the channels of one recording"
+                )
+            return self([waveforms], sample_rate=sample_rate, downmix=downmix)[0]  # type: ignore[return-value]
         results: list[dict[str, Tensor] | None] = [None] * len(waveforms)
-        for index, result in self.stream(enumerate(waveforms), presorted=False):
+        items = enumerate(waveforms)
+        for index, result in self.stream(items, presorted=False, sample_rate=sample_rate, downmix=downmix):
             results[index] = result
         return results  # type: ignore[return-value]
 
@@ -250,8 +289,12 @@ class FeatureExtractor:
         *,
         presorted: bool = True,
         window: int | None = None,
+        sample_rate: int = SAMPLE_RATE,
+        downmix: bool = False,
     ) -> Iterator[tuple[Any, dict[str, Tensor]]]:
         """Extract (key, waveform) pairs as they come; yields (key, result) as each utterance completes.
+
+        Each waveform is checked and converted as `__call__` describes (`sample_rate`, `downmix`).
 
         Pieces are queued until they fill `window` batches (default: 4, or twice the CPU workers so
         that every worker has work), then sorted by length and batched (the last, partial batch
@@ -277,9 +320,7 @@ class FeatureExtractor:
                     yield from self._collect(batch, future.result())
 
             for key, waveform in items:
-                wave = standardize(waveform)
-                if wave.numel() < RECEPTIVE_FIELD:
-                    raise ValueError(f"{key}: {wave.numel()} samples, fewer than one frame ({RECEPTIVE_FIELD})")
+                wave = standardize(_mono_16k(key, waveform, sample_rate, downmix))
                 pending = _Pending(key, plan_pieces(wave.numel(), self.chunk_frames, self.overlap_frames))
                 pending.outputs = [None] * len(pending.pieces)
                 queue.extend((pending, i, wave[p.start : p.stop]) for i, p in enumerate(pending.pieces))

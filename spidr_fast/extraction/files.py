@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import zlib
@@ -24,16 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 
-from spidr_fast.checkpoint import _atomic_write
-from spidr_fast.data.audio import SAMPLE_RATE, AudioError, check_audio, read_archive_member
+from spidr_fast.data.audio import SAMPLE_RATE, AudioError, check_audio, read_archive_member, soundfile
 from spidr_fast.data.manifest import AUDIO_EXTENSIONS, ManifestEntry, read_manifest
+from spidr_fast.io import TEMP_SUFFIX, atomic_write
 
 EXTENSIONS = (*AUDIO_EXTENSIONS, ".mp3", ".aiff", ".aif", ".au")
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl")
-_TEMP_SUFFIX = ".tmp"
 
 
 @dataclass(frozen=True)
@@ -49,7 +46,7 @@ class Input:
 
 
 def list_inputs(source: str | Path, extensions: Sequence[str] = EXTENSIONS) -> list[Input]:
-    """Every input under a folder, in a manifest, or the one file; sorted by key, keys unique."""
+    """Every input under a folder, in a manifest, or the one file; sorted by key (see `split_shared_keys`)."""
     source = Path(source)
     if source.is_dir():
         root = source.resolve()
@@ -61,14 +58,24 @@ def list_inputs(source: str | Path, extensions: Sequence[str] = EXTENSIONS) -> l
         inputs = [Input(source.stem, _file_entry(source.resolve()))]
     else:
         raise FileNotFoundError(f"{source}: no such file or folder")
-    keys = [i.key for i in inputs]
-    if len(set(keys)) != len(keys):
-        dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
-        raise ValueError(f"{source}: several inputs map to the same output (e.g. {dup}): rename them")
-    for key in keys:
-        if key.startswith(("/", "../")) or "/../" in key:
-            raise ValueError(f"{source}: output key {key!r} would leave the output folder")
+    for item in inputs:
+        if item.key.startswith(("/", "../")) or "/../" in item.key:
+            raise ValueError(f"{source}: output key {item.key!r} would leave the output folder")
     return sorted(inputs, key=lambda i: i.key)
+
+
+def split_shared_keys(inputs: Sequence[Input]) -> tuple[list[Input], list[tuple[str, str]]]:
+    """(inputs whose key is their own, (name, reason) of those sharing one: `clip.wav` and `clip.ogg` -> `clip`)."""
+    by_key: dict[str, list[Input]] = {}
+    for item in inputs:
+        by_key.setdefault(item.key, []).append(item)
+    unique = [group[0] for group in by_key.values() if len(group) == 1]
+    shared = []
+    for key, group in by_key.items():
+        for item in group if len(group) > 1 else ():
+            others = ", ".join(o.name for o in group if o is not item)
+            shared.append((item.name, f"its output name {key!r} is also that of {others}: rename one of them"))
+    return unique, shared
 
 
 def _file_entry(path: Path) -> ManifestEntry:
@@ -84,6 +91,7 @@ def shard(inputs: Sequence[Input], rank: int, world_size: int) -> list[Input]:
 
 def probe_seconds(item: Input) -> float:
     """Duration from the header (no decoding), 0 when it cannot be read (decoding then reports why)."""
+    sf = soundfile()
     try:
         if item.entry.num_samples >= 0 and not item.entry.in_archive:
             return item.entry.num_samples / SAMPLE_RATE
@@ -107,23 +115,48 @@ def read_audio(item: Input, *, resample: bool = False, downmix: bool = False) ->
     """Decode and check one input: float32 (samples,) at 16 kHz, not standardised.
 
     Raises `AudioError` (unreadable, empty, < 400 samples, NaN/Inf, and, unless the flags allow
-    converting them, several channels or another sample rate).
+    converting them, several channels or another sample rate: the reason names the flag).
     """
+    sf = soundfile()
     try:
         waveform, sample_rate = sf.read(_open(item), dtype="float32", always_2d=True)
     except AudioError:
         raise
     except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError, TypeError, OSError...
         raise AudioError(item.name, f"unreadable ({type(exc).__name__}: {exc})") from exc
-    if downmix and waveform.ndim == 2 and waveform.shape[1] > 1:
+    return conform(waveform, sample_rate, item.name, resample=resample, downmix=downmix)
+
+
+def conform(
+    waveform: np.ndarray,
+    sample_rate: int,
+    name: str,
+    *,
+    resample: bool,
+    downmix: bool,
+    hints: tuple[str, str] = ("--resample", "--downmix"),
+) -> np.ndarray:
+    """(samples, channels) audio -> checked float32 (samples,) at 16 kHz mono, converted where allowed.
+
+    `hints` name the options that allow resampling and downmixing in the errors' advice.
+    """
+    if waveform.shape[0] == 0:
+        raise AudioError(name, "empty (0 samples)")
+    if waveform.shape[1] > 1:
+        if not downmix:
+            raise AudioError(name, f"{waveform.shape[1]} channels, expected mono: pass {hints[1]} to average them")
         waveform = waveform.mean(axis=1, keepdims=True)
-    if resample and sample_rate != SAMPLE_RATE and waveform.shape[0] > 0:
+    if sample_rate != SAMPLE_RATE and waveform.shape[0] > 0:
+        if not resample:
+            raise AudioError(
+                name, f"sample rate {sample_rate} Hz, expected {SAMPLE_RATE} Hz: pass {hints[0]} to convert it"
+            )
         if not np.isfinite(waveform).all():
-            raise AudioError(item.name, "holds NaN or Inf samples")
-        waveform = np.stack([resample_audio(c, sample_rate, SAMPLE_RATE) for c in waveform.T], axis=1)
+            raise AudioError(name, "holds NaN or Inf samples")
+        waveform = resample_audio(waveform[:, 0], sample_rate, SAMPLE_RATE)[:, None]
         sample_rate = SAMPLE_RATE
-    check_audio(waveform, sample_rate, item.name)
-    return waveform[:, 0]
+    check_audio(waveform, sample_rate, name)
+    return np.ascontiguousarray(waveform[:, 0], dtype=np.float32)
 
 
 def resample_audio(x: np.ndarray, orig: int, new: int, *, zeros: int = 16, rolloff: float = 0.945) -> np.ndarray:
@@ -188,10 +221,10 @@ def save_outputs(result: dict[str, torch.Tensor], paths: dict[str, Path], save_d
     arrays = {k: (v if k == "units" else v.to(save_dtype)).contiguous() for k, v in result.items()}
     for name, path in paths.items():
         if name == "*":
-            _atomic_write(path, lambda tmp: torch.save(arrays, tmp))
+            atomic_write(path, lambda tmp: torch.save(arrays, tmp))
         else:
             array = arrays[name].numpy()
-            _atomic_write(path, lambda tmp, a=array: _save_npy(tmp, a))
+            atomic_write(path, lambda tmp, a=array: _save_npy(tmp, a))
 
 
 def _save_npy(tmp: str, array: np.ndarray) -> None:
@@ -209,15 +242,9 @@ def remove_stale_temps(paths: Sequence[Path]) -> int:
         if not folder.is_dir():
             continue
         for entry in os.scandir(folder):
-            if entry.name.startswith(".") and entry.name.endswith(_TEMP_SUFFIX):
+            if entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX):
                 target = entry.name[1:].rsplit(".", 2)[0]  # ".c.npy.ab12cd.tmp" -> "c.npy"
                 if target in names:
                     Path(entry.path).unlink(missing_ok=True)
                     removed += 1
     return removed
-
-
-def write_failures(path: Path, failures: Sequence[tuple[str, str]]) -> None:
-    """`failures.jsonl`: one {"path", "reason"} object per failed input of this run (rewritten atomically)."""
-    text = "".join(json.dumps({"path": p, "reason": r}) + "\n" for p, r in failures)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from spidr_fast.config import SAMPLE_RATE
 from spidr_fast.data.audio import AudioError
 from spidr_fast.extraction.extractor import DTYPES, FeatureExtractor
 from spidr_fast.extraction.files import (
@@ -34,19 +35,33 @@ from spidr_fast.extraction.files import (
     remove_stale_temps,
     save_outputs,
     shard,
-    write_failures,
+    split_shared_keys,
 )
+from spidr_fast.extraction.settings import (
+    SETTINGS_FILE,
+    SettingsConflict,
+    checkpoint_identity,
+    conflict_message,
+    differences,
+    merged,
+    output_names,
+    read_settings,
+    write_settings,
+)
+from spidr_fast.io import write_failures
 
 RELEASED = ("spidr_base", "dinosr_base_reproduced", "dinosr_base_original")
 
 
-def load_checkpoint(spec: str) -> torch.nn.Module:
-    """A released model by name (fetched through the torch hub cache) or a checkpoint path."""
+def load_checkpoint(spec: str, config: Path | None = None) -> torch.nn.Module:
+    """A released model by name (fetched through the torch hub cache) or a checkpoint path (+ its config)."""
     import spidr_fast
 
     if spec in RELEASED:
+        if config is not None:
+            raise ValueError(f"--config is for checkpoint files: {spec} comes with its own config")
         return getattr(spidr_fast, spec)()
-    return spidr_fast.load_model(spec)
+    return spidr_fast.load_model(spec, config=None if config is None else spidr_fast.read_model_config(config))
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -90,6 +105,49 @@ def _decoded(
                 on_fail(item)
 
 
+def _settings(args: argparse.Namespace, layers: list[int], units_layer: int | None, dtype: str) -> dict:
+    """What decides the outputs (see `spidr_fast.extraction.settings`)."""
+    import spidr_fast
+
+    return {
+        "checkpoint": checkpoint_identity(args.checkpoint, RELEASED, args.config),
+        "layers": layers,
+        "units": args.units,
+        "units_layer": units_layer,
+        "features": "layer output (after residual)" if args.after_residual else "FFN output (before residual)",
+        "dtype": dtype,
+        "save_dtype": args.save_dtype,
+        "format": args.format,
+        "chunk_seconds": args.chunk_seconds,
+        "overlap_seconds": args.overlap_seconds,
+        "resample": args.resample,
+        "downmix": args.downmix,
+        "spidr_fast_version": spidr_fast.__version__,
+    }
+
+
+def _recorded_settings(out_dir: Path, settings: dict, overwrite: bool) -> dict | None:
+    """The folder's settings record (None: none); one that differs from `settings` is refused unless `overwrite`."""
+    try:
+        old = read_settings(out_dir)
+    except SettingsConflict:
+        if overwrite:
+            return None
+        raise
+    if old is not None and not overwrite and (lines := differences(old, settings)):
+        raise SettingsConflict(conflict_message(out_dir, lines))
+    return old
+
+
+def _delete_outputs(out_dir: Path, records: list[dict], inputs: list[Input]) -> None:
+    """--overwrite: delete the outputs of `inputs` under each settings record's names and format."""
+    for record in records:
+        names = output_names(record.get("layers") or [], record.get("units"))
+        for item in inputs:
+            for path in output_paths(out_dir, item.key, names, record.get("format", "npy")).values():
+                path.unlink(missing_ok=True)
+
+
 def run(args: argparse.Namespace) -> int:
     """Extract every input of this rank; returns the exit status (1 when any file failed)."""
     start = time.perf_counter()
@@ -97,31 +155,46 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     rank, world = rank_and_world()
     out_dir = Path(args.output_dir)
-    layers = [] if args.units_only else (args.layer or [6])
-    names = [f"layer{n}" for n in sorted(set(layers))] + (["units"] if args.units else [])
-    if not names:
-        raise SystemExit("spidr-fast extract: --units-only needs --units")
+    if args.units_only and not args.units:
+        raise ValueError("--units-only needs --units (heads or codebooks)")
+    feature_layers = sorted(set(args.layer or [6]))
+    layers = [] if args.units_only else feature_layers
+    # Units are for --units-layer, else the deepest --layer (6 by default), with or without --units-only.
+    units_layer = (args.units_layer or max(feature_layers)) if args.units else None
+    names = output_names(layers, args.units)
+    device = args.device or default_device()
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     everything = list_inputs(args.input)
     if not everything:
         print(f"spidr-fast extract: warning: no audio files found in {args.input}", file=sys.stderr)
-    inputs = shard(everything, rank, world)
+    # Files whose outputs would overwrite each other (clip.wav, clip.ogg -> clip) fail; the others go on.
+    inputs, failures = split_shared_keys(shard(everything, rank, world))
     paths = {i.key: output_paths(out_dir, i.key, names, args.format) for i in inputs}
     remove_stale_temps([p for ps in paths.values() for p in ps.values()])
     with ThreadPoolExecutor(max(1, args.num_workers)) as pool:
-        complete = list(pool.map(lambda i: is_complete(paths[i.key], names), inputs))
+        settings = _settings(args, layers, units_layer, dtype)
+        recorded = _recorded_settings(out_dir, settings, args.overwrite)
+        if args.overwrite:
+            complete = [False] * len(inputs)
+        else:
+            complete = list(pool.map(lambda i: is_complete(paths[i.key], names), inputs))
+        if recorded is None and any(complete):
+            raise SettingsConflict(
+                f"{out_dir} holds {sum(complete)} complete outputs but no {SETTINGS_FILE}: their settings are "
+                "unknown (written by hand or by an older spidr_fast). Write to another folder, or pass --overwrite "
+                "to recompute them."
+            )
         todo = [i for i, done in zip(inputs, complete) if not done]
         seconds = dict(zip((i.key for i in todo), pool.map(probe_seconds, todo)))
     todo.sort(key=lambda i: -seconds[i.key])  # longest first: batches of similar lengths, OOM shows early
-    failures: list[tuple[str, str]] = []
-    written = 0
+    silent: list[str] = []
+    written, extracted_seconds = 0, 0.0
     if todo:
-        device = args.device or default_device()
-        dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
         extractor = FeatureExtractor(
-            load_checkpoint(args.checkpoint),
+            load_checkpoint(args.checkpoint, args.config),
             layers=layers,
             units=args.units,
-            units_layer=args.units_layer,
+            units_layer=units_layer,
             device=device,
             dtype=dtype,
             compile=args.compile,
@@ -130,6 +203,11 @@ def run(args: argparse.Namespace) -> int:
             overlap_seconds=args.overlap_seconds,
             before_residual=not args.after_residual,
         )
+    # The folder changes only now that the model is loaded: a run that fails before leaves it as it was.
+    if args.overwrite:
+        _delete_outputs(out_dir, [settings, *([recorded] if recorded else [])], inputs)
+    write_settings(out_dir, merged(None if args.overwrite else recorded, settings))  # before any output
+    if todo:
         save_dtype = DTYPES[args.save_dtype]
         bar = tqdm(
             total=sum(seconds.values()),
@@ -143,20 +221,32 @@ def run(args: argparse.Namespace) -> int:
         def advance(item: Input) -> None:
             bar.update(seconds[item.key])
 
+        decoded_seconds: dict[str, float] = {}
+
+        def checked(stream: Iterator[tuple[Input, np.ndarray]]) -> Iterator[tuple[Input, np.ndarray]]:
+            """Note each file's decoded duration, and the silent ones (written, but worth a warning)."""
+            for item, wave in stream:
+                decoded_seconds[item.key] = wave.shape[0] / SAMPLE_RATE
+                if wave.min() == wave.max():
+                    silent.append(item.name)
+                yield item, wave
+
         writes: deque[tuple[Input, Future]] = deque()
 
         def settle(limit: int) -> None:
-            nonlocal written
+            nonlocal written, extracted_seconds
             while len(writes) > limit:
                 item, future = writes.popleft()
                 try:
                     future.result()
                     written += 1
+                    extracted_seconds += decoded_seconds.pop(item.key)
                 except Exception as exc:
                     failures.append((item.name, f"could not write the output ({type(exc).__name__}: {exc})"))
 
         with ThreadPoolExecutor(2, thread_name_prefix="write") as writer:
-            for item, result in extractor.stream(_decoded(todo, args, failures, advance), presorted=True):
+            stream = checked(_decoded(todo, args, failures, advance))
+            for item, result in extractor.stream(stream, presorted=True):
                 writes.append((item, writer.submit(save_outputs, result, paths[item.key], save_dtype)))
                 advance(item)
                 settle(16)
@@ -164,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
     failures_file = out_dir / ("failures.jsonl" if world == 1 else f"failures.rank{rank}.jsonl")
     write_failures(failures_file, sorted(failures))
-    _summary(rank, world, written, len(inputs) - len(todo), failures, sum(seconds.values()), start, failures_file)
+    skipped = len(inputs) - len(todo)
+    _summary(rank, world, written, skipped, failures, sorted(silent), extracted_seconds, start, failures_file)
     return 1 if failures else 0
 
 
@@ -174,6 +265,7 @@ def _summary(
     written: int,
     skipped: int,
     failures: list[tuple[str, str]],
+    silent: list[str],
     audio_seconds: float,
     start: float,
     failures_file: Path,
@@ -182,8 +274,14 @@ def _summary(
     who = f"rank {rank}/{world}: " if world > 1 else ""
     lines = [
         f"spidr-fast extract: {who}{written} written, {skipped} already complete (skipped), {len(failures)} failed",
-        f"  {audio_seconds / 3600:.3f} h of audio in {wall:.1f} s ({audio_seconds / max(wall, 1e-9):.1f} audio-s/s)",
+        f"  {audio_seconds:.1f} s of audio ({audio_seconds / 3600:.3f} h) extracted in {wall:.1f} s "
+        f"({audio_seconds / max(wall, 1e-9):.1f} audio-s/s)",
     ]
+    if silent:
+        lines.append(f"  warning: {len(silent)} silent file(s) (every sample equal), written as features of silence:")
+        lines += [f"    {path}" for path in silent[:20]]
+        if len(silent) > 20:
+            lines.append(f"    ... and {len(silent) - 20} more")
     if failures:
         lines.append(f"  failures ({failures_file}):")
         lines += [f"    {path}: {reason}" for path, reason in sorted(failures)[:20]]

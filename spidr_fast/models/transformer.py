@@ -126,6 +126,9 @@ class Transformer(nn.Module):
         self.layer_norm = nn.LayerNorm(embed_dim)
         self.dropout = nn.Dropout(dropout)
         self.layer_drop = layer_drop
+        # Where layer drop is drawn: None = the global CPU RNG. The trainer sets one seeded by (seed, step)
+        # every step, so that every rank drops the same layers (FSDP2's collectives stay matched).
+        self.layer_drop_generator: torch.Generator | None = None
         self.pre_ln = pre_ln
         self.layers = nn.ModuleList(
             TransformerLayer(
@@ -155,8 +158,12 @@ class Transformer(nn.Module):
         return self.dropout(x)
 
     def _drop_layer(self) -> bool:
-        # Drawn on the CPU generator, and only when layer drop is on: no device sync, no RNG use otherwise.
-        return self.training and self.layer_drop > 0 and bool(torch.rand(1) <= self.layer_drop)
+        # Drawn on a CPU generator, and only when layer drop is on: no device sync, no RNG use otherwise.
+        return (
+            self.training
+            and self.layer_drop > 0
+            and bool(torch.rand(1, generator=self.layer_drop_generator) <= self.layer_drop)
+        )
 
     def forward(self, x: Tensor, padding: Padding | Tensor | None = None) -> Tensor:
         """(B, T, D) -> (B, T, D), the encoder's final output."""

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from spidr_fast.checkpoint import _atomic_write
+from spidr_fast.io import atomic_write
 
 logger = logging.getLogger(__name__)
 PREFIX = "step_"
@@ -124,7 +124,7 @@ class Checkpointer:
             self.folder.mkdir(parents=True, exist_ok=True)
         if self.fmt == "full":
             if _rank() == 0:
-                _atomic_write(path, lambda tmp: torch.save({"model": msd, "optimizer": osd, **extra}, tmp))
+                atomic_write(path, lambda tmp: torch.save({"model": msd, "optimizer": osd, **extra}, tmp))
         else:
             self._save_sharded(path, {"model": msd, "optimizer": osd}, extra)
         _barrier()

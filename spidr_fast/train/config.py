@@ -79,7 +79,7 @@ class DataConfig:
     max_batch_length: int = 3_800_000
     drop_last: bool = False
     num_workers: int = 10
-    pin_memory: bool = False
+    pin_memory: bool | None = None  # spidr_fast: None = on when CUDA is available (reference: false)
     prefetch_factor: int = 2
     persistent_workers: bool = True
     random_seed: int = 0
@@ -265,6 +265,11 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
         raise ValueError("data.enable_padding=true is not supported: batches are cropped to their shortest utterance")
     if cfg.masking.mask_channel_prob > 0:
         raise ValueError("masking.mask_channel_prob > 0 is not supported")
+    if cfg.optimizer.dtype == "float16":
+        raise ValueError(
+            "optimizer.dtype='float16' is not supported for training: fp16 needs loss scaling (a GradScaler), "
+            "which this trainer does not do; use 'bfloat16' (GPUs from A100 on) or 'float32'"
+        )
     return cfg
 
 
@@ -291,9 +296,8 @@ def read_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
 
 def save_resolved(cfg: TrainConfig, folder: Path) -> Path:
     """Write the resolved config as `train_config.json` (readable back by `read_config`)."""
-    from spidr_fast.checkpoint import _atomic_write
+    from spidr_fast.io import atomic_write_text
 
     path = folder / "train_config.json"
     text = json.dumps(cfg.to_dict(), indent=2) + "\n"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    return path
+    return atomic_write_text(path, text)

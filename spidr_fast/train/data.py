@@ -37,6 +37,12 @@ class ResumableBatchSampler(Sampler):
         return max(0, len(self.inner) - self.start)
 
 
+def pin_memory(cfg: DataConfig) -> bool:
+    """`data.pin_memory`, None meaning: pin when CUDA is available (the trainer's non_blocking copies then
+    overlap; from pageable memory they block)."""
+    return torch.cuda.is_available() and (cfg.pin_memory is None or cfg.pin_memory)
+
+
 def build_loader(
     cfg: DataConfig, masking: MaskingConfig, *, rank: int, world_size: int, seed: int
 ) -> tuple[DataLoader, ResumableBatchSampler, SpeechDataset]:
@@ -51,7 +57,7 @@ def build_loader(
         batch_sampler=sampler,
         collate_fn=Collator(batching, masking.data_masking()),
         num_workers=workers,
-        pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+        pin_memory=pin_memory(cfg),
         prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
         persistent_workers=cfg.persistent_workers and workers > 0,
         generator=torch.Generator().manual_seed(seed),

@@ -46,8 +46,13 @@ class _GlobalOnly:
 
 def count_step_flops(model: nn.Module, waveforms: Tensor, mask_indices: Tensor, dtype: torch.dtype) -> int:
     """FLOPs of forward + backward of `model` (train mode) on one batch. Runs the step for real on a
-    deep copy, with the RNG forked: the caller's model, codebooks and random streams are untouched."""
+    deep copy, with the RNG forked: the caller's model, codebooks and random streams are untouched.
+    Rank-local: no collective runs, whatever the process group."""
     model = copy.deepcopy(model).train()
+    if hasattr(model, "codebooks"):
+        # This rank's codebook statistics only: the count runs no collective, so a rank whose count fails
+        # (or that counts another batch) cannot leave the others waiting in an all-reduce.
+        model.codebooks.all_reduce = lambda *stats: stats
     devices = [waveforms.device] if waveforms.device.type == "cuda" else []
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = _GlobalOnly()

@@ -52,6 +52,17 @@ def apply_ddp(model: DinoSR, device: torch.device) -> nn.Module:
     )
 
 
+@torch.no_grad()
+def broadcast_from_rank0(model: nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers (codebooks included): FSDP2 never syncs them (each
+    rank shards its own copy) and DDP with broadcast_buffers=False skips the buffers, so this is what
+    guarantees one model at step 0 whatever each rank built (the trainer also seeds the build alike)."""
+    import torch.distributed as dist
+
+    for tensor in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(tensor, src=0)
+
+
 def parallelize(
     model: DinoSR,
     *,
@@ -74,6 +85,7 @@ def parallelize(
         raise ValueError("run.parallelism='none' needs a single process")
     if world_size == 1:  # nothing to shard or reduce
         return model, 1.0
+    broadcast_from_rank0(model)
     if parallelism == "fsdp":
         apply_fsdp(model, param_dtype=param_dtype)
         return model, float(world_size)

@@ -37,6 +37,13 @@ class StepContext:
     device: torch.device
     dtype: torch.dtype  # autocast dtype; float32 disables autocast
     grad_scale: float  # world size when the gradient reduction averages over ranks (FSDP, DDP), else 1
+    seed: int = 0  # run.random_seed: layer drop is drawn from (seed, step), the same on every rank
+
+
+def layer_drop_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator step `step` draws layer drop from: a function of (seed, step) only, so every rank
+    drops the same layers and a resumed run drops what the uninterrupted one dropped."""
+    return torch.Generator().manual_seed((seed % 2**31) << 32 | (step % 2**32))
 
 
 def global_count(n: int, device: torch.device) -> tuple[Tensor, dist.Work | None]:
@@ -63,6 +70,7 @@ def train_step(ctx: StepContext, waveforms: Tensor, mask_indices: Tensor, step: 
     waveforms = waveforms.to(ctx.device, non_blocking=True)
     mask_indices = mask_indices.to(ctx.device, non_blocking=True)
     num_masked, work = global_count(mask_indices.numel(), ctx.device)
+    ctx.core.student.layer_drop_generator = layer_drop_generator(ctx.seed, step)
     with autocast(ctx.device, ctx.dtype):
         losses, metrics = ctx.model(waveforms, mask_indices=mask_indices)
     if work is not None:

@@ -41,7 +41,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         env = init_env(cfg.run.device)
         stack.push(lambda exc_type, *_: close_env(synchronize=exc_type is None))  # no barrier after an error
         setup_torch(deterministic=cfg.run.use_deterministic)
-        seed_everything(cfg.run.random_seed + env.rank)
+        seed_everything(cfg.run.random_seed)  # the same on every rank: one initial model, codebooks included
         run_dir, dtype, max_steps = cfg.run.dir, DTYPES[cfg.optimizer.dtype], cfg.optimizer.max_steps
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -53,6 +53,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             obj = torch.load(cfg.run.init_ckpt, map_location="cpu", weights_only=True)
             load_state_dict_strict(model, state_dict_from_checkpoint(obj, cfg.run.init_ckpt), cfg.run.init_ckpt)
         model.to(env.device).train()
+        seed_everything(cfg.run.random_seed + env.rank)  # per-rank random streams from here on (dropout)
         loader, sampler, dataset = build_loader(
             cfg.data, cfg.masking, rank=env.rank, world_size=env.world_size, seed=cfg.run.random_seed
         )
@@ -86,7 +87,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 model.freeze_extractor()
         params = [p for group in optimizer.param_groups for p in group["params"]]
         ctx = StepContext(
-            called, model, optimizer, scheduler, params, cfg.optimizer.max_norm, env.device, dtype, grad_scale
+            called,
+            model,
+            optimizer,
+            scheduler,
+            params,
+            cfg.optimizer.max_norm,
+            env.device,
+            dtype,
+            grad_scale,
+            seed=cfg.run.random_seed,
         )
 
         # ---- logging

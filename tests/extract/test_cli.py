@@ -27,7 +27,8 @@ from tests.extract.conftest import TINY, write_audio
 
 
 def extract(*args: object) -> int:
-    return main(["extract", *map(str, args), "--no-progress"])
+    # Not GPU tests: the CLI defaults to CUDA + bf16 when present, and these compare with CPU fp32 at 1e-4.
+    return main(["extract", *map(str, args), "--no-progress", "--device", "cpu"])
 
 
 def outputs(folder: Path) -> dict[str, np.ndarray | bytes]:
@@ -58,7 +59,7 @@ def test_layout_and_values(corpus: Path, checkpoint: Path, tmp_path: Path) -> No
     model = spidr_fast.load_model(checkpoint)
     written = outputs(out)
     expected_names = {f.relative_to(corpus).with_suffix(".npy").as_posix() for f in audio_files(corpus)}
-    assert set(written) == expected_names | {"failures.jsonl"}
+    assert set(written) == expected_names | {"failures.jsonl", "extract_settings.json"}
     assert (out / "failures.jsonl").read_text() == ""
     for f in audio_files(corpus):
         wave, _ = sf.read(f, dtype="float32")
@@ -131,7 +132,7 @@ def test_bad_inputs_are_reported_and_good_files_written(corpus: Path, checkpoint
     assert "NaN or Inf" in failures["nan.wav"] and "NaN or Inf" in failures["inf.wav"]
     assert "unreadable" in failures["text.wav"] and "unreadable" in failures["truncated.wav"]
     good = {f.relative_to(corpus).with_suffix(".npy").as_posix() for f in audio_files(corpus) if f.parent != bad}
-    assert set(outputs(out)) - {"failures.jsonl"} == good
+    assert set(outputs(out)) - {"failures.jsonl", "extract_settings.json"} == good
 
     # Conversions happen only on request: --downmix and --resample rescue those two files.
     assert extract(corpus, out, "--checkpoint", checkpoint, "--layer", 1, "--downmix", "--resample") == 1
@@ -161,6 +162,7 @@ def test_rerun_skips_complete_and_redoes_partial(
 
 def _cli(*args: object, env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "spidr_fast", "extract", *map(str, args), "--no-progress", "--num-workers", "1"]
+    cmd += ["--device", "cpu"]  # not GPU tests (see `extract`)
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}  # 2 shared cores: no thread oversubscription
     return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
 

@@ -7,6 +7,7 @@ import torch
 
 from spidr_fast.kernels import conv_frontend as cf
 from spidr_fast.kernels.conv_frontend import channel_layer_norm_gelu, channel_layer_norm_gelu_ref
+from tests.kernels.conftest import DEVICE
 from tests.kernels.utils import assert_close_to_truth
 
 ATOL = {torch.bfloat16: 1e-3, torch.float16: 1e-4}
@@ -84,7 +85,8 @@ def test_empty(triton_backend, B, T):
     leaves, grad_y = make_inputs(B, 24, T, True, torch.float32, triton_backend)
     y, grad_x, grad_w, grad_b = run(channel_layer_norm_gelu, leaves, grad_y)
     assert y.shape == grad_x.shape == (B, 24, T)
-    assert torch.equal(grad_w, torch.zeros(24)) and torch.equal(grad_b, torch.zeros(24))
+    zeros = torch.zeros(24, device=triton_backend)
+    assert torch.equal(grad_w, zeros) and torch.equal(grad_b, zeros)
 
 
 def test_several_blocks_per_backward_program(triton_backend, monkeypatch):
@@ -103,7 +105,7 @@ def test_strided_inputs(triton_backend):
     leaves, _ = make_inputs(2, 40, 31, True, torch.float32, triton_backend)
     base = leaves[0]
     x = base[..., :-1]  # (B, C, T - 1) with stride(1) = T
-    grad_y = torch.randn(2, 30, 40).transpose(1, 2)  # (B, C, T - 1), stride 1 along C
+    grad_y = torch.randn(2, 30, 40, device=triton_backend).transpose(1, 2)  # (B, C, T - 1), stride 1 along C
     got = run(lambda x, w, b: channel_layer_norm_gelu(x, w, b), [x, *leaves[1:]], grad_y)
     want = run(lambda x, w, b: channel_layer_norm_gelu_ref(x, w, b), [x, *leaves[1:]], grad_y)
     assert got[0].is_contiguous()
@@ -128,8 +130,8 @@ def test_dispatch(monkeypatch):
     assert torch.equal(channel_layer_norm_gelu(*leaves), want)
     monkeypatch.setenv("SPIDR_FAST_BACKEND", "reference")
     assert torch.equal(channel_layer_norm_gelu(*leaves), want)
-    monkeypatch.setenv("SPIDR_FAST_BACKEND", "triton")
-    wide, _ = make_inputs(1, cf.MAX_C + 1, 2, False, torch.float32, "cpu")
+    monkeypatch.setenv("SPIDR_FAST_BACKEND", "triton")  # on CPU tensors only under the interpreter: DEVICE
+    wide, _ = make_inputs(1, cf.MAX_C + 1, 2, False, torch.float32, DEVICE)
     assert torch.equal(channel_layer_norm_gelu(wide[0]), channel_layer_norm_gelu_ref(wide[0]))
     with pytest.raises(ValueError, match="B, C, T"):
         channel_layer_norm_gelu(torch.zeros(3, 4))
@@ -178,9 +180,10 @@ def test_model_call_sites(triton_backend, monkeypatch):
     from spidr_fast.models.feature_extractor import ConvBlock
     from spidr_fast.models.transformer import ConvPositionalEmbedding
 
-    block = ConvBlock(1, 24, 10, 5, "layer_norm", bias=False)
-    pos = ConvPositionalEmbedding(embed_dim=32, kernel_size=8, groups=4, depth=2)  # 4-tap convs: num_remove = 1
-    for module, x in [(block, torch.randn(2, 1, 203)), (pos, torch.randn(2, 37, 32))]:
+    block = ConvBlock(1, 24, 10, 5, "layer_norm", bias=False).to(triton_backend)
+    pos = ConvPositionalEmbedding(embed_dim=32, kernel_size=8, groups=4, depth=2).to(triton_backend)  # 4-tap convs
+    inputs = [torch.randn(2, 1, 203, device=triton_backend), torch.randn(2, 37, 32, device=triton_backend)]
+    for module, x in zip([block, pos], inputs):
         x.requires_grad_()
         params = [x, *module.parameters()]
         results = []

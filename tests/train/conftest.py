@@ -27,6 +27,7 @@ def tiny_overrides(corpus: Path, workdir: Path, *extra: str) -> list[str]:
         f"run.workdir={workdir}",
         "run.log_interval=1",
         "data.max_batch_length=96000",
+        "run.device=cpu",  # not GPU tests: bitwise resume and fp32 comparisons hold on the CPU only
         *extra,
     ]
 

@@ -47,3 +47,24 @@ def test_reference_style_toml_and_resolved_roundtrip(tmp_path: Path) -> None:
     assert cfg.run.dir == (Path("w").resolve() / "p" / "n")
     again = read_config(save_resolved(cfg, tmp_path))
     assert again == cfg
+
+
+def test_float16_training_is_refused_with_the_reason() -> None:
+    # fp16 without loss scaling underflows its gradients: refused rather than trained silently wrong.
+    with pytest.raises(ValueError, match=r"optimizer\.dtype='float16'.*GradScaler.*bfloat16"):
+        read_config("tiny", ["optimizer.dtype=float16"])
+    assert read_config("tiny", ["optimizer.dtype=bfloat16"]).optimizer.dtype == "bfloat16"
+
+
+def test_pin_memory_defaults_to_on_with_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from spidr_fast.train.data import pin_memory
+
+    for cuda in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        for preset in ("tiny", "demo"):  # no pin_memory line: the default decides
+            cfg = read_config(preset).data
+            assert cfg.pin_memory is None and pin_memory(cfg) is cuda
+        assert read_config("base").data.pin_memory is True and pin_memory(read_config("base").data) is cuda
+        assert pin_memory(read_config("tiny", ["data.pin_memory=false"]).data) is False
