@@ -16,11 +16,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "manifest": ("spidr_fast.data.manifest", "write a manifest of the audio under a folder or tar"),
     "train": ("spidr_fast.train.cli", "pretrain SpidR/DinoSR from a TOML config"),
     "export": ("spidr_fast.train.export", "export a training checkpoint to the reference's released format"),
+    "kmeans": ("spidr_fast.kmeans", "fit k-means units on extracted features"),
+    "units-report": ("spidr_fast.units_report", "phone information of units (PNMI, purity, bitrate, figure)"),
+    "abx": ("spidr_fast.abx", "ABX phone discriminability of extracted features (needs fastabx)"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    from spidr_fast import __version__  # the package imports torch only when a model name is used
+
     parser = argparse.ArgumentParser(prog="spidr-fast", description="SpidR / DinoSR: fast training and extraction.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     argv = sys.argv[1:] if argv is None else argv
     for name, (module_name, help_text) in COMMANDS.items():

@@ -22,21 +22,26 @@ instance norm's eps) are near-constant and the targets collapse onto the codewor
 schedule for a few thousand short steps.
 
 The demo trains on one torch thread by default: on a small CPU shared with other processes, two
-threads made each step ~6x slower (OpenMP threads waiting on each other's cores). The results end
-with a verdict line (trained vs random-init PNMI, both kinds of units) and a warning when the
-target codebooks look collapsed, so a run cut short by a slow machine says so.
+threads made each step ~6x slower (OpenMP threads waiting on each other's cores). Training shows a
+progress bar (the trainer's `progress` hook: tqdm on stderr, refreshed every 30 s when stderr is not
+a terminal). The results open with the verdict (trained vs random-init PNMI, both kinds of units),
+then the table, and warn when the target codebooks look collapsed, so a run cut short by a slow
+machine says so. Layers are numbered from 1, as `spidr-fast extract --layer` numbers them.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from spidr_fast.checkpoint import build_model
 from spidr_fast.data.corpus import generate_corpus, read_alignments
@@ -47,6 +52,7 @@ from spidr_fast.train.checkpoint import find_checkpoints
 from spidr_fast.train.config import read_config
 from spidr_fast.train.export import export
 from spidr_fast.train.validate import unit_quality
+from spidr_fast.units import KMeans
 
 KMEANS_K = 32
 KMEANS_FIT_UTTERANCES = 48  # training utterances the k-means is fitted on
@@ -68,45 +74,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="section.field=value", help="on top of the config")
 
 
-# ---------------------------------------------------------------- progress (one line per log interval)
-class _LineProgress:
-    """Stands in for the trainer's tqdm bar: one plain line per log interval, readable in a piped log."""
+class _Bar(tqdm):
+    """The trainer's bar, redrawn only on its own clock (`mininterval`), not at every metrics update."""
 
-    def __init__(self, total: int | None = None, initial: int = 0, disable: bool = False, **_: Any) -> None:
-        self.total, self.n, self.disable, self.start = total, initial, disable, time.monotonic()
-
-    def __enter__(self) -> _LineProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-
-    def set_postfix(self, **values: Any) -> None:
-        if not self.disable:
-            shown = ", ".join(f"{k} {v}" for k, v in values.items())
-            print(f"  step {self.n:5d}/{self.total} ({time.monotonic() - self.start:4.0f} s): {shown}", flush=True)
-
-    def close(self) -> None:
-        pass
+    def set_postfix(self, ordered_dict: dict | None = None, refresh: bool = True, **kwargs: Any) -> None:
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
 
 
 # ---------------------------------------------------------------- units
-def _kmeans_fit(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Tensor:
-    """Centroids (k, D) of `x` (N, D): k-means++ seeding, then Lloyd iterations (empty clusters kept)."""
-    g = torch.Generator().manual_seed(seed)
-    centroids = x[torch.randint(len(x), (1,), generator=g)]
-    for _ in range(k - 1):
-        d2 = torch.cdist(x, centroids).min(1).values.square()
-        centroids = torch.cat([centroids, x[torch.multinomial(d2 / d2.sum(), 1, generator=g)]])
-    for _ in range(iters):
-        assign = torch.cdist(x, centroids).argmin(1)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k).unsqueeze(1)
-        centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
-    return centroids
+def _kmeans_fit(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> KMeans:
+    """k-means of `x` (N, D) with `spidr_fast.units.KMeans` (k-means++ seeding, then Lloyd iterations)."""
+    return KMeans(k, iters=iters, seed=seed, device="cpu").fit(x)
 
 
 @torch.no_grad()
@@ -131,8 +109,8 @@ def _log_spectrum(waveform: torch.Tensor) -> torch.Tensor:
 def _kmeans_units(fit: dict[str, torch.Tensor], apply: dict[str, torch.Tensor], alignments: dict) -> dict[str, float]:
     x = torch.cat(list(fit.values()))
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # standardise: k-means then weighs every channel alike
-    centroids = _kmeans_fit((x - mean) / std, KMEANS_K)
-    units = {k: torch.cdist((v - mean) / std, centroids).argmin(1).numpy() for k, v in apply.items()}
+    kmeans = _kmeans_fit((x - mean) / std, KMEANS_K)
+    units = {k: kmeans.predict((v - mean) / std).numpy() for k, v in apply.items()}
     m = unit_metrics(units, alignments)
     return {"pnmi": m.pnmi, "phone_purity": m.phone_purity, "unit_ppl": m.perplexity}
 
@@ -207,9 +185,10 @@ def main(args: argparse.Namespace) -> int:
         f"[2/4] pretraining a small SpidR ({args.config}) for up to {steps} steps or {args.minutes:g} min", flush=True
     )
     print(f"      run folder {cfg.run.dir}", flush=True)
-    trainer.tqdm = _LineProgress  # plain lines instead of a \r progress bar: readable when piped to a log
+    # A bar on stderr; in a log file (not a terminal) it is rewritten only every 30 s.
+    bar = functools.partial(_Bar, mininterval=0.5 if sys.stderr.isatty() else 30, unit="step", file=sys.stderr)
     t_train = time.monotonic()
-    trainer.train(cfg)
+    trainer.train(cfg, progress=bar)
     t_train = time.monotonic() - t_train
     log = [json.loads(line) for line in (cfg.run.dir / "train_log.jsonl").read_text().splitlines()]
     train_log = [r for r in log if r["split"] == "train"]
@@ -231,8 +210,45 @@ def main(args: argparse.Namespace) -> int:
         alignments,
     )
 
-    size, heads = cfg.model.codebook_size, cfg.model.num_codebooks
+    size = cfg.model.codebook_size
+    first_head_layer = cfg.model.encoder_num_layers - cfg.model.num_codebooks + 1  # head h: layer first + h
+    head_a, head_b = initial["heads"], trained["heads"]
+    rows = [  # (units, which head / layer: random init / trained, unit ppl, metrics at init, trained)
+        (
+            "head argmax",
+            f"best of {cfg.model.num_codebooks} heads: layer {first_head_layer + head_a['best_head']}"
+            f" / {first_head_layer + head_b['best_head']}",
+            [head_a[f"head{head_a['best_head']}_unit_ppl"], head_b[f"head{head_b['best_head']}_unit_ppl"]],
+            head_a,
+            head_b,
+        ),
+        (
+            f"k-means {KMEANS_K} on a layer",
+            f"best layer: {initial['kmeans_layer'] + 1} / {trained['kmeans_layer'] + 1}",
+            [initial["kmeans"]["unit_ppl"], trained["kmeans"]["unit_ppl"]],
+            initial["kmeans"],
+            trained["kmeans"],
+        ),
+    ]
+    gains = [b["pnmi"] > a["pnmi"] for *_, a, b in rows]
+    worst_used, worst_ppl = min(n for n, _ in trained_used), min(p for _, p in trained_used)
+
+    # ---- the result first, then the details
     print("[4/4] results")
+    print("=" * 78)
+    if all(gains):
+        print("RESULT: trained units carry more phone information than at random init")
+    else:
+        failed = ", ".join(row[0] for row, gain in zip(rows, gains, strict=True) if not gain)
+        print(
+            f"RESULT: NO gain over the random init for {failed} after {last['step']} steps"
+            " (too few for this machine's speed? see --minutes / --max-steps)"
+        )
+    for name, which, _, a, b in rows:
+        print(f"  PNMI, {name:22s} {a['pnmi']:.3f} -> {b['pnmi']:.3f} ({b['pnmi'] - a['pnmi']:+.3f}; {which})")
+    if worst_used <= size // 2 or min(worst_ppl, last["target_ppl"]) < size / 3:
+        print("  warning: the target codebooks are collapsing (few codewords in use / low target perplexity)")
+    print("=" * 78)
     print(f"  steps {last['step']} in {t_train:.0f} s (epochs {last['epoch']}), {len(dev)} held-out utterances")
     print(f"  loss             {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} (step {last['step']})")
     print(f"  target ppl       {first['target_ppl']:.2f} -> {last['target_ppl']:.2f} (of {size} codewords, training)")
@@ -241,23 +257,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"  codewords in use {used(initial_used)} -> {used(trained_used)} (teacher targets, held-out audio)")
     print(f"  throughput       {last['audio_s_per_s']:.1f} audio s/s, {last['frames_per_s']:.0f} frames/s")
     print(f"  {'units (held-out)':34s} {'random init':>12s} {'trained':>10s}")
-    head_a, head_b = initial["heads"], trained["heads"]
-    rows = [
-        (
-            f"head argmax (best of {heads} heads: {head_a['best_head']} / {head_b['best_head']})",
-            [head_a[f"head{head_a['best_head']}_unit_ppl"], head_b[f"head{head_b['best_head']}_unit_ppl"]],
-            head_a,
-            head_b,
-        ),
-        (
-            f"k-means {KMEANS_K} on a layer (best: L{initial['kmeans_layer']} / L{trained['kmeans_layer']})",
-            [initial["kmeans"]["unit_ppl"], trained["kmeans"]["unit_ppl"]],
-            initial["kmeans"],
-            trained["kmeans"],
-        ),
-    ]
-    for title, ppl, a, b in rows:
-        print(f"  {title}")
+    for name, which, ppl, a, b in rows:
+        print(f"  {name} ({which})")
         print(f"    {'unit ppl':30s} {ppl[0]:12.2f} {ppl[1]:10.2f}")
         print(f"    {'PNMI':30s} {a['pnmi']:12.3f} {b['pnmi']:10.3f}")
         print(f"    {'phone purity':30s} {a['phone_purity']:12.3f} {b['phone_purity']:10.3f}")
@@ -265,18 +266,5 @@ def main(args: argparse.Namespace) -> int:
         f"  for scale: k-means {KMEANS_K} on a log spectrum (no learning): PNMI {spectrum['pnmi']:.3f}, "
         f"phone purity {spectrum['phone_purity']:.3f}"
     )
-    gains = [b["pnmi"] > a["pnmi"] for _, _, a, b in rows]
-    deltas = ", ".join(f"{row[0].split(' (')[0]} {row[3]['pnmi'] - row[2]['pnmi']:+.3f}" for row in rows)
-    if all(gains):
-        print(f"  verdict: trained units carry more phone information than at random init (PNMI {deltas})")
-    else:
-        failed = ", ".join(row[0].split(" (")[0] for row, gain in zip(rows, gains, strict=True) if not gain)
-        print(
-            f"  verdict: NO gain over the random init for {failed}"
-            f" after {last['step']} steps (too few for this machine's speed? see --minutes / --max-steps)"
-        )
-    worst_used, worst_ppl = min(n for n, _ in trained_used), min(p for _, p in trained_used)
-    if worst_used <= size // 2 or min(worst_ppl, last["target_ppl"]) < size / 3:
-        print("  warning: the target codebooks are collapsing (few codewords in use / low target perplexity)")
     print(f"  (model {exported}; {time.monotonic() - t0:.0f} s in all)")
     return 0
