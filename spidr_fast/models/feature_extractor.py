@@ -80,6 +80,12 @@ class FeatureExtractor(nn.Module):
             lengths = block.output_lengths(lengths)
         return lengths
 
+    def num_frames(self, samples: int) -> int:
+        """`output_lengths` of one Python (or symbolic) int: no tensor, so no host sync or graph break."""
+        for block in self.conv_layers:
+            samples = max(0, (samples - block.kernel_size) // block.stride + 1)
+        return samples
+
     def min_input_length(self, frames: Tensor) -> Tensor:
         """Fewest samples giving `frames` frames (the receptive field of the last real frame)."""
         for block in reversed(self.conv_layers):

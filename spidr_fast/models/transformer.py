@@ -1,8 +1,9 @@
 """The encoder: convolutional positional embedding, then post-LN (or pre-LN) transformer layers.
 
-The encoder takes a padded batch as a (B, T) bool key mask (True on real frames), or None when
-nothing is padded; attention then runs with no mask at all. A key mask becomes a `Padding` once per
-forward (flat indices and cumulative lengths for the variable-length attention backends).
+The encoder takes a padded batch as a `Padding` (built once per batch by the caller, outside any
+compiled layer: the variable-length backends' flat indices and cumulative lengths cost a host sync),
+or a (B, T) bool key mask (True on real frames) that becomes one here, or None when nothing is
+padded; attention then runs with no mask at all.
 """
 
 from __future__ import annotations
@@ -165,9 +166,9 @@ class Transformer(nn.Module):
             and bool(torch.rand(1, generator=self.layer_drop_generator) <= self.layer_drop)
         )
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, padding: Padding | Tensor | None = None) -> Tensor:
         """(B, T, D) -> (B, T, D), the encoder's final output."""
-        padding = None if key_mask is None else Padding.from_mask(key_mask)
+        padding = as_padding(padding)
         x = self._embed(x, padding)
         for layer in self.layers:
             if not self._drop_layer():
@@ -175,17 +176,22 @@ class Transformer(nn.Module):
         return self.layer_norm(x) if self.pre_ln else x
 
     def get_intermediate_outputs(
-        self, x: Tensor, key_mask: Tensor | None = None, num_layers: int | None = None, *, before_residual: bool = True
+        self,
+        x: Tensor,
+        padding: Padding | Tensor | None = None,
+        num_layers: int | None = None,
+        *,
+        before_residual: bool = True,
     ) -> list[Tensor]:
         """Per layer: the FFN output before residual (default) or the layer's output.
 
         A dropped layer (layer drop, training only) still reports its result but leaves x unchanged,
         as in the reference.
         """
-        return [ffn if before_residual else out for out, ffn in self.iter_layer_outputs(x, key_mask, num_layers)]
+        return [ffn if before_residual else out for out, ffn in self.iter_layer_outputs(x, padding, num_layers)]
 
     def iter_layer_outputs(
-        self, x: Tensor, key_mask: Tensor | None = None, num_layers: int | None = None
+        self, x: Tensor, padding: Padding | Tensor | None = None, num_layers: int | None = None
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Per layer up to `num_layers`, as computed: (layer output, FFN output before residual).
 
@@ -194,13 +200,18 @@ class Transformer(nn.Module):
         """
         if num_layers is not None and not 0 < num_layers <= len(self.layers):
             raise ValueError(f"num_layers must be in [1, {len(self.layers)}], got {num_layers}")
-        padding = None if key_mask is None else Padding.from_mask(key_mask)
+        padding = as_padding(padding)
         x = self._embed(x, padding)
         for layer in self.layers[:num_layers]:
             out, ffn = layer(x, padding)
             if not self._drop_layer():
                 x = out
             yield out, ffn
+
+
+def as_padding(padding: Padding | Tensor | None) -> Padding | None:
+    """A `Padding` from a (B, T) key mask (once per batch, before the layers), else unchanged."""
+    return Padding.from_mask(padding) if isinstance(padding, Tensor) else padding
 
 
 def _init_weights(module: nn.Module) -> None:
