@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 
 class ChannelsLastFrontend(nn.Module):
-    """(B, S) waveforms -> (B, frames, C), from a `spidr_fast` FeatureExtractor in layer_norm mode."""
+    """(B, S) waveforms -> (B, frames, C), from the model's `ConvFeatureExtractor` in layer_norm mode."""
 
     def __init__(self, feature_extractor: nn.Module, *, tile_frames: int = 512, tiled_blocks: int = 3):
         super().__init__()

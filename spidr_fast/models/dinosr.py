@@ -17,7 +17,7 @@ from spidr_fast import kernels
 from spidr_fast.config import DinoSRConfig
 from spidr_fast.kernels.targets import select_masked
 from spidr_fast.models.codebook import Codebooks, perplexity
-from spidr_fast.models.feature_extractor import FeatureExtractor, FeatureProjection
+from spidr_fast.models.feature_extractor import ConvFeatureExtractor, FeatureProjection
 from spidr_fast.models.padding import key_mask_from_attention_mask, key_mask_from_lengths
 from spidr_fast.models.transformer import Transformer
 
@@ -45,7 +45,7 @@ class DinoSR(nn.Module):
         if not isinstance(cfg, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}")
         self.cfg = cfg
-        self.feature_extractor = FeatureExtractor(
+        self.feature_extractor = ConvFeatureExtractor(
             cfg.extractor_conv_layer_config, cfg.extractor_mode, bias=cfg.extractor_conv_bias
         )
         self.feature_projection = FeatureProjection(self.feature_extractor.out_channels, cfg.encoder_embed_dim)
