@@ -19,7 +19,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+import torch
+
 SAMPLE_RATE = 16_000
+# Compute dtypes by the names configs and command lines use (autocast; float32 disables it).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CONV_LAYER_CONFIG: list[tuple[int, int, int]] = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
 ModelType = Literal["spidr", "dinosr"]
 

@@ -26,8 +26,8 @@ import sys
 from pathlib import Path
 
 from spidr_fast.checkpoint import DownloadError
+from spidr_fast.config import DTYPES
 from spidr_fast.extraction import FeatureExtractor
-from spidr_fast.extraction.extractor import DTYPES
 from spidr_fast.extraction.settings import SETTINGS_FILE
 
 __all__ = ["FeatureExtractor", "add_arguments", "main"]

@@ -1,5 +1,5 @@
 """Feature and unit extraction: the `FeatureExtractor` API and the `spidr-fast extract` pipeline."""
 
-from spidr_fast.extraction.extractor import FeatureExtractor, plan_pieces, standardize
+from spidr_fast.extraction.extractor import FeatureExtractor, plan_pieces
 
-__all__ = ["FeatureExtractor", "plan_pieces", "standardize"]
+__all__ = ["FeatureExtractor", "plan_pieces"]

@@ -66,33 +66,14 @@ import torch
 from torch import Tensor
 
 from spidr_fast import kernels
-from spidr_fast.config import SAMPLE_RATE
-from spidr_fast.data import batching
-from spidr_fast.data.audio import MIN_SAMPLES
-from spidr_fast.data.batching import CONV_LAYERS
+from spidr_fast.config import DTYPES, SAMPLE_RATE
+from spidr_fast.data.audio import standardize
 from spidr_fast.extraction.files import conform
 from spidr_fast.extraction.frontend import ChannelsLastFrontend
+from spidr_fast.framing import CONV_LAYERS, HOP, RECEPTIVE_FIELD, num_frames
 from spidr_fast.models.padding import key_mask_from_lengths, masked_instance_norm
 
-RECEPTIVE_FIELD = int(MIN_SAMPLES)  # samples of the first frame
-HOP = math.prod(stride for _, _, stride in CONV_LAYERS)  # samples between frames (320)
-_EPS = 1e-5  # the standardisation's variance epsilon (a layer norm without affine)
-
 UnitsKind = Literal["heads", "codebooks"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def standardize(waveform: np.ndarray | Tensor) -> Tensor:
-    """(x - mean) / sqrt(var + 1e-5) over the whole waveform (statistics in float64): (S,) -> float32 (S,)."""
-    x = torch.as_tensor(np.asarray(waveform) if not isinstance(waveform, Tensor) else waveform).detach()
-    x = x.to("cpu", torch.float64).reshape(-1)
-    mean = x.mean()
-    var = (x - mean).square().mean()
-    return ((x - mean) / torch.sqrt(var + _EPS)).float()
-
-
-def num_frames(num_samples: int) -> int:
-    return int(batching.num_frames(num_samples))
 
 
 def _mono_16k(key: Any, waveform: np.ndarray | Tensor, sample_rate: int, downmix: bool) -> np.ndarray:
@@ -124,7 +105,7 @@ def plan_pieces(num_samples: int, chunk_frames: int, overlap_frames: int) -> lis
     file (extractor_mode="layer_norm"; in "group_norm" mode block 0's statistics cover the piece);
     only attention and the positional conv see less context.
     """
-    total = num_frames(num_samples)
+    total = int(num_frames(num_samples))
     if total <= chunk_frames + 2 * overlap_frames:
         return [Piece(0, num_samples, 0, total)]
     pieces = []
@@ -320,7 +301,7 @@ class FeatureExtractor:
                     yield from self._collect(batch, future.result())
 
             for key, waveform in items:
-                wave = standardize(_mono_16k(key, waveform, sample_rate, downmix))
+                wave = torch.from_numpy(standardize(_mono_16k(key, waveform, sample_rate, downmix)))
                 pending = _Pending(key, plan_pieces(wave.numel(), self.chunk_frames, self.overlap_frames))
                 pending.outputs = [None] * len(pending.pieces)
                 queue.extend((pending, i, wave[p.start : p.stop]) for i, p in enumerate(pending.pieces))
@@ -336,7 +317,7 @@ class FeatureExtractor:
         """Sample count a piece is padded to: itself, or (compiled) the next bucket of the frame ladder."""
         if not self.compiled:
             return length
-        frames = num_frames(length)
+        frames = int(num_frames(length))
         bucket = 8
         while bucket < frames:
             bucket = math.ceil(bucket * 2**0.25 / 8) * 8  # multiples of 8 frames, ~19% apart
@@ -438,7 +419,7 @@ class FeatureExtractor:
         autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
         with autocast:
             outputs = self._forward(batch, sample_lengths)
-        return [{name: y[i, : num_frames(n)] for name, y in outputs.items()} for i, n in enumerate(lengths)]
+        return [{name: y[i, : int(num_frames(n))] for name, y in outputs.items()} for i, n in enumerate(lengths)]
 
     def _forward_impl(self, waveforms: Tensor, sample_lengths: Tensor | None) -> dict[str, Tensor]:
         """(B, S) standardised waveforms, (B,) real samples or None -> {name: (B, T, D)}.
