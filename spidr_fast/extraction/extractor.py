@@ -54,6 +54,7 @@ CPU; rerun with `--experiment chunking|dtype`):
 from __future__ import annotations
 
 import math
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -71,9 +72,10 @@ from spidr_fast.data.audio import standardize
 from spidr_fast.extraction.files import conform
 from spidr_fast.extraction.frontend import ChannelsLastFrontend
 from spidr_fast.framing import CONV_LAYERS, HOP, RECEPTIVE_FIELD, num_frames
-from spidr_fast.models.padding import key_mask_from_lengths, masked_instance_norm
+from spidr_fast.models.padding import masked_instance_norm
 
 UnitsKind = Literal["heads", "codebooks"]
+_COMPILED_CALLS = threading.Lock()  # see FeatureExtractor._compiled_call
 
 
 def _mono_16k(key: Any, waveform: np.ndarray | Tensor, sample_rate: int, downmix: bool) -> np.ndarray:
@@ -232,11 +234,7 @@ class FeatureExtractor:
             raise ValueError(f"cpu_workers must be >= 1, got {cpu_workers}")
         self.workers = 1 if self.device.type != "cpu" else (cpu_workers or torch.get_num_threads())
         self.compiled = compile
-        self._forward = self._forward_impl
-        if compile:
-            # Every bucket is its own graph: allow enough of them before dynamo falls back to eager.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self._forward = torch.compile(self._forward_impl, dynamic=False)
+        self._forward = torch.compile(self._forward_impl, dynamic=False) if compile else self._forward_impl
 
     # ---------------------------------------------------------------- public API
     def __call__(
@@ -417,33 +415,39 @@ class FeatureExtractor:
         batch = batch.to(self.device, non_blocking=True)
         sample_lengths = sample_lengths.to(self.device) if padded else None
         autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
-        with autocast:
+        with autocast, self._compiled_call():
             outputs = self._forward(batch, sample_lengths)
         return [{name: y[i, : int(num_frames(n))] for name, y in outputs.items()} for i, n in enumerate(lengths)]
+
+    @contextmanager
+    def _compiled_call(self) -> Iterator[None]:
+        """Around a forward. Compiled: every bucket is its own graph, so dynamo's recompile limit is
+        raised (to 64) for the call only; the global setting is dynamo's, never changed for good.
+        Compiled calls hold a process-wide lock: the setting is global, so a patch and its restore
+        must not interleave with another thread's."""
+        if not self.compiled:
+            yield
+            return
+        with _COMPILED_CALLS:
+            limit = max(torch._dynamo.config.recompile_limit, 64)
+            with torch._dynamo.config.patch(recompile_limit=limit):
+                yield
 
     def _forward_impl(self, waveforms: Tensor, sample_lengths: Tensor | None) -> dict[str, Tensor]:
         """(B, S) standardised waveforms, (B,) real samples or None -> {name: (B, T, D)}.
 
-        Only public pieces of the model: the conv extractor + projection, then the student's
-        `iter_layer_outputs` (what `get_intermediate_outputs` reads) stopped at `self.depth`: per layer
-        both its output and its FFN output (features and units may need different ones). No state
-        is kept on `self`, so one extractor may serve several threads.
+        The model's own steps, those of `get_intermediate_outputs`: `model.features` (conv stack or
+        the channels-last front-end, projection, padding), then the student's `iter_layer_outputs`
+        stopped at `self.depth`: per layer both its output and its FFN output (features and units
+        may need different ones). No state is kept on `self`, so one extractor may serve several threads.
         """
         model, student = self.model, self.model.student
-        extractor_lengths = sample_lengths if model.cfg.extractor_mode == "group_norm" else None
-        if self.frontend is not None:
-            features = model.feature_projection(self.frontend(waveforms))
-        else:
-            features = model.feature_projection(model.feature_extractor(waveforms, extractor_lengths))
-        key_mask = None
-        if sample_lengths is not None:
-            key_mask = key_mask_from_lengths(model.feature_extractor.output_lengths(sample_lengths), features.shape[1])
-        layers = student.iter_layer_outputs(features, key_mask, self.depth)
+        features, padding = model.features(waveforms, lengths=sample_lengths, conv=self.frontend)
+        layers = student.iter_layer_outputs(features, padding, self.depth)
         captured = {n: out for n, out in enumerate(layers, start=1) if n in self.kept_layers}
         outputs = {f"layer{n}": captured[n][1 if self.before_residual else 0] for n in self.layers}
         if self.is_dinosr_heads:
-            last = captured[self.depth][0]
-            outputs["units_input"] = student.layer_norm(last) if student.pre_ln else last
+            outputs["units_input"] = student.final_output(captured[self.depth][0])
         elif self.units is not None:
             outputs["units_input"] = captured[self.units_layer][1]
         return outputs

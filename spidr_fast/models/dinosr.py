@@ -8,6 +8,7 @@ Read top to bottom: `forward` is the training objective of SPEC.md; `get_interme
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -127,8 +128,29 @@ class DinoSR(nn.Module):
         return decay
 
     # ---------------------------------------------------------------- inputs
+    def features(
+        self,
+        waveforms: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        lengths: Tensor | None = None,
+        conv: Callable[[Tensor], Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The input step of every forward, public for callers that run the student's layers themselves.
+
+        Waveforms (as `get_intermediate_outputs` takes them) -> projected features (B, T, D) and the
+        padding that `student.iter_layer_outputs` takes (None: nothing padded). `conv` replaces the
+        conv stack by an equal (B, S) -> (B, T, C) computation (the extractor's channels-last CPU
+        front-end; layer_norm mode only, where the padding does not change the conv features).
+        """
+        return self._features(waveforms, attention_mask, lengths, conv)
+
     def _features(
-        self, waveforms: Tensor, attention_mask: Tensor | None, lengths: Tensor | None
+        self,
+        waveforms: Tensor,
+        attention_mask: Tensor | None,
+        lengths: Tensor | None,
+        conv: Callable[[Tensor], Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Waveforms -> projected features (B, T, D) and the key mask (B, T) (None: nothing padded)."""
         if attention_mask is not None and lengths is not None:
@@ -151,8 +173,8 @@ class DinoSR(nn.Module):
             if self.cfg.extractor_mode == "group_norm":
                 # A frame mask cannot tell the real sample count: use the fewest samples that give these frames.
                 sample_lengths = self.feature_extractor.min_input_length(key_mask.sum(-1))
-        features = self.feature_projection(self.feature_extractor(waveforms, sample_lengths))
-        return features, key_mask
+        conv_features = self.feature_extractor(waveforms, sample_lengths) if conv is None else conv(waveforms)
+        return self.feature_projection(conv_features), key_mask
 
     # ---------------------------------------------------------------- inference API
     def get_intermediate_outputs(

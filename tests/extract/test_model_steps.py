@@ -48,3 +48,20 @@ def test_extractor_equals_get_intermediate_outputs(mode: str, before_residual: b
         frames = two[1][f"layer{layer}"].shape[0]
         assert torch.equal(two[0][f"layer{layer}"], padded[layer - 1][0])
         assert torch.equal(two[1][f"layer{layer}"], padded[layer - 1][1, :frames])
+
+
+def test_compile_changes_no_global_dynamo_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """compile=True raises dynamo's recompile limit during its forwards only, never from the constructor."""
+    limit = torch._dynamo.config.recompile_limit
+    extractor = FeatureExtractor(tiny_model(), layers=[1], device="cpu", compile=True)
+    assert torch._dynamo.config.recompile_limit == limit
+    seen = []
+
+    def forward(waveforms: torch.Tensor, sample_lengths: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        seen.append(torch._dynamo.config.recompile_limit)
+        return extractor._forward_impl(waveforms, sample_lengths)  # eager: this test checks the setting only
+
+    monkeypatch.setattr(extractor, "_forward", forward)
+    extractor([np.ones(4000, dtype=np.float32), np.ones(1000, dtype=np.float32)])
+    assert seen and all(s >= 64 for s in seen)
+    assert torch._dynamo.config.recompile_limit == limit
