@@ -26,29 +26,8 @@ the last `num_codebooks` layers (SpidR base: layers 5..12):
   instance-normalised over the utterance's frames: the teacher-target recipe, applied to the
   student. For chunked files the normalisation statistics cover the whole file.
 
-Measured (bench/extract_throughput.py, base config with random weights, noise input, layer 6,
-CPU; rerun with `--experiment chunking|dtype`):
-- Padded batches equal each utterance alone to <= 2.5e-6 absolute (fp32; tests assert 1e-4).
-- CPU throughput, layer 6, same weights and files, interleaved rounds (best kept), against the
-  reference's `get_intermediate_outputs` one utterance at a time (its fastest use; in padded
-  batches of 8 it is 0.59x of that), LibriSpeech-like lengths, default settings (5 s batches):
-  2 threads (torch's default on the 2-core machine) 2.22x and 2.16x on 16 utterances (186 s),
-  2.08x twice on 8 (86 s); 1 thread 2.02x on the 16, 2.00x and 1.91x on the 8 (run-to-run noise
-  on this shared machine is ~5%). With 20 s batches: 1.95-2.07x (2 threads), 1.90-1.99x (1 thread).
-  From: early stop at the layer (6 of 12), the channels-last front-end (Winograd F(3, 2), time
-  tiles: 0.90 s -> ~0.49 s per 10 s of audio), whole batches per CPU worker, no padding waste.
-  What is left is GEMM-bound: ~0.96 s of the ~1.05 s per 10 s (1 thread) is GEMM, attention
-  and conv at 97-100 GFLOP/s, the measured single-core fp32 peak; the reference spends ~2.0 s.
-  torch.compile and a fused C++ LayerNorm+GELU gave no or ~1% CPU gain here.
-- bf16 autocast: 1.3% relative (Frobenius) error vs fp32, max abs 0.026 on features of max abs
-  2.0; the reference under the same autocast: 1.3%. fp16: 0.17% (reference: 0.17%). Units from
-  low-precision features are still assigned in fp32.
-- Chunking, 90 s file vs whole-file extraction: 60 s chunks + 5 s overlap (the default) 0.9% mean
-  relative error per frame (max 1.4%); 30 s + 5 s 1.3% (max 1.6%); 20 s + 2 s 2.0% (max 3.1%);
-  30 s without overlap 2.2% mean but up to 51% at the cuts. Random weights attend everywhere; a
-  trained model's attention is more local, so it likely differs less (not measured here: the
-  released weights need the network). Files up to
-  chunk + 2 x overlap (70 s by default) are never chunked: exact.
+What was measured (throughput against the reference, accuracy of padding, low precision and
+chunking), with the commands: `bench/results/extraction_cpu.md`.
 """
 
 from __future__ import annotations
@@ -148,10 +127,10 @@ class FeatureExtractor:
             `get_intermediate_outputs`), or the layer output.
         cpu_workers: on the CPU, batches computed at once, each on one intra-op thread (default:
             torch's thread count). Whole batches in parallel scale better than threads inside
-            each op (measured 1.97x vs 1.90x of one thread on 2 cores); torch's thread count is
-            set to 1 while a call runs and restored after. Results do not depend on it.
+            each op; torch's thread count is set to 1 while a call runs and restored after.
+            Results do not depend on it.
         channels_last_frontend: run the conv front-end as channels-last GEMMs
-            (`extraction.frontend`, ~20% faster on CPU, equal to 1e-6); default: on the CPU in
+            (`extraction.frontend`, faster on the CPU, equal to 1e-6); default: on the CPU in
             layer_norm mode. It snapshots the conv weights: build the extractor after loading them.
 
     Calling it on a list of waveforms returns, per waveform, {"layer{l}": (frames, D) float32 on the
@@ -221,8 +200,7 @@ class FeatureExtractor:
         self.before_residual = before_residual
         if max_batch_seconds is None:
             # CPU: batching adds no GEMM efficiency past a few seconds of audio, while small batches
-            # pad less and spread evenly over the workers (5 s vs 20 s: 2.16x vs 2.07x the
-            # reference at 2 threads, 2.00x vs 1.98x at 1 thread; bench/extract_throughput.py).
+            # pad less and spread evenly over the workers (bench/results/extraction_cpu.md).
             max_batch_seconds = 300.0 if self.device.type == "cuda" else 5.0
         self.max_batch_samples = int(max_batch_seconds * SAMPLE_RATE)
         self.chunk_frames = max(1, round(chunk_seconds * SAMPLE_RATE / HOP))
