@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spidr_fast.framing import num_frames
+
 
 class ChannelsLastFrontend(nn.Module):
     """(B, S) waveforms -> (B, frames, C), from the model's `ConvFeatureExtractor` in layer_norm mode."""
@@ -61,9 +63,7 @@ class ChannelsLastFrontend(nn.Module):
         return self._run(out, range(self.tiled_blocks, len(self.blocks)))
 
     def output_frames(self, steps: int, blocks: range) -> int:
-        for i in blocks:
-            steps = (steps - self.blocks[i].kernel_size) // self.blocks[i].stride + 1
-        return steps
+        return int(num_frames(steps, [_layer(self.blocks[i]) for i in blocks]))
 
     def input_span(self, start: int, stop: int, blocks: range) -> tuple[int, int]:
         """Input steps [first, last) that output frames [start, stop) of `blocks` read."""
@@ -78,7 +78,7 @@ class ChannelsLastFrontend(nn.Module):
             block, weight, taps = self.blocks[i], self.weights[i], self.taps[i]
             batch, steps, channels = x.shape
             k, s = block.kernel_size, block.stride
-            out_steps = (steps - k) // s + 1
+            out_steps = int(num_frames(steps, [_layer(block)]))
             if taps is not None and out_steps >= 3:
                 y = _conv3_stride2(x, [t.to(x.dtype) for t in taps], out_steps)
             else:
@@ -90,6 +90,11 @@ class ChannelsLastFrontend(nn.Module):
             norm = block.layer_norm
             x = F.gelu(F.layer_norm(y, norm.normalized_shape, norm.weight, norm.bias, norm.eps))
         return x
+
+
+def _layer(block: nn.Module) -> tuple[int, int, int]:
+    """A conv block as a `spidr_fast.framing` layer: (out_channels, kernel, stride)."""
+    return block.conv.out_channels, block.kernel_size, block.stride
 
 
 def _polyphase(block: nn.Module) -> bool:
