@@ -20,7 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from spidr_fast import __version__  # the package imports torch only when a model name is used
+
     parser = argparse.ArgumentParser(prog="spidr-fast", description="SpidR / DinoSR: fast training and extraction.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     argv = sys.argv[1:] if argv is None else argv
     for name, (module_name, help_text) in COMMANDS.items():

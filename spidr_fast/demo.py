@@ -22,21 +22,26 @@ instance norm's eps) are near-constant and the targets collapse onto the codewor
 schedule for a few thousand short steps.
 
 The demo trains on one torch thread by default: on a small CPU shared with other processes, two
-threads made each step ~6x slower (OpenMP threads waiting on each other's cores). The results end
-with a verdict line (trained vs random-init PNMI, both kinds of units) and a warning when the
-target codebooks look collapsed, so a run cut short by a slow machine says so.
+threads made each step ~6x slower (OpenMP threads waiting on each other's cores). Training shows a
+progress bar (the trainer's `progress` hook: tqdm on stderr, refreshed every 30 s when stderr is not
+a terminal). The results open with the verdict (trained vs random-init PNMI, both kinds of units),
+then the table, and warn when the target codebooks look collapsed, so a run cut short by a slow
+machine says so. Layers are numbered from 1, as `spidr-fast extract --layer` numbers them.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from spidr_fast.checkpoint import build_model
 from spidr_fast.data.corpus import generate_corpus, read_alignments
@@ -68,29 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="section.field=value", help="on top of the config")
 
 
-# ---------------------------------------------------------------- progress (one line per log interval)
-class _LineProgress:
-    """Stands in for the trainer's tqdm bar: one plain line per log interval, readable in a piped log."""
+class _Bar(tqdm):
+    """The trainer's bar, redrawn only on its own clock (`mininterval`), not at every metrics update."""
 
-    def __init__(self, total: int | None = None, initial: int = 0, disable: bool = False, **_: Any) -> None:
-        self.total, self.n, self.disable, self.start = total, initial, disable, time.monotonic()
-
-    def __enter__(self) -> _LineProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-
-    def set_postfix(self, **values: Any) -> None:
-        if not self.disable:
-            shown = ", ".join(f"{k} {v}" for k, v in values.items())
-            print(f"  step {self.n:5d}/{self.total} ({time.monotonic() - self.start:4.0f} s): {shown}", flush=True)
-
-    def close(self) -> None:
-        pass
+    def set_postfix(self, ordered_dict: dict | None = None, refresh: bool = True, **kwargs: Any) -> None:
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
 
 
 # ---------------------------------------------------------------- units
@@ -207,9 +194,10 @@ def main(args: argparse.Namespace) -> int:
         f"[2/4] pretraining a small SpidR ({args.config}) for up to {steps} steps or {args.minutes:g} min", flush=True
     )
     print(f"      run folder {cfg.run.dir}", flush=True)
-    trainer.tqdm = _LineProgress  # plain lines instead of a \r progress bar: readable when piped to a log
+    # A bar on stderr; in a log file (not a terminal) it is rewritten only every 30 s.
+    bar = functools.partial(_Bar, mininterval=0.5 if sys.stderr.isatty() else 30, unit="step", file=sys.stderr)
     t_train = time.monotonic()
-    trainer.train(cfg)
+    trainer.train(cfg, progress=bar)
     t_train = time.monotonic() - t_train
     log = [json.loads(line) for line in (cfg.run.dir / "train_log.jsonl").read_text().splitlines()]
     train_log = [r for r in log if r["split"] == "train"]
@@ -231,8 +219,45 @@ def main(args: argparse.Namespace) -> int:
         alignments,
     )
 
-    size, heads = cfg.model.codebook_size, cfg.model.num_codebooks
+    size = cfg.model.codebook_size
+    first_head_layer = cfg.model.encoder_num_layers - cfg.model.num_codebooks + 1  # head h: layer first + h
+    head_a, head_b = initial["heads"], trained["heads"]
+    rows = [  # (units, which head / layer: random init / trained, unit ppl, metrics at init, trained)
+        (
+            "head argmax",
+            f"best of {cfg.model.num_codebooks} heads: layer {first_head_layer + head_a['best_head']}"
+            f" / {first_head_layer + head_b['best_head']}",
+            [head_a[f"head{head_a['best_head']}_unit_ppl"], head_b[f"head{head_b['best_head']}_unit_ppl"]],
+            head_a,
+            head_b,
+        ),
+        (
+            f"k-means {KMEANS_K} on a layer",
+            f"best layer: {initial['kmeans_layer'] + 1} / {trained['kmeans_layer'] + 1}",
+            [initial["kmeans"]["unit_ppl"], trained["kmeans"]["unit_ppl"]],
+            initial["kmeans"],
+            trained["kmeans"],
+        ),
+    ]
+    gains = [b["pnmi"] > a["pnmi"] for *_, a, b in rows]
+    worst_used, worst_ppl = min(n for n, _ in trained_used), min(p for _, p in trained_used)
+
+    # ---- the result first, then the details
     print("[4/4] results")
+    print("=" * 78)
+    if all(gains):
+        print("RESULT: trained units carry more phone information than at random init")
+    else:
+        failed = ", ".join(row[0] for row, gain in zip(rows, gains, strict=True) if not gain)
+        print(
+            f"RESULT: NO gain over the random init for {failed} after {last['step']} steps"
+            " (too few for this machine's speed? see --minutes / --max-steps)"
+        )
+    for name, which, _, a, b in rows:
+        print(f"  PNMI, {name:22s} {a['pnmi']:.3f} -> {b['pnmi']:.3f} ({b['pnmi'] - a['pnmi']:+.3f}; {which})")
+    if worst_used <= size // 2 or min(worst_ppl, last["target_ppl"]) < size / 3:
+        print("  warning: the target codebooks are collapsing (few codewords in use / low target perplexity)")
+    print("=" * 78)
     print(f"  steps {last['step']} in {t_train:.0f} s (epochs {last['epoch']}), {len(dev)} held-out utterances")
     print(f"  loss             {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} (step {last['step']})")
     print(f"  target ppl       {first['target_ppl']:.2f} -> {last['target_ppl']:.2f} (of {size} codewords, training)")
@@ -241,23 +266,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"  codewords in use {used(initial_used)} -> {used(trained_used)} (teacher targets, held-out audio)")
     print(f"  throughput       {last['audio_s_per_s']:.1f} audio s/s, {last['frames_per_s']:.0f} frames/s")
     print(f"  {'units (held-out)':34s} {'random init':>12s} {'trained':>10s}")
-    head_a, head_b = initial["heads"], trained["heads"]
-    rows = [
-        (
-            f"head argmax (best of {heads} heads: {head_a['best_head']} / {head_b['best_head']})",
-            [head_a[f"head{head_a['best_head']}_unit_ppl"], head_b[f"head{head_b['best_head']}_unit_ppl"]],
-            head_a,
-            head_b,
-        ),
-        (
-            f"k-means {KMEANS_K} on a layer (best: L{initial['kmeans_layer']} / L{trained['kmeans_layer']})",
-            [initial["kmeans"]["unit_ppl"], trained["kmeans"]["unit_ppl"]],
-            initial["kmeans"],
-            trained["kmeans"],
-        ),
-    ]
-    for title, ppl, a, b in rows:
-        print(f"  {title}")
+    for name, which, ppl, a, b in rows:
+        print(f"  {name} ({which})")
         print(f"    {'unit ppl':30s} {ppl[0]:12.2f} {ppl[1]:10.2f}")
         print(f"    {'PNMI':30s} {a['pnmi']:12.3f} {b['pnmi']:10.3f}")
         print(f"    {'phone purity':30s} {a['phone_purity']:12.3f} {b['phone_purity']:10.3f}")
@@ -265,18 +275,5 @@ def main(args: argparse.Namespace) -> int:
         f"  for scale: k-means {KMEANS_K} on a log spectrum (no learning): PNMI {spectrum['pnmi']:.3f}, "
         f"phone purity {spectrum['phone_purity']:.3f}"
     )
-    gains = [b["pnmi"] > a["pnmi"] for _, _, a, b in rows]
-    deltas = ", ".join(f"{row[0].split(' (')[0]} {row[3]['pnmi'] - row[2]['pnmi']:+.3f}" for row in rows)
-    if all(gains):
-        print(f"  verdict: trained units carry more phone information than at random init (PNMI {deltas})")
-    else:
-        failed = ", ".join(row[0].split(" (")[0] for row, gain in zip(rows, gains, strict=True) if not gain)
-        print(
-            f"  verdict: NO gain over the random init for {failed}"
-            f" after {last['step']} steps (too few for this machine's speed? see --minutes / --max-steps)"
-        )
-    worst_used, worst_ppl = min(n for n, _ in trained_used), min(p for _, p in trained_used)
-    if worst_used <= size // 2 or min(worst_ppl, last["target_ppl"]) < size / 3:
-        print("  warning: the target codebooks are collapsing (few codewords in use / low target perplexity)")
     print(f"  (model {exported}; {time.monotonic() - t0:.0f} s in all)")
     return 0

@@ -5,6 +5,7 @@ Behaviour only: no quality threshold and no timing (the demo's numbers depend on
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -18,7 +19,15 @@ def test_demo_runs_and_prints_results(tmp_path):
     for text in ("[4/4] results", "loss", "target ppl", "codewords in use", "head argmax", "k-means", "PNMI"):
         assert text in out, out
     assert "phone purity" in out and "random init" in out and "trained" in out
-    # Progress comes as plain lines (one per log interval), never as a carriage-return progress bar.
-    assert "\r" not in out and "\r" not in proc.stderr
-    assert "  step " in out
+    # It leads with its result: the verdict opens the results block, before the details.
+    results = out[out.index("[4/4] results") :].splitlines()
+    assert results[2].startswith("RESULT: "), results[:4]
+    assert results.index(next(line for line in results if line.startswith("  steps "))) > 2
+    # Progress is a bar on stderr, not one stdout line per log interval.
+    assert not re.search(r"^\s*step\s+\d+/\d+", out, re.MULTILINE), out
+    assert re.search(r"train: 100%.*30/30", proc.stderr), proc.stderr[-2000:]
+    # Layers numbered from 1, as `extract --layer` (the demo model has 2 layers; heads predict layers 1-2).
+    for got in re.findall(r"(?:best layer:|heads: layer) (\d+) / (\d+)", out):
+        assert {int(n) for n in got} <= {1, 2}, got
+    assert re.search(r"best layer: \d+ / \d+", out) and re.search(r"heads: layer \d+ / \d+", out)
     assert (tmp_path / "runs" / "spidr" / "demo" / "spidr_demo.pt").is_file()

@@ -175,7 +175,8 @@ class Batch:
     Packed mode: `waveforms` float32 (1, S) the utterances back to back, `lengths` int64 (n,) samples
     per utterance, `cu_seqlens` int32 (n + 1,) sample offsets, `cu_frames` int32 (n + 1,) frame
     offsets (each utterance framed alone), `mask_indices` int64 (1, M) positions in the packed frame axis.
-    `attention_mask` is None (nothing is padded). `num_skipped`: bad files dropped from this batch.
+    `attention_mask` is None (nothing is padded). `skipped`: "NAME: REASON" of each bad file dropped
+    from this batch (`skip_bad`); a batch that lost every file has `waveforms` of shape (0, 0).
     """
 
     waveforms: torch.Tensor
@@ -184,7 +185,11 @@ class Batch:
     attention_mask: None = None
     cu_seqlens: torch.Tensor | None = None
     cu_frames: torch.Tensor | None = None
-    num_skipped: int = 0
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True)."""
@@ -196,7 +201,7 @@ class Batch:
             None,
             pin(self.cu_seqlens),
             pin(self.cu_frames),
-            self.num_skipped,
+            self.skipped,
         )
 
 
@@ -209,7 +214,7 @@ class Collator:
 
     def __call__(self, items: Sequence[Utterance]) -> Batch:
         good = [u for u in items if u.waveform is not None]
-        skipped = len(items) - len(good)
+        skipped = tuple(u.error or f"item {u.index}: skipped" for u in items if u.waveform is None)
         # Same batch, same epoch -> same crops and masks, whichever worker collates it.
         rng = np.random.default_rng(
             [self.batching.seed, 1 + max((u.epoch for u in items), default=0), *sorted(u.index for u in items)]
@@ -217,14 +222,14 @@ class Collator:
         if not good:
             empty = torch.zeros((0, 0))
             return Batch(
-                empty, torch.zeros((0, 0), dtype=torch.int64), torch.zeros(0, dtype=torch.int64), num_skipped=skipped
+                empty, torch.zeros((0, 0), dtype=torch.int64), torch.zeros(0, dtype=torch.int64), skipped=skipped
             )
         waves = [u.waveform for u in good]
         if self.batching.packed:
             return self._packed(waves, rng, skipped)
         return self._cropped(waves, rng, skipped)
 
-    def _cropped(self, waves: list[torch.Tensor], rng: np.random.Generator, skipped: int) -> Batch:
+    def _cropped(self, waves: list[torch.Tensor], rng: np.random.Generator, skipped: tuple[str, ...]) -> Batch:
         size = min(min(w.shape[0] for w in waves), self.batching.max_sample_size)
         crops = []
         for w in waves:
@@ -237,9 +242,9 @@ class Collator:
         rows = len(crops)
         mask = compute_mask_indices((rows, frames), lengths=[frames] * rows, config=self.masking, rng=rng)
         lengths = torch.full((len(crops),), size, dtype=torch.int64)
-        return Batch(waveforms, torch.from_numpy(mask), lengths, num_skipped=skipped)
+        return Batch(waveforms, torch.from_numpy(mask), lengths, skipped=skipped)
 
-    def _packed(self, waves: list[torch.Tensor], rng: np.random.Generator, skipped: int) -> Batch:
+    def _packed(self, waves: list[torch.Tensor], rng: np.random.Generator, skipped: tuple[str, ...]) -> Batch:
         lengths = np.array([w.shape[0] for w in waves], dtype=np.int64)
         frames = num_frames(lengths)
         mask = compute_packed_mask_indices(frames, config=self.masking, rng=rng)
@@ -250,7 +255,7 @@ class Collator:
             torch.from_numpy(lengths),
             cu_seqlens=cu(lengths),
             cu_frames=cu(frames),
-            num_skipped=skipped,
+            skipped=skipped,
         )
 
 

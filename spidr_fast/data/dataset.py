@@ -4,10 +4,12 @@ Items are addressed by `index` or by `(index, epoch)` (what `BucketBatchSampler`
 back as `Utterance(index, epoch, waveform)` so the collator can seed its crops and masks from the
 batch itself: results then do not depend on the number of DataLoader workers.
 
-With `skip_bad=True`, an unusable file (see `spidr_fast.data.audio.load_audio`) is logged with
-its name and reason and comes back with `waveform=None`; the collator drops it and counts it in
-`Batch.num_skipped`, so the trainer can report the total. Nothing is skipped silently, and a bad
-file never hangs a worker: without `skip_bad` the `AudioError` propagates to the main process.
+With `skip_bad=True`, an unusable file (see `spidr_fast.data.audio.load_audio`) comes back with
+`waveform=None` and `error="NAME: REASON"`, and is logged (once per process; `log_skipped=False`
+leaves that to the caller: the trainer names each file once whatever the number of workers). The
+collator drops it and lists it in `Batch.skipped`, so the trainer can report and count them. Nothing
+is skipped silently, and a bad file never hangs a worker: without `skip_bad` the `AudioError`
+propagates to the main process.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ logger = logging.getLogger(__name__)
 
 
 class Utterance(NamedTuple):
-    """One dataset item: `waveform` is float32 (T,) standardised, or None when skipped."""
+    """One dataset item: `waveform` is float32 (T,) standardised, or None when skipped (`error` says why)."""
 
     index: int
     epoch: int
     waveform: torch.Tensor | None
+    error: str | None = None  # "NAME: REASON" of a skipped file
 
 
 def load_entry(entry: ManifestEntry, *, normalize: bool = True, check_length: bool = True) -> np.ndarray:
@@ -55,16 +58,24 @@ class SpeechDataset(Dataset):
     Args:
         manifest: manifest path or entries.
         normalize: standardise each utterance (mean 0, variance 1); SpidR is trained on that.
-        skip_bad: log and skip unusable files instead of raising `AudioError`.
+        skip_bad: skip unusable files (`waveform=None`) instead of raising `AudioError`.
+        log_skipped: log each skipped file (once per process) with its reason.
     """
 
     def __init__(
-        self, manifest: str | Path | Sequence[ManifestEntry], *, normalize: bool = True, skip_bad: bool = False
+        self,
+        manifest: str | Path | Sequence[ManifestEntry],
+        *,
+        normalize: bool = True,
+        skip_bad: bool = False,
+        log_skipped: bool = True,
     ) -> None:
         self.entries = read_manifest(manifest) if isinstance(manifest, (str, Path)) else list(manifest)
         self.normalize = normalize
         self.skip_bad = skip_bad
-        self.num_skipped = 0  # in this process; workers report theirs through Batch.num_skipped
+        self.log_skipped = log_skipped
+        self.num_skipped = 0  # reads skipped in this process; workers report theirs through Batch.skipped
+        self._logged: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -82,8 +93,10 @@ class SpeechDataset(Dataset):
             if not self.skip_bad:
                 raise
             self.num_skipped += 1
-            logger.warning(
-                "skipping %s: %s (%d skipped so far in this process)", exc.source, exc.reason, self.num_skipped
-            )
-            return Utterance(index, epoch, None)
+            if self.log_skipped and index not in self._logged:
+                self._logged.add(index)
+                logger.warning(
+                    "skipping %s: %s (%d file(s) skipped in this process)", exc.source, exc.reason, len(self._logged)
+                )
+            return Utterance(index, epoch, None, f"{exc.source}: {exc.reason}")
         return Utterance(index, epoch, torch.from_numpy(waveform))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 import types
 import typing
@@ -28,6 +29,7 @@ from spidr_fast.config import CONFIG_CLASSES, DinoSRConfig, ModelType, model_con
 from spidr_fast.data.batching import BatchingConfig
 from spidr_fast.data.masks import MaskingConfig as DataMaskingConfig
 
+logger = logging.getLogger(__name__)
 PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MaskingStrategy = Literal["static", "uniform", "normal", "poisson"]
 
@@ -59,6 +61,7 @@ class RunConfig:
     flops_per_device: float = 0.0  # peak FLOP/s for MFU; 0 = guessed from the GPU name (none on CPU)
     max_time_s: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
     tensorboard: bool = True  # when installed
+    num_threads: int = 0  # torch CPU threads (torch.set_num_threads); 0 = torch's default
 
     @property
     def dir(self) -> Path:
@@ -249,22 +252,51 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+def _model_fields(fields: dict[str, Any], model_type: ModelType, overridden: set[str]) -> dict[str, Any]:
+    """The `[model]` table for `model_type`: fields that only the other model type has (e.g. a SpidR
+    preset's `ema_timescale` under `run.model_type=dinosr`) are dropped with a warning when they come
+    from the file, and refused when given as an override (the user asked for them)."""
+    own = {f.name for f in dataclasses.fields(CONFIG_CLASSES[model_type])}
+    foreign = {f.name for cls in CONFIG_CLASSES.values() for f in dataclasses.fields(cls)} - own
+    if asked := sorted(foreign & overridden & fields.keys()):
+        raise ValueError(
+            f"model.{', model.'.join(asked)}: not a field of run.model_type={model_type} (only of another model type)"
+        )
+    if dropped := sorted(foreign & fields.keys()):
+        logger.warning(
+            "run.model_type=%s: ignoring [model] field(s) %s of the config, which %s does not have",
+            model_type,
+            ", ".join(dropped),
+            CONFIG_CLASSES[model_type].__name__,
+        )
+    return {k: v for k, v in fields.items() if k not in foreign}
+
+
+def config_from_dict(data: dict[str, Any], overridden: set[str] | None = None) -> TrainConfig:
+    """`overridden`: `[model]` field names given as overrides (see `_model_fields`)."""
     unknown = sorted(set(data) - {*SECTIONS, "model", "validation"})
     if unknown:
         raise ValueError(f"unknown section(s) {', '.join(unknown)}")
     built = {name: _build(cls, data.get(name, {}), name) for name, cls in SECTIONS.items()}
     run: RunConfig = built["run"]
     model_cls = CONFIG_CLASSES[run.model_type]
-    model = model_config_from_dict(
-        dataclasses.asdict(_build(model_cls, data.get("model", {}), "model")), run.model_type
-    )
+    fields = _model_fields(data.get("model", {}), run.model_type, overridden or set())
+    model = model_config_from_dict(dataclasses.asdict(_build(model_cls, fields, "model")), run.model_type)
     validation = {k: _build(DataConfig, v, f"validation.{k}") for k, v in data.get("validation", {}).items()}
     cfg = TrainConfig(model=model, validation=validation, **built)
     if cfg.data.enable_padding:
         raise ValueError("data.enable_padding=true is not supported: batches are cropped to their shortest utterance")
     if cfg.masking.mask_channel_prob > 0:
         raise ValueError("masking.mask_channel_prob > 0 is not supported")
+    for where, data_cfg in [("data", cfg.data), *((f"validation.{k}", v) for k, v in cfg.validation.items())]:
+        sizes = (data_cfg.min_sample_size, data_cfg.max_sample_size, data_cfg.max_batch_length)
+        if not 0 < sizes[0] <= sizes[1] <= sizes[2]:
+            raise ValueError(
+                f"need 0 < {where}.min_sample_size <= {where}.max_sample_size <= {where}.max_batch_length, "
+                f"got {', '.join(map(str, sizes))}"
+            )
+    if cfg.run.num_threads < 0:
+        raise ValueError(f"run.num_threads must be >= 0 (0: torch's default), got {cfg.run.num_threads}")
     if cfg.optimizer.dtype == "float16":
         raise ValueError(
             "optimizer.dtype='float16' is not supported for training: fp16 needs loss scaling (a GradScaler), "
@@ -289,7 +321,9 @@ def read_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     text = path.read_text(encoding="utf-8")
     data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     try:
-        return config_from_dict(apply_overrides(data, overrides or []))
+        keys = [item.partition("=")[0].strip() for item in overrides or []]
+        overridden = {key.removeprefix("model.") for key in keys if key.startswith("model.")}
+        return config_from_dict(apply_overrides(data, overrides or []), overridden)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from e
 

@@ -53,8 +53,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup_torch(*, deterministic: bool) -> None:
-    """The reference's numerics: fp32 matmuls in full precision (codebook labels), bf16 reductions allowed."""
+def all_ranks(flag: bool, device: torch.device) -> bool:
+    """True when `flag` holds on every rank (a one-element all-reduce: a host sync)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def setup_torch(*, deterministic: bool, num_threads: int = 0) -> None:
+    """The reference's numerics: fp32 matmuls in full precision (codebook labels), bf16 reductions allowed.
+    `num_threads` > 0 sets torch's CPU (intra-op) threads; 0 keeps torch's default (OMP_NUM_THREADS, else
+    the core count)."""
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
     torch.set_float32_matmul_precision("highest")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

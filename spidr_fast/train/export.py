@@ -12,12 +12,13 @@ import argparse
 import json
 from pathlib import Path
 
-from spidr_fast.checkpoint import build_model, load_state_dict_strict, save_model
-from spidr_fast.config import model_config_from_dict
-from spidr_fast.train.checkpoint import read_model_state
-
 
 def export(checkpoint: str | Path, out: str | Path, model_type: str | None = None) -> Path:
+    # Imported here: `spidr-fast export --help` does not load torch.
+    from spidr_fast.checkpoint import build_model, load_state_dict_strict, save_model
+    from spidr_fast.config import model_config_from_dict
+    from spidr_fast.train.checkpoint import read_model_state
+
     state, train_cfg = read_model_state(checkpoint)
     checkpoint = Path(checkpoint)
     if train_cfg is not None:

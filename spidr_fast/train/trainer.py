@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
@@ -20,10 +21,10 @@ from tqdm import tqdm
 from spidr_fast.checkpoint import build_model, load_state_dict_strict, state_dict_from_checkpoint
 from spidr_fast.config import DTYPES, SAMPLE_RATE
 from spidr_fast.data.batching import num_frames
-from spidr_fast.train.checkpoint import Checkpointer
+from spidr_fast.train.checkpoint import Checkpointer, step_of
 from spidr_fast.train.config import TrainConfig, save_resolved
-from spidr_fast.train.data import build_loader
-from spidr_fast.train.env import close_env, init_env, seed_everything, setup_torch
+from spidr_fast.train.data import SkippedFiles, build_loader, first_usable_batch
+from spidr_fast.train.env import all_ranks, close_env, init_env, seed_everything, setup_torch
 from spidr_fast.train.flops import count_step_flops, peak_flops
 from spidr_fast.train.logs import RunLog, Throughput
 from spidr_fast.train.optim import build_optimizer
@@ -34,13 +35,17 @@ from spidr_fast.train.validate import validate
 logger = logging.getLogger(__name__)
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) the training of `cfg`; returns the last logged train metrics."""
+def train(cfg: TrainConfig, *, progress: Callable[..., Any] = tqdm) -> dict[str, Any]:
+    """Run (or resume) the training of `cfg`; returns the last logged train metrics.
+
+    `progress`: the step progress bar, called as tqdm is (`total`, `initial`, `disable`, `desc`) and
+    used as a context manager with `update()` and `set_postfix(**metrics)`.
+    """
     with ExitStack() as stack:
         # ---- setup: process group, seeds, run folder
         env = init_env(cfg.run.device)
         stack.push(lambda exc_type, *_: close_env(synchronize=exc_type is None))  # no barrier after an error
-        setup_torch(deterministic=cfg.run.use_deterministic)
+        setup_torch(deterministic=cfg.run.use_deterministic, num_threads=cfg.run.num_threads)
         seed_everything(cfg.run.random_seed)  # the same on every rank: one initial model, codebooks included
         run_dir, dtype, max_steps = cfg.run.dir, DTYPES[cfg.optimizer.dtype], cfg.optimizer.max_steps
         if env.is_main:
@@ -55,10 +60,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model.to(env.device).train()
         seed_everything(cfg.run.random_seed + env.rank)  # per-rank random streams from here on (dropout)
         loader, sampler, dataset = build_loader(
-            cfg.data, cfg.masking, rank=env.rank, world_size=env.world_size, seed=cfg.run.random_seed
+            cfg.data,
+            cfg.masking,
+            rank=env.rank,
+            world_size=env.world_size,
+            seed=cfg.run.random_seed,
+            log_skipped=False,
         )
+        skipped = SkippedFiles(cfg.data.manifest)  # data.skip_bad: bad files named once, empty batches skipped
+        dev_skipped = {name: SkippedFiles(dev.manifest, name) for name, dev in cfg.validation.items()}
         sampler.set_epoch(1)
-        first = loader.collate_fn([dataset[key] for key in next(iter(sampler))])
+        first = first_usable_batch(loader, sampler, dataset, skipped)
         flops = count_step_flops(model, first.waveforms.to(env.device), first.mask_indices.to(env.device), dtype)
         flops_per_audio_second = flops / (first.waveforms.numel() / SAMPLE_RATE)
 
@@ -106,7 +118,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         )
         log = RunLog(run_dir / "train_log.jsonl", enabled=env.is_main, tensorboard=cfg.run.tensorboard)
         stack.callback(log.close)
-        pbar = stack.enter_context(tqdm(total=max_steps, initial=state["step"], disable=not env.is_main, desc="train"))
+        pbar = stack.enter_context(
+            progress(total=max_steps, initial=state["step"], disable=not env.is_main, desc="train")
+        )
         if env.is_main:
             logger.info(
                 "run folder %s, %d rank(s), %.4g GFLOP per audio second",
@@ -120,9 +134,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # ---- loop
         while state["step"] < max_steps:
             sampler.set_epoch(state["epoch"], start=state["batch_in_epoch"])
-            stop = False
+            stop, whole_epoch, steps_in_epoch = False, state["batch_in_epoch"] == 0, 0
             for batch in loader:
-                step = state["step"] + 1
+                usable = skipped.note(batch)
+                if cfg.data.skip_bad and env.world_size > 1:
+                    usable = all_ranks(usable, env.device)  # a rank with an empty batch: every rank skips it
+                if not usable:
+                    state["batch_in_epoch"] += 1
+                    continue
+                step, steps_in_epoch = state["step"] + 1, steps_in_epoch + 1
                 out = train_step(ctx, batch.waveforms, batch.mask_indices, step)
                 state["step"], state["batch_in_epoch"] = step, state["batch_in_epoch"] + 1
                 meters.update(out, step)
@@ -138,6 +158,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         meters.pop()
                         | tput.pop(env.device)
                         | {"lr": out["lr"], "ema_decay": out["ema_decay"], "epoch": state["epoch"]}
+                        | (skipped.counts() if cfg.data.skip_bad else {})
                     )
                     log.log("train", step, last)
                     pbar.set_postfix(
@@ -159,6 +180,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                             device=env.device,
                             dtype=dtype,
                             seed=cfg.run.random_seed,
+                            skipped=dev_skipped[name],
                         )
                         log.log(name, step, metrics)
                 if stop:
@@ -168,8 +190,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     raise RuntimeError(
                         f"epoch {state['epoch']} yields no batch on rank {env.rank}: check data.manifest"
                     )
+                if whole_epoch and steps_in_epoch == 0:
+                    shared = f" (on {env.world_size} ranks, a batch is skipped when any rank's is)" * (
+                        env.world_size > 1
+                    )
+                    raise skipped.nothing_usable(f"every batch of epoch {state['epoch']} was empty{shared}")
                 state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
                 continue
             break
         meters.check_finite()
-        return last
+        final = ckpt.latest() if env.is_main else None
+    if skipped.files or skipped.batches:
+        logger.warning("%s", skipped.summary())
+    if final is not None:
+        logger.info("final checkpoint: %s (step %d)", final, step_of(final))
+    elif env.is_main:
+        logger.info("no checkpoint saved (run.save_interval=%d)", cfg.run.save_interval)
+    return last

@@ -18,7 +18,8 @@ from torch import nn
 
 from spidr_fast.data.dataset import SpeechDataset
 from spidr_fast.train.config import DataConfig, MaskingConfig
-from spidr_fast.train.data import build_loader
+from spidr_fast.train.data import SkippedFiles, build_loader
+from spidr_fast.train.env import all_ranks
 from spidr_fast.train.step import autocast
 
 
@@ -62,18 +63,34 @@ def validate(
     device: torch.device,
     dtype: torch.dtype,
     seed: int,
+    skipped: SkippedFiles | None = None,
 ) -> dict[str, float]:
-    """Mean loss per masked frame and mean perplexities over the dev set `cfg` (all ranks call it)."""
+    """Mean loss per masked frame and mean perplexities over the dev set `cfg` (all ranks call it).
+
+    `skipped` (kept by the caller across validations) names each unusable dev file once per run."""
     rank, world = _dist()
+    skipped = skipped or SkippedFiles(cfg.manifest, name)
     loader, sampler, dataset = build_loader(
-        dataclasses.replace(cfg, rand_crop=False, num_workers=0), masking, rank=rank, world_size=world, seed=seed
+        dataclasses.replace(cfg, rand_crop=False, num_workers=0),
+        masking,
+        rank=rank,
+        world_size=world,
+        seed=seed,
+        log_skipped=False,
     )
     sampler.set_epoch(0)
     was_training = core.training
     core.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, frames, target ppl, pred ppl
+    used = 0  # batches with audio (skip_bad: a batch whose files were all unusable is skipped on every rank)
     try:
         for batch in loader:
+            usable = skipped.note(batch)
+            if cfg.skip_bad and world > 1:
+                usable = all_ranks(usable, device)
+            if not usable:
+                continue
+            used += 1
             with autocast(device, dtype):
                 losses, metrics = model(batch.waveforms.to(device), mask_indices=batch.mask_indices.to(device))
             sums += torch.stack(
@@ -84,7 +101,7 @@ def validate(
                     metrics["pred_ppl"].double(),
                 ]
             )
-        num_batches = torch.tensor([float(len(sampler))], dtype=torch.float64, device=device)
+        num_batches = torch.tensor([float(used)], dtype=torch.float64, device=device)
         if world > 1:
             dist.all_reduce(sums)
             dist.all_reduce(num_batches)

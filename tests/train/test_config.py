@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -49,6 +52,48 @@ def test_reference_style_toml_and_resolved_roundtrip(tmp_path: Path) -> None:
     assert again == cfg
 
 
+@pytest.mark.parametrize("preset", ["tiny", "base", "demo"])
+@pytest.mark.parametrize("model_type", ["spidr", "dinosr"])
+def test_presets_combine_with_either_model_type(
+    preset: str, model_type: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from spidr_fast.config import CONFIG_CLASSES
+
+    with caplog.at_level(logging.WARNING):
+        cfg = read_config(preset, [f"run.model_type={model_type}"])
+    assert type(cfg.model) is CONFIG_CLASSES[model_type]
+    preset_model = read_config(preset).model  # the preset's own (SpidR) architecture is kept
+    for name in ("encoder_embed_dim", "encoder_num_layers", "num_codebooks", "codebook_size", "freeze_step"):
+        assert getattr(cfg.model, name) == getattr(preset_model, name)
+    if model_type == "dinosr" and preset != "base":  # tiny and demo set SpidR's ema_timescale: said, not hidden
+        assert "ignoring [model] field(s) ema_timescale" in caplog.text
+
+
+def test_model_field_of_the_other_type_given_as_override_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"model\.ema_timescale: not a field of run\.model_type=dinosr"):
+        read_config("tiny", ["run.model_type=dinosr", "model.ema_timescale=5"])
+
+
+def test_tiny_trains_as_dinosr(tmp_path: Path) -> None:
+    from spidr_fast.data.corpus import generate_corpus
+    from spidr_fast.train.trainer import train
+
+    corpus = generate_corpus(tmp_path / "corpus", num_utterances=4, seed=0, max_seconds=3.0)
+    overrides = [
+        "run.model_type=dinosr",
+        f"data.manifest={corpus / 'manifest.csv'}",
+        f"run.workdir={tmp_path}",
+        "optimizer.max_steps=2",
+        "run.log_interval=1",
+    ]
+    last = train(read_config("tiny", overrides))
+    assert math.isfinite(last["loss"]) and "ema_decay" in last
+    log = (tmp_path / "spidr" / "tiny" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2]
+    saved = read_config(tmp_path / "spidr" / "tiny" / "train_config.json")
+    assert saved.model.model_type == "dinosr" and saved.run.model_type == "dinosr"
+
+
 def test_float16_training_is_refused_with_the_reason() -> None:
     # fp16 without loss scaling underflows its gradients: refused rather than trained silently wrong.
     with pytest.raises(ValueError, match=r"optimizer\.dtype='float16'.*GradScaler.*bfloat16"):
@@ -68,3 +113,11 @@ def test_pin_memory_defaults_to_on_with_cuda(monkeypatch: pytest.MonkeyPatch) ->
             assert cfg.pin_memory is None and pin_memory(cfg) is cuda
         assert read_config("base").data.pin_memory is True and pin_memory(read_config("base").data) is cuda
         assert pin_memory(read_config("tiny", ["data.pin_memory=false"]).data) is False
+
+
+def test_batch_sizes_checked_with_the_config() -> None:
+    # Before: a ValueError with a traceback from the sampler, once training had started.
+    with pytest.raises(ValueError, match=r"data\.max_sample_size <= data\.max_batch_length, got 8000, 48000, 40000"):
+        read_config("tiny", ["data.max_batch_length=40000"])
+    with pytest.raises(ValueError, match=r"validation\.dev\.min_sample_size"):
+        read_config("tiny", ["validation.dev.manifest=x.csv", "validation.dev.min_sample_size=0"])
