@@ -12,18 +12,14 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-import torch
-
 SAMPLE_RATE = 16_000
-# Compute dtypes by the names configs and command lines use (autocast; float32 disables it).
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CONV_LAYER_CONFIG: list[tuple[int, int, int]] = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
 ModelType = Literal["spidr", "dinosr"]
 
@@ -145,3 +141,20 @@ def read_model_config(path: str | Path, model_type: ModelType | None = None) -> 
         return model_config_from_dict(fields, model_type)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from e
+
+
+if TYPE_CHECKING:
+    import torch
+
+    DTYPES: dict[str, torch.dtype]
+
+
+def __getattr__(name: str) -> Any:
+    """`DTYPES`: the compute dtypes by the names configs and command lines use (autocast; float32
+    disables it). Built on first use (PEP 562), so that this module, and the CLI's help, load no torch."""
+    if name == "DTYPES":
+        import torch
+
+        globals()[name] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
