@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import subprocess
 import sys
 
@@ -48,6 +50,15 @@ def test_subcommand_help_without_torch(command: str) -> None:
     proc = _probe(command, "--help")
     assert "NO_TORCH" in proc.stderr, proc.stderr
     assert f"usage: spidr-fast {command}" in proc.stdout
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_each_command_module_holds_its_parser_and_main(command: str) -> None:
+    # The convention `__main__` relies on: one module per command, with add_arguments(parser), main(args) and a
+    # docstring (the command's --help description).
+    module = importlib.import_module(COMMANDS[command][0])
+    module.add_arguments(argparse.ArgumentParser())
+    assert callable(module.main) and module.__doc__
 
 
 def test_python_m_spidr_fast_help_imports_no_torch() -> None:
