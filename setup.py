@@ -36,6 +36,7 @@ setup(
     ext_modules=ext_modules,
     install_requires=["torch>=2.8", "numpy", "soundfile", "tqdm", "tomli; python_version < '3.11'"],
     extras_require={
+        "abx": ["fastabx; python_version >= '3.12'"],  # spidr-fast abx
         # CUDA builds of torch bring triton; CPU development installs it explicitly (pinned: interpreter
         # behaviour changes between releases).
         "dev": ["triton==3.9.0", "pytest", "pytest-benchmark", "ruff", "pybind11>=2.12", "setuptools>=64"],

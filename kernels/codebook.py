@@ -6,6 +6,9 @@ Inputs and outputs (C codebooks, N frames, K codewords, D dims):
     counts   (C, K)    fp32
     labels   (C, N)    int64           argmin_k ||x - codebook_k / counts_k||_2, ties to the lowest k
     sums     (C, K, D) fp32, batch_counts (C, K) fp32: per-codeword sums and counts of x
+The public functions also take one codebook as 2-D inputs, x (N, D), codebook (K, D), counts (K,),
+labels (N,), and return the same form (for k-means: `spidr_fast.units`, counts = ones). fp64 x runs
+the references in fp64 on any device (the kernels are fp32).
 
 Fused path (Triton, one launch per stage for all C codebooks):
   * assignment: grid (N blocks, C). A program holds BLOCK_N frames and streams the codewords in
@@ -117,7 +120,7 @@ PRECISIONS = ("ieee", "tf32x3", "tf32")
 def _check(x: Tensor, codebook: Tensor | None = None, counts: Tensor | None = None, precision: str = "ieee") -> None:
     # plain Python checks on static shapes: dynamo evaluates them at trace time (no graph break)
     if x.dim() != 3:
-        raise ValueError(f"x must be (C, N, D), got {tuple(x.shape)}")
+        raise ValueError(f"x must be (C, N, D), or (N, D) for one codebook, got {tuple(x.shape)}")
     if codebook is not None and (codebook.dim() != 3 or codebook.shape[::2] != x.shape[::2]):
         raise ValueError(f"codebook must be (C, K, D) for x {tuple(x.shape)}, got {tuple(codebook.shape)}")
     if counts is not None and codebook is not None and counts.shape != codebook.shape[:2]:
@@ -255,34 +258,75 @@ def _(x: Tensor, codebook: Tensor, counts: Tensor, precision: str) -> tuple[Tens
 # --------------------------------------------------------------------------------------------
 
 
+def _batched(x: Tensor, **others: tuple[Tensor, int]) -> tuple[bool, tuple[Tensor, ...]]:
+    """One codebook given as 2-D inputs ((N, D) x, (K, D) codebook, (K,) counts, (N,) labels) becomes
+    the (C = 1, ...) form. `others`: name -> (tensor, its dims in the 2-D form). Returns (was 2-D,
+    (x, *others)), unsqueezed views (nothing is copied)."""
+    if x.dim() != 2:
+        return False, (x, *(t for t, _ in others.values()))
+    for name, (t, dims) in others.items():
+        if t.dim() != dims:
+            raise ValueError(
+                f"x is (N, D) = {tuple(x.shape)} (one codebook): {name} must be {dims}-D, got {tuple(t.shape)}"
+            )
+    return True, (x.unsqueeze(0), *(t.unsqueeze(0) for t, _ in others.values()))
+
+
 def codebook_assign(x: Tensor, codebook: Tensor, counts: Tensor, *, precision: str = "ieee") -> Tensor:
     """Nearest codeword per frame: labels (C, N) int64, ties to the lowest index.
 
-    `precision` is the fused kernel's `tl.dot` input precision: "ieee" (default, true fp32 like the
-    reference), or on a GPU "tf32x3" (~fp32 on tensor cores) / "tf32" (faster, flips some labels).
+    Args:
+        x: (C, N, D) fp32/bf16/fp16, or (N, D) for one codebook; fp64 runs the reference in fp64.
+        codebook: (C, K, D) fp32 running sums (codeword = codebook / counts), or (K, D).
+        counts: (C, K) fp32, or (K,) (ones when `codebook` holds the codewords themselves).
+        precision: the fused kernel's `tl.dot` input precision: "ieee" (default, true fp32 like the
+            reference), or on a GPU "tf32x3" (~fp32 on tensor cores) / "tf32" (faster, flips some labels).
+
+    Returns:
+        labels (C, N) int64, or (N,) for 2-D inputs.
     """
+    flat, (x, codebook, counts) = _batched(x, codebook=(codebook, 2), counts=(counts, 1))
     _check(x, codebook, counts, precision)
-    if use_triton(x, "codebook"):
-        return _codebook_assign_op(x, codebook, counts, precision)
-    return codebook_assign_ref(x, codebook, counts)
+    if x.dtype != torch.float64 and use_triton(x, "codebook"):
+        labels = _codebook_assign_op(x, codebook, counts, precision)
+    else:
+        labels = codebook_assign_ref(x, codebook, counts)
+    return labels[0] if flat else labels
 
 
 def codebook_accumulate(x: Tensor, labels: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
-    """Per-codeword counts (C, K) and sums (C, K, D) of the frames assigned to each codeword (fp32)."""
+    """Per-codeword counts and sums of the frames assigned to each codeword.
+
+    Args:
+        x: (C, N, D) fp32/bf16/fp16, or (N, D) for one codebook.
+        labels: (C, N) int64 in [0, num_codes), or (N,).
+
+    Returns:
+        (counts (C, K), sums (C, K, D)) in fp32 (fp64 for fp64 x), or ((K,), (K, D)) for 2-D inputs.
+    """
+    flat, (x, labels) = _batched(x, labels=(labels, 1))
     _check(x)
-    if use_triton(x, "codebook"):
-        return _codebook_accumulate_op(x, labels, num_codes)
-    return codebook_accumulate_ref(x, labels, num_codes)
+    if x.dtype != torch.float64 and use_triton(x, "codebook"):
+        counts, sums = _codebook_accumulate_op(x, labels, num_codes)
+    else:
+        counts, sums = codebook_accumulate_ref(x, labels, num_codes)
+    return (counts[0], sums[0]) if flat else (counts, sums)
 
 
 def codebook_assign_accumulate(
     x: Tensor, codebook: Tensor, counts: Tensor, *, precision: str = "ieee"
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """`codebook_assign` then `codebook_accumulate` as one op: (labels, batch_counts, sums)."""
+    """`codebook_assign` then `codebook_accumulate` as one op: (labels, batch_counts, sums).
+
+    Takes the (C, ...) form or one codebook's 2-D inputs, as `codebook_assign`; returns the same form.
+    """
+    flat, (x, codebook, counts) = _batched(x, codebook=(codebook, 2), counts=(counts, 1))
     _check(x, codebook, counts, precision)
-    if use_triton(x, "codebook"):
-        return _codebook_assign_accumulate_op(x, codebook, counts, precision)
-    return codebook_assign_accumulate_ref(x, codebook, counts)
+    if x.dtype != torch.float64 and use_triton(x, "codebook"):
+        out = _codebook_assign_accumulate_op(x, codebook, counts, precision)
+    else:
+        out = codebook_assign_accumulate_ref(x, codebook, counts)
+    return tuple(t[0] for t in out) if flat else out
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,15 +335,22 @@ def codebook_assign_accumulate(
 
 
 def codebook_assign_ref(x: Tensor, codebook: Tensor, counts: Tensor) -> Tensor:
-    """Nearest codeword per frame, in fp32, exactly as the reference (`cdist(...).argmin`)."""
-    centers = codebook / counts.unsqueeze(-1)  # (C, K, D)
-    return torch.cdist(x.float(), centers, p=2).argmin(-1)
+    """Nearest codeword per frame, in fp32 (fp64 for fp64 x), exactly as the reference (`cdist(...).argmin`)."""
+    dtype = _compute_dtype(x)
+    centers = codebook.to(dtype) / counts.to(dtype).unsqueeze(-1)  # (C, K, D)
+    return torch.cdist(x.to(dtype), centers, p=2).argmin(-1)
 
 
 def codebook_accumulate_ref(x: Tensor, labels: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
-    """Per-codeword counts (C, K) and sums (C, K, D) of the frames assigned to each codeword (fp32)."""
-    onehot = F.one_hot(labels, num_codes).float()  # (C, N, K)
-    return onehot.sum(1), torch.bmm(onehot.transpose(1, 2), x.float())
+    """Per-codeword counts (C, K) and sums (C, K, D) of the frames assigned to each codeword (fp32, or fp64)."""
+    dtype = _compute_dtype(x)
+    onehot = F.one_hot(labels, num_codes).to(dtype)  # (C, N, K)
+    return onehot.sum(1), torch.bmm(onehot.transpose(1, 2), x.to(dtype))
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """fp32, or fp64 for fp64 inputs (k-means in fp64, `spidr_fast.units`): never below fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def codebook_assign_accumulate_ref(x: Tensor, codebook: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:

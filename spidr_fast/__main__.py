@@ -16,6 +16,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "manifest": ("spidr_fast.data.manifest", "write a manifest of the audio under a folder or tar"),
     "train": ("spidr_fast.train.cli", "pretrain SpidR/DinoSR from a TOML config"),
     "export": ("spidr_fast.train.export", "export a training checkpoint to the reference's released format"),
+    "kmeans": ("spidr_fast.kmeans", "fit k-means units on extracted features"),
+    "units-report": ("spidr_fast.units_report", "phone information of units (PNMI, purity, bitrate, figure)"),
+    "abx": ("spidr_fast.abx", "ABX phone discriminability of extracted features (needs fastabx)"),
 }
 
 

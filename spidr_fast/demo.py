@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # torch and the library are imported where they are used: `de
     import torch
 
     from spidr_fast.data.dataset import SpeechDataset
+    from spidr_fast.units import KMeans
 
 KMEANS_K = 32
 KMEANS_FIT_UTTERANCES = 48  # training utterances the k-means is fitted on
@@ -75,21 +76,11 @@ class _Bar(tqdm):
 
 
 # ---------------------------------------------------------------- units
-def _kmeans_fit(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Tensor:
-    """Centroids (k, D) of `x` (N, D): k-means++ seeding, then Lloyd iterations (empty clusters kept)."""
-    import torch
+def _kmeans_fit(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> KMeans:
+    """k-means of `x` (N, D) with `spidr_fast.units.KMeans` (k-means++ seeding, then Lloyd iterations)."""
+    from spidr_fast.units import KMeans
 
-    g = torch.Generator().manual_seed(seed)
-    centroids = x[torch.randint(len(x), (1,), generator=g)]
-    for _ in range(k - 1):
-        d2 = torch.cdist(x, centroids).min(1).values.square()
-        centroids = torch.cat([centroids, x[torch.multinomial(d2 / d2.sum(), 1, generator=g)]])
-    for _ in range(iters):
-        assign = torch.cdist(x, centroids).argmin(1)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k).unsqueeze(1)
-        centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
-    return centroids
+    return KMeans(k, iters=iters, seed=seed, device="cpu").fit(x)
 
 
 def _layer_outputs(model: torch.nn.Module, dataset: SpeechDataset, limit: int | None = None) -> dict[str, list]:
@@ -122,8 +113,8 @@ def _kmeans_units(fit: dict[str, torch.Tensor], apply: dict[str, torch.Tensor], 
 
     x = torch.cat(list(fit.values()))
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # standardise: k-means then weighs every channel alike
-    centroids = _kmeans_fit((x - mean) / std, KMEANS_K)
-    units = {k: torch.cdist((v - mean) / std, centroids).argmin(1).numpy() for k, v in apply.items()}
+    kmeans = _kmeans_fit((x - mean) / std, KMEANS_K)
+    units = {k: kmeans.predict((v - mean) / std).numpy() for k, v in apply.items()}
     m = unit_metrics(units, alignments)
     return {"pnmi": m.pnmi, "phone_purity": m.phone_purity, "unit_ppl": m.perplexity}
 

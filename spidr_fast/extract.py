@@ -52,13 +52,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--units",
-        choices=["heads", "codebooks"],
-        help="also write units: argmax of the student head of --units-layer (heads), or nearest codeword of "
-        "its instance-normalised output (codebooks)",
+        type=_units_kind,
+        metavar="{heads,codebooks,codebook-probs,kmeans:PATH}",
+        help="also write units: argmax of the student head of --units-layer (heads), nearest codeword of "
+        "its instance-normalised output (codebooks), that head's softmax as 'probs' (codebook-probs, for KL "
+        "ABX), or nearest centroid of its features in a file written by `spidr-fast kmeans` (kmeans:PATH)",
     )
     parser.add_argument("--units-layer", type=int, help="layer the units are for (default: the deepest --layer)")
     parser.add_argument(
         "--units-only", action="store_true", help="write units only, no features (for --units-layer, else the --layer)"
+    )
+    parser.add_argument(
+        "--dedup", action="store_true", help="merge runs of a repeated unit: units of the runs + 'durations' (frames)"
+    )
+    parser.add_argument(
+        "--units-format",
+        choices=["files", "jsonl"],
+        default="files",
+        help="jsonl: also OUTPUT_DIR/units.jsonl, a line per file {file, units[, durations]} (default: files)",
     )
     parser.add_argument("--format", choices=["npy", "pt"], default="npy", help="output format (default: npy)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available, else cpu)")
@@ -95,6 +106,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"recompute every output, even when OUTPUT_DIR/{SETTINGS_FILE} records other settings",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _units_kind(value: str) -> str:
+    if value in ("heads", "codebooks", "codebook-probs") or (
+        value.startswith("kmeans:") and len(value) > len("kmeans:")
+    ):
+        return value
+    raise argparse.ArgumentTypeError(f"invalid choice {value!r} (heads, codebooks, codebook-probs or kmeans:PATH)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -8,7 +8,10 @@ p(y, z) their joint frequency over all aligned frames:
 - perplexity     = 2 ** H(z), H in bits over the unit frequencies (as the SpidR training log);
 - active codewords = number of distinct units used;
 - bitrate        = (units per second) x H(z) bits, after merging runs of repeated units by default
-                   (the entropy-coded rate a unit language model sees; `deduplicate=False` keeps every frame).
+                   (the entropy-coded rate a unit language model sees; `deduplicate=False` keeps every frame);
+- mean run length = frames per run of a repeated unit (1 when no unit repeats).
+
+`item_file` writes an ABX item file (ZeroSpeech / Libri-light columns) from frame-level phone alignments.
 
 Frame rates: SpidR units are at 50 Hz (20 ms), alignments at 100 Hz (10 ms). Each unit is repeated
 to cover its label frames (unit i -> label frames 2i and 2i + 1, i.e. both 10 ms frames inside
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -36,6 +40,7 @@ class UnitMetrics:
     active_codewords: int
     bitrate: float
     num_frames: int
+    mean_run_length: float = 1.0
 
 
 def align(
@@ -157,4 +162,71 @@ def unit_metrics(
         active_codewords=int(np.unique(np.concatenate(raw)).size),
         bitrate=bitrate(raw, unit_rate),
         num_frames=int(keep.sum()),
+        mean_run_length=mean_run_length(raw),
     )
+
+
+def mean_run_length(sequences: Sequence[np.ndarray]) -> float:
+    """Frames per run of a repeated unit, over all sequences (runs never cross sequences)."""
+    frames = sum(len(s) for s in sequences)
+    runs = sum(int(np.count_nonzero(np.asarray(s)[1:] != np.asarray(s)[:-1])) + 1 for s in sequences if len(s))
+    return frames / runs if runs else 0.0
+
+
+ITEM_HEADER = "#file onset offset #phone prev-phone next-phone speaker"
+
+
+def item_file(
+    alignments: Mapping[str, Sequence[str]] | str | Path,
+    out: str | Path,
+    *,
+    speakers: Mapping[str, str] | None = None,
+    frame_shift: float = 0.01,
+    ignore: Sequence[str] = ("sil",),
+) -> int:
+    """Write an ABX item file (triphone contexts) from frame-level phone alignments; returns its rows.
+
+    Columns, as ZeroSpeech's and Libri-light's item files: `#file onset offset #phone prev-phone
+    next-phone speaker`, space-separated, onset and offset in seconds from the file's start. A row
+    is one phone token (a run of equal frame labels) that has a token on each side (its context):
+    the first and last tokens of a file are only contexts, and so are the `ignore` labels (silence).
+
+    Args:
+        alignments: fileid -> per-frame phone labels (`spidr_fast.data.corpus.read_alignments`), or
+            the path of an `alignments.jsonl` (or corpus folder), whose "speaker" fields are then used.
+        out: the item file, written atomically.
+        speakers: fileid -> speaker; default: the alignments file's, else the fileid up to its first
+            "-" or "_" (LibriSpeech's `6295-244435-0000` -> `6295`, the built-in corpus's `spk00_00001` -> `spk00`).
+        frame_shift: seconds per alignment frame (10 ms).
+    """
+    import json
+    import re
+
+    from spidr_fast.io import atomic_write_text
+
+    if isinstance(alignments, (str, Path)):
+        path = Path(alignments)
+        path = path / "alignments.jsonl" if path.is_dir() else path
+        with path.open(encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        alignments = {r["fileid"]: r["phones"] for r in rows}
+        speakers = speakers or {r["fileid"]: r["speaker"] for r in rows if "speaker" in r}
+    speakers = speakers or {}
+    lines = [ITEM_HEADER]
+    for fileid in sorted(alignments):
+        if any(c.isspace() for c in fileid):
+            raise ValueError(f"fileid {fileid!r} holds whitespace: item files are space-separated")
+        labels = np.asarray(alignments[fileid])
+        if labels.size == 0:
+            continue
+        starts = np.flatnonzero(np.concatenate([[True], labels[1:] != labels[:-1]]))
+        ends = np.append(starts[1:], labels.size)
+        phones = labels[starts]
+        speaker = speakers.get(fileid) or re.split(r"[-_]", fileid, maxsplit=1)[0]
+        for i in range(1, len(phones) - 1):
+            if phones[i] in ignore:
+                continue
+            onset, offset = starts[i] * frame_shift, ends[i] * frame_shift
+            lines.append(f"{fileid} {onset:.4f} {offset:.4f} {phones[i]} {phones[i - 1]} {phones[i + 1]} {speaker}")
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    return len(lines) - 1

@@ -25,6 +25,11 @@ the last `num_codebooks` layers (SpidR base: layers 5..12):
 - `"codebooks"`: nearest codeword (L2, fp32) of the layer's FFN output (before residual)
   instance-normalised over the utterance's frames: the teacher-target recipe, applied to the
   student. For chunked files the normalisation statistics cover the whole file.
+- `"codebook-probs"`: the softmax of that head, (frames, K) fp32 posteriors over the codewords,
+  returned as "probs" (for KL-based ABX: `spidr-fast abx --name probs --distance kl_symmetric`).
+- `"kmeans:PATH"` (or a fitted `spidr_fast.units.KMeans`): nearest centroid of the layer's features
+  (FFN output, or the layer output with `before_residual=False`: what `extract` writes and
+  `spidr-fast kmeans` fits on), any layer, computed on the device in the same pass.
 
 Measured (bench/extract_throughput.py, base config with random weights, noise input, layer 6,
 CPU; rerun with `--experiment chunking|dtype`):
@@ -78,7 +83,7 @@ RECEPTIVE_FIELD = int(MIN_SAMPLES)  # samples of the first frame
 HOP = math.prod(stride for _, _, stride in CONV_LAYERS)  # samples between frames (320)
 _EPS = 1e-5  # the standardisation's variance epsilon (a layer norm without affine)
 
-UnitsKind = Literal["heads", "codebooks"]
+UnitsKind = Literal["heads", "codebooks", "codebook-probs"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -153,7 +158,9 @@ class FeatureExtractor:
         model: a `spidr_fast.SpidR` / `DinoSR` (put in eval mode and moved to `device`).
         layers: layers whose features to return, numbered from 1 (the reference's extraction
             numbering; 6 is the usual choice). Empty: units only.
-        units: None, "heads" or "codebooks" (see the module docstring).
+        units: None, "heads", "codebooks", "codebook-probs" (returned as "probs"), or k-means:
+            "kmeans:PATH" (a file of `KMeans.save`) or a fitted `spidr_fast.units.KMeans` (see the
+            module docstring).
         units_layer: layer the units are for; default the deepest of `layers`.
         device: where to run (default: cuda if available, else cpu).
         dtype: "float32" (default), "bfloat16" or "float16" (autocast; units are always assigned in fp32).
@@ -214,23 +221,33 @@ class FeatureExtractor:
         for layer in self.layers:
             if not 1 <= layer <= num_layers:
                 raise ValueError(f"layer {layer} does not exist: the model has layers 1..{num_layers}")
-        if units not in (None, "heads", "codebooks"):
-            raise ValueError(f"units must be None, 'heads' or 'codebooks', got {units!r}")
+        self.kmeans = _kmeans_units(units, self.device)
+        if self.kmeans is None and units not in (None, "heads", "codebooks", "codebook-probs"):
+            raise ValueError(
+                f"units must be None, 'heads', 'codebooks', 'codebook-probs', 'kmeans:PATH' or a KMeans, got {units!r}"
+            )
         if units is None and not self.layers:
             raise ValueError("nothing to extract: give at least one layer or units")
-        self.units = units
+        self.units = "kmeans" if self.kmeans is not None else units
         self.units_layer = self.units_head = None
         if units is not None:
             if units_layer is None and not self.layers:
                 raise ValueError("units without layers: give units_layer, the layer the units are for")
             self.units_layer = int(units_layer if units_layer is not None else max(self.layers))
-            first = num_layers - model.num_codebooks + 1
+            first = 1 if self.kmeans is not None else num_layers - model.num_codebooks + 1
             if not first <= self.units_layer <= num_layers:
                 raise ValueError(
                     f"units for layer {self.units_layer}: only layers {first}..{num_layers} have a head and codebook"
+                    if self.kmeans is None
+                    else f"units for layer {self.units_layer}: the model has layers 1..{num_layers}"
+                )
+            if self.kmeans is not None and self.kmeans.cluster_centers_.shape[1] != model.cfg.encoder_embed_dim:
+                raise ValueError(
+                    f"the k-means centroids are {self.kmeans.cluster_centers_.shape[1]}-dim, "
+                    f"the model's layers {model.cfg.encoder_embed_dim}-dim"
                 )
             self.units_head = self.units_layer - first  # index of the head / codebook
-        self.is_dinosr_heads = units == "heads" and model.cfg.model_type == "dinosr"
+        self.is_dinosr_heads = units in ("heads", "codebook-probs") and model.cfg.model_type == "dinosr"
         # Deepest layer the transformer must run: DinoSR heads read the final output.
         self.depth = num_layers if self.is_dinosr_heads else max([*self.layers, self.units_layer or 0])
         # Layers whose outputs a forward keeps: the features' and the units' (DinoSR heads: the last).
@@ -463,6 +480,8 @@ class FeatureExtractor:
         if self.is_dinosr_heads:
             last = captured[self.depth][0]
             outputs["units_input"] = student.layer_norm(last) if student.pre_ln else last
+        elif self.kmeans is not None:  # the layer's features, as `extract` writes them (what k-means was fit on)
+            outputs["units_input"] = captured[self.units_layer][1 if self.before_residual else 0]
         elif self.units is not None:
             outputs["units_input"] = captured[self.units_layer][1]
         return outputs
@@ -476,19 +495,38 @@ class FeatureExtractor:
         units_input = joined.pop("units_input", None)
         result = {name: y.float().cpu() for name, y in joined.items()}
         if units_input is not None:
-            result["units"] = self.units_of(units_input).cpu()
+            result["probs" if self.units == "codebook-probs" else "units"] = self.units_of(units_input).cpu()
         return result
 
     @torch.inference_mode()
     def units_of(self, x: Tensor) -> Tensor:
-        """(T, D) units input of one whole utterance -> (T,) int64, in fp32."""
+        """(T, D) units input of one whole utterance -> (T,) int64 ((T, K) fp32 probabilities for
+        "codebook-probs"), in fp32."""
         x = x.float()
+        if self.kmeans is not None:
+            return self.kmeans.predict(x)
         c = self.units_head
-        if self.units == "heads":
+        if self.units in ("heads", "codebook-probs"):
             head = self.model.heads[c]
             with torch.autocast(x.device.type, enabled=False):
-                return head(x).argmax(-1)
+                logits = head(x)
+            return logits.softmax(-1) if self.units == "codebook-probs" else logits.argmax(-1)
         codebook, counts = self.model.codebooks.stacked()
         # (1, T, D), statistics over the utterance; the masked form also takes T = 1 (F.instance_norm refuses it).
         target = masked_instance_norm(x.unsqueeze(0), torch.ones(1, x.shape[0], dtype=torch.bool, device=x.device))
         return kernels.codebook_assign(target, codebook[c : c + 1].float(), counts[c : c + 1].float())[0]
+
+
+def _kmeans_units(units: object, device: torch.device) -> Any:
+    """The `spidr_fast.units.KMeans` that `units` names ("kmeans:PATH" or a fitted KMeans), else None."""
+    from spidr_fast.units import KMeans
+
+    if isinstance(units, KMeans):
+        if units.cluster_centers_ is None:
+            raise ValueError("units: the KMeans is not fitted")
+        model = KMeans.__new__(KMeans)
+        model.__dict__.update(units.__dict__, device=device)  # a copy on the extractor's device
+        return model
+    if isinstance(units, str) and units.startswith("kmeans:"):
+        return KMeans.load(units.removeprefix("kmeans:"), device=device)
+    return None

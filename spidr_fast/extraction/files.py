@@ -31,6 +31,7 @@ from spidr_fast.io import TEMP_SUFFIX, atomic_write
 
 EXTENSIONS = (*AUDIO_EXTENSIONS, ".mp3", ".aiff", ".aif", ".au")
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl")
+INTEGER_OUTPUTS = ("units", "durations")  # (frames,) or (runs,) int64; the others are (frames, D) features
 
 
 @dataclass(frozen=True)
@@ -212,13 +213,13 @@ def _npy_whole(path: Path, name: str) -> bool:
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = read_header(f)
         expected = f.tell() + math.prod(shape) * dtype.itemsize
-    want_units = name == "units"
+    want_units = name in INTEGER_OUTPUTS
     return os.path.getsize(path) == expected and (len(shape) == 1) == want_units
 
 
 def save_outputs(result: dict[str, torch.Tensor], paths: dict[str, Path], save_dtype: torch.dtype) -> None:
     """Write one input's outputs, each atomically (temp file in the same folder + os.replace)."""
-    arrays = {k: (v if k == "units" else v.to(save_dtype)).contiguous() for k, v in result.items()}
+    arrays = {k: (v if k in INTEGER_OUTPUTS else v.to(save_dtype)).contiguous() for k, v in result.items()}
     for name, path in paths.items():
         if name == "*":
             atomic_write(path, lambda tmp: torch.save(arrays, tmp))

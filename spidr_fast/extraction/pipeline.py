@@ -43,11 +43,13 @@ from spidr_fast.extraction.settings import (
     checkpoint_identity,
     conflict_message,
     differences,
+    file_sha256,
     merged,
     output_names,
     read_settings,
     write_settings,
 )
+from spidr_fast.extraction.unit_outputs import dedup_result, write_units_jsonl
 from spidr_fast.io import write_failures
 
 RELEASED = ("spidr_base", "dinosr_base_reproduced", "dinosr_base_original")
@@ -113,6 +115,8 @@ def _settings(args: argparse.Namespace, layers: list[int], units_layer: int | No
         "checkpoint": checkpoint_identity(args.checkpoint, RELEASED, args.config),
         "layers": layers,
         "units": args.units,
+        **({"kmeans_sha256": file_sha256(Path(args.units.removeprefix("kmeans:")))} if _is_kmeans(args.units) else {}),
+        "dedup": bool(getattr(args, "dedup", False)),
         "units_layer": units_layer,
         "features": "layer output (after residual)" if args.after_residual else "FFN output (before residual)",
         "dtype": dtype,
@@ -124,6 +128,10 @@ def _settings(args: argparse.Namespace, layers: list[int], units_layer: int | No
         "downmix": args.downmix,
         "spidr_fast_version": spidr_fast.__version__,
     }
+
+
+def _is_kmeans(units: str | None) -> bool:
+    return bool(units) and units.startswith("kmeans:")
 
 
 def _recorded_settings(out_dir: Path, settings: dict, overwrite: bool) -> dict | None:
@@ -142,7 +150,7 @@ def _recorded_settings(out_dir: Path, settings: dict, overwrite: bool) -> dict |
 def _delete_outputs(out_dir: Path, records: list[dict], inputs: list[Input]) -> None:
     """--overwrite: delete the outputs of `inputs` under each settings record's names and format."""
     for record in records:
-        names = output_names(record.get("layers") or [], record.get("units"))
+        names = output_names(record.get("layers") or [], record.get("units"), dedup=bool(record.get("dedup")))
         for item in inputs:
             for path in output_paths(out_dir, item.key, names, record.get("format", "npy")).values():
                 path.unlink(missing_ok=True)
@@ -161,7 +169,12 @@ def run(args: argparse.Namespace) -> int:
     layers = [] if args.units_only else feature_layers
     # Units are for --units-layer, else the deepest --layer (6 by default), with or without --units-only.
     units_layer = (args.units_layer or max(feature_layers)) if args.units else None
-    names = output_names(layers, args.units)
+    dedup, jsonl = getattr(args, "dedup", False), getattr(args, "units_format", "files") == "jsonl"
+    if (dedup or jsonl) and args.units not in ("heads", "codebooks") and not _is_kmeans(args.units):
+        raise ValueError(
+            "--dedup and --units-format jsonl need discrete units (--units heads, codebooks or kmeans:PATH)"
+        )
+    names = output_names(layers, args.units, dedup=dedup)
     device = args.device or default_device()
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     everything = list_inputs(args.input)
@@ -247,11 +260,14 @@ def run(args: argparse.Namespace) -> int:
         with ThreadPoolExecutor(2, thread_name_prefix="write") as writer:
             stream = checked(_decoded(todo, args, failures, advance))
             for item, result in extractor.stream(stream, presorted=True):
+                result = dedup_result(result) if dedup else result
                 writes.append((item, writer.submit(save_outputs, result, paths[item.key], save_dtype)))
                 advance(item)
                 settle(16)
             settle(0)
         bar.close()
+    if jsonl:
+        write_units_jsonl(out_dir / ("units.jsonl" if world == 1 else f"units.rank{rank}.jsonl"), inputs, paths, names)
     failures_file = out_dir / ("failures.jsonl" if world == 1 else f"failures.rank{rank}.jsonl")
     write_failures(failures_file, sorted(failures))
     skipped = len(inputs) - len(todo)

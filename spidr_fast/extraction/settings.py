@@ -9,11 +9,12 @@ compares its own:
 - no record but complete outputs present (their settings are unknown): refused unless `--overwrite`.
 
 Recorded: the checkpoint's identity (SHA-256 of the weights file and of its config file, or the
-released model's name), the layers, units and units layer, the residual side, the compute and
-saved dtypes, the format, the chunking and spidr_fast's version. `--resample` / `--downmix` are
-recorded as the conversions allowed so far: they change no output of a 16 kHz mono file, only
-let files that would fail be converted, so a rerun that adds them is accepted (the record keeps
-the union) and one that drops them keeps the converted outputs it finds.
+released model's name), the layers, units (a k-means file's SHA-256 too), merged runs and units
+layer, the residual side, the compute and saved dtypes, the format, the chunking and spidr_fast's
+version. `--resample` / `--downmix` are recorded as the conversions allowed so far: they change no
+output of a 16 kHz mono file, only let files that would fail be converted, so a rerun that adds
+them is accepted (the record keeps the union) and one that drops them keeps the converted outputs
+it finds.
 """
 
 from __future__ import annotations
@@ -56,9 +57,11 @@ def checkpoint_identity(spec: str, released: tuple[str, ...], config: Path | Non
     return identity
 
 
-def output_names(layers: list[int], units: str | None) -> list[str]:
-    """Names of the arrays written per input: layer{n}..., then units."""
-    return [f"layer{n}" for n in sorted(set(layers))] + (["units"] if units else [])
+def output_names(layers: list[int], units: str | None, *, dedup: bool = False) -> list[str]:
+    """Names of the arrays written per input: layer{n}..., then units ("probs" for codebook-probs),
+    then durations (--dedup: the units are those of the runs)."""
+    unit_names = (["probs"] if units == "codebook-probs" else ["units"]) if units else []
+    return [f"layer{n}" for n in sorted(set(layers))] + unit_names + (["durations"] if dedup else [])
 
 
 def read_settings(out_dir: Path) -> dict[str, Any] | None:

@@ -6,11 +6,9 @@ import dataclasses
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ from spidr_fast.data.manifest import scan_tar, write_manifest
 from spidr_fast.extraction import standardize
 from spidr_fast.extraction.files import list_inputs, shard
 from tests.extract.conftest import TINY, write_audio
+from tests.sigkill import kill_mid_run
 
 
 def extract(*args: object) -> int:
@@ -173,15 +172,7 @@ def test_sigkill_then_rerun_equals_clean_run(checkpoint: Path, tmp_path: Path) -
         write_audio(corpus / f"d{i % 3}" / f"u{i:02d}.wav", 16000 + 97 * i, seed=i)
     args = ("--checkpoint", checkpoint, "--layer", 2, "--max-batch-seconds", 1.2, "--units", "heads")
     killed = tmp_path / "killed"
-    proc = _cli(corpus, killed, *args)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and len(list(killed.rglob("*.npy"))) < 2:
-        time.sleep(0.005)
-    finished_before_kill = proc.poll() is not None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if finished_before_kill:
-        pytest.skip("the run finished before it could be killed")
+    kill_mid_run(_cli(corpus, killed, *args), lambda: len(list(killed.rglob("*.npy"))) >= 2)
     assert len(list(killed.rglob("*.npy"))) < 120  # killed mid-run
     assert _cli(corpus, killed, *args).wait() == 0
 

@@ -195,3 +195,42 @@ def test_sm90_assign_instruction_mix(sm90_codebook, name):
         assert sm90.tensor_core_ops(loop) > 0, loop
     else:
         assert sm90.tensor_core_ops(loop) == 0 and loop.get("FFMA", 0) > 0, loop
+
+
+@pytest.mark.parametrize("backend", ["triton_backend", "reference_backend"])
+def test_one_codebook_2d_inputs(request, backend):
+    """(N, D), (K, D), (K,) inputs give the (C = 1, ...) results without the leading dimension."""
+    device = request.getfixturevalue(backend)
+    x, codebook, counts = make_codebook(1, 70, 20, 24, torch.float32, device)
+    labels = kernels.codebook_assign(x[0], codebook[0], counts[0])
+    assert labels.shape == (70,)
+    assert torch.equal(labels, kernels.codebook_assign(x, codebook, counts)[0])
+    batch_counts, sums = kernels.codebook_accumulate(x[0], labels, 20)
+    assert batch_counts.shape == (20,) and sums.shape == (20, 24)
+    ref_counts, ref_sums = codebook_accumulate_ref(x, labels[None], 20)
+    assert torch.equal(batch_counts, ref_counts[0])
+    torch.testing.assert_close(sums, ref_sums[0], atol=1e-5, rtol=1e-5)
+    fused = kernels.codebook_assign_accumulate(x[0], codebook[0], counts[0])
+    assert [t.shape for t in fused] == [(70,), (20,), (20, 24)]
+    assert torch.equal(fused[0], labels) and torch.equal(fused[1], batch_counts)
+
+
+def test_one_codebook_shape_errors():
+    x, codebook, counts = make_codebook(1, 10, 4, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="codebook must be 2-D"):
+        kernels.codebook_assign(x[0], codebook, counts[0])
+    with pytest.raises(ValueError, match="counts must be 1-D"):
+        kernels.codebook_assign(x[0], codebook[0], counts)
+    with pytest.raises(ValueError, match="labels must be 1-D"):
+        kernels.codebook_accumulate(x[0], torch.zeros(1, 10, dtype=torch.int64), 4)
+
+
+def test_fp64_runs_the_reference_in_fp64(triton_backend):
+    """fp64 inputs stay fp64 (k-means in fp64), even where the Triton backend is forced."""
+    x, codebook, counts = make_codebook(1, 50, 7, 5, torch.float64, triton_backend)
+    codebook, counts = codebook.double(), counts.double()
+    labels, batch_counts, sums = kernels.codebook_assign_accumulate(x[0], codebook[0], counts[0])
+    assert sums.dtype == batch_counts.dtype == torch.float64
+    centers = codebook[0] / counts[0, :, None]
+    assert torch.equal(labels, ((x[0, :, None] - centers[None]) ** 2).sum(-1).argmin(-1))
+    torch.testing.assert_close(sums, torch.zeros(7, 5, dtype=torch.float64).index_add_(0, labels, x[0]))

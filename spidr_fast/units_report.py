@@ -1,0 +1,151 @@
+"""Report how phonetic discrete units are, against frame-level phone alignments.
+
+UNITS_DIR holds units written by `spidr-fast extract --units ...` (searched recursively):
+`c.units.npy`, `c.npy` holding a 1-D array (--units-only), or `c.pt` dicts with a "units" entry;
+50 units per second (merged runs from `--dedup` are expanded with their durations). ALIGNMENTS is
+an `alignments.jsonl` (one {"fileid", "phones": [one label per 10 ms]} per line, as the built-in
+corpus's; a corpus folder works too). A units file matches the
+fileid equal to its path under UNITS_DIR without suffix, or else to its name.
+
+Prints PNMI, phone and cluster purity, unit perplexity, active units, bitrate, mean run length
+(definitions in `spidr_fast.metrics`), and writes a PNG of the phone x unit co-occurrence,
+p(phone | unit), units ordered by their most frequent phone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `spidr-fast units-report`."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("units_dir", type=Path, help="folder of units written by `spidr-fast extract --units`")
+    parser.add_argument("alignments", type=Path, help="alignments.jsonl (10 ms phone labels), or a corpus folder")
+    parser.add_argument("--png", type=Path, help="co-occurrence figure (default: UNITS_DIR/units-report.png)")
+    parser.add_argument("--json", type=Path, help="also write the metrics as JSON here")
+    parser.add_argument("--unit-rate", type=float, default=50.0, help="units per second (default: 50)")
+    parser.add_argument("--label-rate", type=float, default=100.0, help="alignment frames per second (default: 100)")
+    parser.add_argument(
+        "--ignore", action="append", default=None, help="phone label left out of the phone metrics (repeatable)"
+    )
+
+
+def read_units(folder: Path) -> dict[str, np.ndarray]:
+    """Relative key (path without suffix, `.units` dropped) -> int64 frame units, for every units file
+    (merged runs, `extract --dedup`, are expanded back to frames with their durations)."""
+    from spidr_fast.units import expand_runs
+
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder")
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.name.startswith(".") or path.suffix not in (".npy", ".pt"):
+            continue
+        key = path.relative_to(folder).with_suffix("").as_posix()
+        if path.suffix == ".pt":
+            import torch
+
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, dict) and "units" in obj:
+                out[key] = obj["units"].numpy()
+                if "durations" in obj:  # extract --dedup: runs back to frames
+                    out[key] = expand_runs(out[key], obj["durations"].numpy())
+        elif key.endswith(".units"):
+            units, durations = np.load(path), path.with_name(path.name.replace(".units.npy", ".durations.npy"))
+            out[key.removesuffix(".units")] = expand_runs(units, np.load(durations)) if durations.exists() else units
+        elif "." not in path.stem and (array := np.load(path, mmap_mode="r")).ndim == 1:
+            out[key] = np.asarray(array)
+    if not out:
+        raise ValueError(f"{folder}: no units files (.units.npy, 1-D .npy, or .pt with 'units') below it")
+    for key, units in out.items():
+        if units.ndim != 1 or not np.issubdtype(units.dtype, np.integer):
+            raise ValueError(f"{folder / key}: units must be 1-D integers, got {units.dtype} {units.shape}")
+    return out
+
+
+def match(units: dict[str, np.ndarray], fileids: set[str]) -> dict[str, np.ndarray]:
+    """fileid -> units: by relative key, else by the key's last path component."""
+    out = {}
+    for key, u in units.items():
+        fileid = key if key in fileids else key.rsplit("/", 1)[-1]
+        if fileid in fileids:
+            out[fileid] = u
+    return out
+
+
+def plot_cooccurrence(counts: np.ndarray, phones: list[str], units: list[int], path: Path) -> None:
+    """p(phone | unit) as an image, units sorted by their most frequent phone (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from spidr_fast.io import atomic_write
+
+    p = counts / np.maximum(counts.sum(0, keepdims=True), 1)  # (phones, units)
+    order = np.lexsort((-p.max(0), p.argmax(0)))
+    fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(units) + 2), max(4, 0.2 * len(phones) + 1.5)))
+    image = ax.imshow(p[:, order], aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1)
+    ax.set_yticks(range(len(phones)), phones, fontsize=7)
+    if len(units) <= 64:
+        ax.set_xticks(range(len(units)), [str(units[i]) for i in order], fontsize=6, rotation=90)
+    ax.set_xlabel(f"unit ({len(units)} used; sorted by most frequent phone)")
+    ax.set_ylabel("phone")
+    ax.set_title("p(phone | unit)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print the report; exit status 2 on bad input."""
+    try:
+        return _run(args)
+    except (ValueError, OSError) as exc:
+        print(f"spidr-fast units-report: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from spidr_fast.data.corpus import read_alignments
+    from spidr_fast.metrics import align, contingency, unit_metrics
+
+    alignments = read_alignments(args.alignments)
+    units = match(read_units(args.units_dir), set(alignments))
+    if not units:
+        raise ValueError(f"no units file of {args.units_dir} matches a fileid of {args.alignments}")
+    ignore = args.ignore or []
+    metrics = unit_metrics(units, alignments, unit_rate=args.unit_rate, label_rate=args.label_rate, ignore=ignore)
+    pairs = [align(units[f], alignments[f], args.unit_rate, args.label_rate) for f in sorted(units)]
+    u, y = np.concatenate([a for a, _ in pairs]), np.concatenate([b for _, b in pairs])
+    keep = ~np.isin(y, ignore)
+    counts, phones, ids = contingency(u[keep], y[keep])
+    png = args.png or args.units_dir / "units-report.png"
+    plot_cooccurrence(counts, phones, ids, png)
+    rows = {
+        "files": len(units),
+        "frames (label rate)": metrics.num_frames,
+        "PNMI": metrics.pnmi,
+        "phone purity": metrics.phone_purity,
+        "cluster purity": metrics.cluster_purity,
+        "unit perplexity": metrics.perplexity,
+        "active units": metrics.active_codewords,
+        "bitrate (bits/s)": metrics.bitrate,
+        "mean run length (frames)": metrics.mean_run_length,
+    }
+    print(f"units-report: {args.units_dir} against {args.alignments}" + (f" (ignoring {ignore})" if ignore else ""))
+    for name, value in rows.items():
+        print(f"  {name:26s} {value:.4f}" if isinstance(value, float) else f"  {name:26s} {value}")
+    print(f"  co-occurrence figure: {png}")
+    if args.json:
+        from spidr_fast.io import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(rows, indent=2) + "\n")
+    return 0
