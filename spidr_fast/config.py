@@ -143,6 +143,10 @@ def read_model_config(path: str | Path, model_type: ModelType | None = None) -> 
         raise ValueError(f"{path}: {e}") from e
 
 
+# Compute dtypes by the names configs and command lines use (autocast; float32 disables it);
+# `DTYPES` maps them to torch dtypes.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
 if TYPE_CHECKING:
     import torch
 
@@ -150,11 +154,11 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    """`DTYPES`: the compute dtypes by the names configs and command lines use (autocast; float32
-    disables it). Built on first use (PEP 562), so that this module, and the CLI's help, load no torch."""
+    """`DTYPES`: {name: torch dtype} for `DTYPE_NAMES`. Built on first use (PEP 562), so that this
+    module, and the CLI's help, load no torch."""
     if name == "DTYPES":
         import torch
 
-        globals()[name] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        globals()[name] = {dtype: getattr(torch, dtype) for dtype in DTYPE_NAMES}
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,7 @@ from spidr_fast.config import DinoSRConfig
 from spidr_fast.models.feature_extractor import ConvFeatureExtractor
 
 ROOT = Path(__file__).resolve().parent.parent
-SINGLE = ("SAMPLE_RATE", "DTYPES", "standardize", "num_frames", "HOP", "RECEPTIVE_FIELD", "CONV_LAYERS")
+SINGLE = ("SAMPLE_RATE", "DTYPE_NAMES", "DTYPES", "standardize", "num_frames", "HOP", "RECEPTIVE_FIELD", "CONV_LAYERS")
 
 
 def module_level_definitions(path: Path) -> set[str]:
