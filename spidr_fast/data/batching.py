@@ -21,20 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spidr_fast.config import DEFAULT_CONV_LAYER_CONFIG, DataConfig, MaskingConfig
+from spidr_fast.config import DataConfig, MaskingConfig
+from spidr_fast.data.audio import standardize_int16, standardize_on_device
 from spidr_fast.data.dataset import Utterance
 from spidr_fast.data.masks import compute_mask_indices
-
-# (out_channels, kernel, stride) of SpidR's conv feature extractor: 320 samples per frame.
-CONV_LAYERS: tuple[tuple[int, int, int], ...] = tuple(map(tuple, DEFAULT_CONV_LAYER_CONFIG))
-
-
-def num_frames(num_samples: np.ndarray | int, conv_layers: Sequence[tuple[int, int, int]] = CONV_LAYERS) -> np.ndarray:
-    """Frames the conv extractor yields for `num_samples` samples (int64, same shape; 400 -> 1)."""
-    n = np.asarray(num_samples, dtype=np.int64)
-    for _, kernel, stride in conv_layers:
-        n = np.maximum(0, (n - kernel) // stride + 1)
-    return n
+from spidr_fast.framing import num_frames
 
 
 def bucket_ids(lengths: np.ndarray, cfg: DataConfig) -> np.ndarray:
@@ -141,7 +132,9 @@ class Batch:
     """A training batch: `waveforms` float32 (B, T), `mask_indices` int64 (B, M) sorted per row,
     `lengths` int64 (B,) all T, `attention_mask` None (nothing is padded). `skipped`: "NAME: REASON"
     of each bad file dropped from this batch (`skip_bad`); a batch that lost every file has
-    `waveforms` of shape (0, 0).
+    `waveforms` of shape (0, 0). Integer batches (every utterance PCM16, `SpeechDataset(integer=True)`):
+    `waveforms` int16, not standardised, with `mean`/`scale` float32 (B,) per utterance;
+    `device_waveforms` gives the standardised float32 waveforms on the device.
     """
 
     waveforms: torch.Tensor
@@ -149,15 +142,28 @@ class Batch:
     lengths: torch.Tensor
     attention_mask: None = None
     skipped: tuple[str, ...] = ()
+    mean: torch.Tensor | None = None  # per utterance, of int16 `waveforms`
+    scale: torch.Tensor | None = None
 
     @property
     def num_skipped(self) -> int:
         return len(self.skipped)
 
+    def device_waveforms(self, device: torch.device | str) -> torch.Tensor:
+        """float32 standardised waveforms on `device` (int16 batches are standardised there)."""
+        return standardize_on_device(self.waveforms, device, self.mean, self.scale)
+
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True)."""
+        pin = lambda t: None if t is None else t.pin_memory()
         return Batch(
-            self.waveforms.pin_memory(), self.mask_indices.pin_memory(), self.lengths.pin_memory(), None, self.skipped
+            pin(self.waveforms),
+            pin(self.mask_indices),
+            pin(self.lengths),
+            None,
+            self.skipped,
+            pin(self.mean),
+            pin(self.scale),
         )
 
 
@@ -181,6 +187,11 @@ class Collator:
                 empty, torch.zeros((0, 0), dtype=torch.int64), torch.zeros(0, dtype=torch.int64), skipped=skipped
             )
         waves = [u.waveform for u in good]
+        stats = None
+        if all(u.stats is not None for u in good):  # int16: standardised on the device
+            stats = torch.tensor([u.stats for u in good], dtype=torch.float32)
+        else:  # a mix: standardise the int16 ones here
+            waves = [w if u.stats is None else standardize_int16(w, *u.stats) for u, w in zip(good, waves)]
         size = min(min(w.shape[0] for w in waves), self.data.max_sample_size)
         crops = []
         for w in waves:
@@ -193,4 +204,7 @@ class Collator:
         rows = len(crops)
         mask = compute_mask_indices((rows, frames), lengths=[frames] * rows, config=self.masking, rng=rng)
         lengths = torch.full((len(crops),), size, dtype=torch.int64)
-        return Batch(waveforms, torch.from_numpy(mask), lengths, skipped=skipped)
+        batch = Batch(waveforms, torch.from_numpy(mask), lengths, skipped=skipped)
+        if stats is not None:
+            batch.mean, batch.scale = stats[:, 0].contiguous(), stats[:, 1].contiguous()
+        return batch

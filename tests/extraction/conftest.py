@@ -11,6 +11,7 @@ import soundfile as sf
 import torch
 
 import spidr_fast
+from spidr_fast.checkpoint import build_model
 from spidr_fast.train.config import preset_model_fields
 
 # Three layers (the tests read layers 1 and 3) and 16 codewords per codebook.
@@ -20,7 +21,7 @@ TINY = preset_model_fields("tiny", encoder_num_layers=3, codebook_size=16)
 def tiny_model(model_type: str = "spidr", seed: int = 0, **overrides: object) -> spidr_fast.DinoSR:
     torch.manual_seed(seed)
     config_class = spidr_fast.SpidRConfig if model_type == "spidr" else spidr_fast.DinoSRConfig
-    model = spidr_fast.checkpoint.build_model(config_class(**{**TINY, **overrides}))
+    model = build_model(config_class(**{**TINY, **overrides}))
     with torch.no_grad():  # codewords with unequal counts, so the division by counts matters
         for codebook in model.codebooks:
             codebook.counts.uniform_(0.5, 3.0)
