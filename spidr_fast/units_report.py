@@ -1,7 +1,7 @@
 """Report how phonetic discrete units are, against frame-level phone alignments.
 
 UNITS_DIR holds units written by `spidr-fast extract --units ...` (searched recursively):
-`c.units.npy`, `c.npy` holding a 1-D array (--units-only), or `c.pt` dicts with a "units" entry;
+`c.units.npy`, `c.npy` or `c.pt` holding a 1-D array (--units-only), or `c.pt` dicts with "units";
 50 units per second (merged runs from `--dedup` are expanded with their durations). ALIGNMENTS is
 an `alignments.jsonl` (one {"fileid", "phones": [one label per 10 ms]} per line, as the built-in
 corpus's; a corpus folder works too). A units file matches the
@@ -52,7 +52,9 @@ def read_units(folder: Path) -> dict[str, np.ndarray]:
             import torch
 
             obj = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(obj, dict) and "units" in obj:
+            if isinstance(obj, torch.Tensor) and obj.ndim == 1:  # --units-only --format pt: the units themselves
+                out[key] = obj.numpy()
+            elif isinstance(obj, dict) and "units" in obj:
                 out[key] = obj["units"].numpy()
                 if "durations" in obj:  # extract --dedup: runs back to frames
                     out[key] = expand_runs(out[key], obj["durations"].numpy())
