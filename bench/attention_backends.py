@@ -38,16 +38,21 @@ def padded_inputs(lengths: list[int], heads: int, head_dim: int, dtype: torch.dt
     return [t.requires_grad_() for t in (q, k, v)], mask
 
 
-def run_backend(backend: str, q, k, v, mask: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def run_backend(backend: str, q, k, v, mask: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], str]:
+    """(output, gradients, the backend that ran). FlashAttention-4 runs forward-only calls (no dropout,
+    no gradient: spidr_fast uses it for the teacher and extraction), so it is timed forward only."""
     os.environ["SPIDR_FAST_ATTENTION"] = backend
+    backward = backend != "flash_attn_4"
     try:
-        padding = attn.Padding.from_mask(mask) if hasattr(attn.Padding, "from_mask") else attn.Padding(mask)
-        out = attn.attention(q, k, v, padding, dropout_p=0.0)
+        padding = attn.Padding.from_mask(mask)
+        with torch.set_grad_enabled(backward):
+            ran = attn.select_backend(padding, q, 0.0)
+            out = attn.attention(q, k, v, padding, dropout_p=0.0)
         real = mask[:, None, :, None]
-        grads = torch.autograd.grad((out * real).float().square().sum(), (q, k, v))
+        grads = torch.autograd.grad((out * real).float().square().sum(), (q, k, v)) if backward else ()
     finally:
         os.environ.pop("SPIDR_FAST_ATTENTION", None)
-    return out, list(grads)
+    return out, list(grads), ran
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
@@ -59,8 +64,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
 def why_not(backend: str, device: torch.device) -> str | None:
     if backend != "masked" and device.type != "cuda":
         return "needs CUDA"
-    if backend == "flash_attn" and getattr(attn, "_flash_attn_varlen", lambda: None)() is None:
+    if backend == "flash_attn" and attn._flash_attn_varlen() is None:
         return "flash-attn is not installed (carry its wheel: bench/README.md)"
+    if backend == "flash_attn_4" and attn._flash_attn_4_varlen() is None:
+        return "flash-attn-4 (flash_attn.cute) is not installed (carry its wheel: bench/README.md)"
+    if backend == "flash_attn_4" and attn._compute_capability(device) < (9, 0):
+        return "FlashAttention-4 needs Hopper (sm_90) or newer"
     return None
 
 
@@ -97,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             record.update(status="skipped", reason=reason)
         else:
             try:
-                out, grads = run_backend(backend, q, k, v, mask)
+                out, grads, ran = run_backend(backend, q, k, v, mask)
+                record["ran"] = ran  # a backend that cannot take these inputs (fp32 for flash) falls back
                 record["out_rel_err"] = rel_err(out, ref_out, mask)
-                record["grad_rel_err"] = max(rel_err(g, r, mask) for g, r in zip(grads, ref_grads))
+                if grads:
+                    record["grad_rel_err"] = max(rel_err(g, r, mask) for g, r in zip(grads, ref_grads))
                 times = []
                 for _ in range(args.repeats):
                     synchronize(device)
@@ -107,13 +118,15 @@ def main(argv: list[str] | None = None) -> int:
                     run_backend(backend, q, k, v, mask)
                     synchronize(device)
                     times.append(time.perf_counter() - start)
-                record.update(status="ok", fwd_bwd_ms=statistics.median(times) * 1e3)
+                key = "fwd_bwd_ms" if grads else "fwd_ms"
+                record.update(status="ok", **{key: statistics.median(times) * 1e3})
             except Exception as e:
                 missing = isinstance(e, ImportError) or "pip install" in str(e) or "not installed" in str(e)
                 record.update(status="skipped" if missing else "error", reason=f"{type(e).__name__}: {e}"[:500])
                 traceback.print_exc()
         records.append(record)
-        print({k: record.get(k) for k in ("backend", "status", "out_rel_err", "grad_rel_err", "fwd_bwd_ms", "reason")})
+        keys = ("backend", "ran", "status", "out_rel_err", "grad_rel_err", "fwd_bwd_ms", "fwd_ms", "reason")
+        print({k: record.get(k) for k in keys})
     append_jsonl(args.out, records)
     return 0
 

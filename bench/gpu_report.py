@@ -313,18 +313,20 @@ def profile_section(profile: dict | None, stages: list[dict]) -> list[str]:
 
 def attention_section(rows: list[dict], stages: list[dict]) -> list[str]:
     lines = ["### Attention backends: one padded batch, forward + backward, vs masked SDPA in fp32", ""]
+    lines += ["(`ran`: the backend that ran, after fallbacks; flash_attn_4 runs forward-only calls: ms is fwd)", ""]
     if not rows:
         return [*lines, f"No results: {_stage_status(stages, 'attention')}.", ""]
     return lines + _table(
-        ["backend", "dtype", "status", "out rel err", "grad rel err", "fwd+bwd ms", "reason"],
+        ["backend", "dtype", "status", "ran", "out rel err", "grad rel err", "fwd+bwd ms", "reason"],
         [
             [
                 r["backend"],
                 r["dtype"],
                 r["status"],
+                r.get("ran"),
                 _cell(r.get("out_rel_err"), ".1e"),
                 _cell(r.get("grad_rel_err"), ".1e"),
-                _cell(r.get("fwd_bwd_ms"), ".3f"),
+                _cell(r.get("fwd_bwd_ms", r.get("fwd_ms")), ".3f"),
                 r.get("reason"),
             ]
             for r in rows

@@ -4,7 +4,9 @@
 (when triton imports) and the references run on CPU; with `TRITON_INTERPRET=1`,
 `SPIDR_FAST_BACKEND=triton` runs the kernels on CPU tensors (slow: for tests).
 `SPIDR_FAST_REFERENCE_OPS=codebook,heads_ce,conv_frontend` keeps the listed ops on their
-references whatever the backend (for ablations: one fused op at a time).
+references whatever the backend (for ablations: one fused op at a time); `frontend_layout` keeps the
+fused front-end channels-first instead of channels-last, `residual_dtype` keeps the transformer's
+LayerNorm outputs in fp32 under autocast (see spidr_fast/models/layer_norm.py).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def forced_backend() -> str | None:
     return backend
 
 
-OPS = ("codebook", "heads_ce", "conv_frontend")
+OPS = ("codebook", "heads_ce", "conv_frontend", "frontend_layout", "residual_dtype")
 
 
 def reference_ops() -> set[str]:

@@ -23,6 +23,7 @@ function casts h, weight, bias to the autocast dtype first, as the reference's b
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +33,7 @@ from spidr_fast.kernels._dispatch import use_triton
 from spidr_fast.kernels._utils import block_size, cdiv, dot_in_fp32, jit_in_place, kernel_out_dtype, next_pow2
 
 MAX_V = 1024  # whole softmax rows live in registers; wider vocabularies take the reference path
+MAX_V_FMA = 512  # the same for fp32 inputs (the FFMA tiles: see `max_vocabulary`)
 # (BLOCK_N at V <= 256, BLOCK_H, num_warps, num_stages), chosen from sm_90 compiles of both kernels
 # at the base shapes (bench/results/sm90_static_analysis.md; checked by tests/kernels/test_heads_ce.py):
 #  * tensor cores (bf16/fp16; fp32 under TF32): BLOCK_H = 64 took the backward to 252-254 registers
@@ -42,6 +44,7 @@ MAX_V = 1024  # whole softmax rows live in registers; wider vocabularies take th
 # Both directions share one configuration, so the backward recomputes the forward's logits exactly.
 TILES_MMA = (64, 32, 8, 3)
 TILES_FMA = (32, 16, 16, 2)
+SHARED_MEMORY = 163 * 1024  # an A100's opt-in shared memory per block: the default budget
 
 # --------------------------------------------------------------------------------------------
 # Kernels
@@ -56,7 +59,7 @@ if TYPE_CHECKING:
 
 def _logits_block(
     h_ptr, w_ptr, b_ptr,
-    N, H, V, s_hc, s_hn, s_hh, s_wc, s_wv, s_wh, s_bc,
+    N, H, V, s_hc, s_hn, s_hh, s_wc, s_wv, s_wh, s_bc, s_bv,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -80,7 +83,7 @@ def _logits_block(
             acc = tl.dot(a.to(tl.float32), wt.to(tl.float32), acc, input_precision=INPUT_PRECISION)
         else:
             acc = tl.dot(a, wt, acc)  # bf16/fp16 tensor cores, fp32 accumulation
-    bias = tl.load(b_ptr + cb * s_bc + cols, mask=vmask, other=0.0).to(tl.float32)
+    bias = tl.load(b_ptr + cb * s_bc + cols * s_bv, mask=vmask, other=0.0).to(tl.float32)
     logits = tl.where(vmask[None, :], acc + bias[None, :], float("-inf"))
     return pid_n, cb, rows, rmask, cols, vmask, logits
 
@@ -88,19 +91,19 @@ def _logits_block(
 def _heads_ce_fwd_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, loss_ptr, lse_ptr, psum_ptr,
     N, H, V,
-    s_hc, s_hn, s_hh, s_wc, s_wv, s_wh, s_bc, s_lc, s_oc, s_pc, s_pb,
+    s_hc, s_hn, s_hh, s_wc, s_wv, s_wh, s_bc, s_bv, s_lc, s_ln, s_oc, s_pc, s_pb,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_n, cb, rows, rmask, cols, vmask, logits = _logits_block(
-        h_ptr, w_ptr, b_ptr, N, H, V, s_hc, s_hn, s_hh, s_wc, s_wv, s_wh, s_bc,
+        h_ptr, w_ptr, b_ptr, N, H, V, s_hc, s_hn, s_hh, s_wc, s_wv, s_wh, s_bc, s_bv,
         BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, INPUT_PRECISION,
     )  # fmt: skip
     row_max = tl.max(logits, axis=1)
     p = tl.exp(logits - row_max[:, None])  # 0 in the padding columns
     row_sum = tl.sum(p, axis=1)
     lse = row_max + tl.log(row_sum)
-    lab = tl.load(labels_ptr + cb * s_lc + rows, mask=rmask, other=0)
+    lab = tl.load(labels_ptr + cb * s_lc + rows.to(tl.int64) * s_ln, mask=rmask, other=0)
     target = tl.sum(tl.where(cols[None, :] == lab[:, None], logits, 0.0), axis=1)
     tl.store(loss_ptr + cb * s_oc + rows, lse - target, mask=rmask)
     tl.store(lse_ptr + cb * s_oc + rows, lse, mask=rmask)
@@ -111,17 +114,17 @@ def _heads_ce_fwd_kernel(
 def _heads_ce_bwd_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, gloss_ptr, gh_ptr, dlog_ptr, gb_ptr,
     N, H, V,
-    s_hc, s_hn, s_hh, s_wc, s_wv, s_wh, s_bc, s_lc, s_oc, s_gc, s_gn, s_ghc, s_ghn, s_dc, s_dn, s_pc, s_pb,
+    s_hc, s_hn, s_hh, s_wc, s_wv, s_wh, s_bc, s_bv, s_lc, s_ln, s_oc, s_gc, s_gn, s_ghc, s_ghn, s_dc, s_dn, s_pc, s_pb,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_n, cb, rows, rmask, cols, vmask, logits = _logits_block(
-        h_ptr, w_ptr, b_ptr, N, H, V, s_hc, s_hn, s_hh, s_wc, s_wv, s_wh, s_bc,
+        h_ptr, w_ptr, b_ptr, N, H, V, s_hc, s_hn, s_hh, s_wc, s_wv, s_wh, s_bc, s_bv,
         BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, INPUT_PRECISION,
     )  # fmt: skip
     lse = tl.load(lse_ptr + cb * s_oc + rows, mask=rmask, other=0.0)
     g = tl.load(gloss_ptr + cb * s_gc + rows.to(tl.int64) * s_gn, mask=rmask, other=0.0).to(tl.float32)
-    lab = tl.load(labels_ptr + cb * s_lc + rows, mask=rmask, other=0)
+    lab = tl.load(labels_ptr + cb * s_lc + rows.to(tl.int64) * s_ln, mask=rmask, other=0)
     p = tl.exp(logits - lse[:, None])
     dl = (p - tl.where(cols[None, :] == lab[:, None], 1.0, 0.0)) * g[:, None]
     dl = tl.where(rmask[:, None] & vmask[None, :], dl, 0.0)  # (BLOCK_N, BLOCK_V) fp32
@@ -151,26 +154,79 @@ def _heads_ce_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def launch_config(dtype: torch.dtype, V: int, on_gpu: bool) -> dict:
-    """Tiles and launch options of both heads kernels (also read by the offline sm_90 checks)."""
+def fp32_matmul_uses_tf32() -> bool:
+    """torch's own fp32 matmul setting (TF32 or IEEE), read so that it works on torch 2.8-2.13.
+
+    torch >= 2.9 has `fp32_precision` ("tf32", "ieee", or "none": inherit the global one), which the
+    legacy setters (`allow_tf32`, `set_float32_matmul_precision`) also update; reading the legacy
+    `allow_tf32` raises there once the new API has set TF32. torch 2.8 has only the legacy flag.
+    """
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision in (None, "none"):
+        precision = getattr(torch.backends, "fp32_precision", None)
+    if precision not in (None, "none"):
+        return precision == "tf32"
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # a torch that refuses the legacy read: the new API is in charge, and said nothing
+        return False
+
+
+def max_vocabulary(dtype: torch.dtype) -> int:
+    """Widest V the fused kernels take for inputs of `dtype` without spilling on sm_90 (fp32 may run
+    the FFMA tiles, whose backward spills above 512 at the 128-register cap of 16 warps)."""
+    return MAX_V_FMA if dtype == torch.float32 else MAX_V
+
+
+def launch_config(dtype: torch.dtype, V: int, on_gpu: bool, shared_memory: int = SHARED_MEMORY) -> dict:
+    """Tiles and launch options of both heads kernels (also read by the offline sm_90 checks).
+
+    Whole softmax rows: a program holds a (BLOCK_N, BLOCK_V) fp32 logits tile, so BLOCK_N shrinks
+    as V grows (<= BLOCK_N x 256 values) and V > 256 takes 16 warps (8 spill at V = 1024); the
+    pipeline keeps `num_stages` (h, W^T) chunks in shared memory: as many as `shared_memory` bytes
+    hold (an A100's 163 KB by default; the launcher passes the device's own), 2 at V = 1024. Rows
+    of fewer than 64 frames (V > 256) run mma.sync (HMMA), not wgmma. Measured under triton 3.6 for
+    sm_90: bench/results/sm90_static_analysis.md. The TF32 setting only matters for fp32 inputs.
+    """
+    if not 0 < V <= max_vocabulary(dtype):
+        raise ValueError(
+            f"heads_cross_entropy: the fused kernels take a codebook size V (weight.shape[1]) in"
+            f" [1, {max_vocabulary(dtype)}] for {dtype}, got {V} (the reference path takes any)"
+        )
     fp32 = dot_in_fp32(dtype)
-    tf32 = on_gpu and torch.backends.cuda.matmul.allow_tf32  # follow torch's own fp32 matmul setting
+    tf32 = on_gpu and dtype == torch.float32 and fp32_matmul_uses_tf32()
     block_v = block_size(V, 16, next_pow2(MAX_V))
     # tiles by dtype, not by DOT_FP32: the interpreter (fp32 dots for bf16) runs the GPU's tiles
     block_n, block_h, warps, stages = TILES_FMA if dtype == torch.float32 and not tf32 else TILES_MMA
+    block_n = max(16, block_n * 256 // max(block_v, 256))  # <= block_n x 256 fp32 logits per program
+    stage_bytes = (block_n + block_v) * block_h * dtype.itemsize  # one h chunk + one W^T chunk
+    stages = min(stages, shared_memory // stage_bytes, 2 if block_v > 512 else stages)  # 3 at V = 1024 spill
+    if stages < 1:
+        raise ValueError(
+            f"heads_cross_entropy: V={V} needs {stage_bytes} B of shared memory, the device has {shared_memory}"
+        )
     return {
-        "BLOCK_N": max(16, block_n * 256 // max(block_v, 256)),  # <= block_n x 256 fp32 logits per program
+        "BLOCK_N": block_n,
         "BLOCK_V": block_v,
         "BLOCK_H": block_h,
         "DOT_FP32": fp32,
         "INPUT_PRECISION": "tf32" if tf32 else "ieee",
-        "num_warps": warps if block_v >= 128 else 4,
+        "num_warps": 4 if block_v < 128 else (16 if block_v > 256 else warps),
         "num_stages": stages,
     }
 
 
 def _launch_cfg(h: Tensor, V: int) -> dict:
-    return launch_config(h.dtype, V, h.is_cuda)
+    if not h.is_cuda:  # the interpreter
+        return launch_config(h.dtype, V, on_gpu=False)
+    return launch_config(h.dtype, V, on_gpu=True, shared_memory=_shared_memory(h.device))
+
+
+@functools.cache
+def _shared_memory(device: torch.device) -> int:
+    """Shared memory a block may opt into on `device` (A100 163 KB, H100/H200 227 KB)."""
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", SHARED_MEMORY)
 
 
 def _fwd_launch(h: Tensor, weight: Tensor, bias: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -186,7 +242,7 @@ def _fwd_launch(h: Tensor, weight: Tensor, bias: Tensor, labels: Tensor) -> tupl
         _heads_ce_fwd_kernel[(nblk, C)](
             h, weight, bias, labels, loss, lse, partial,
             N, H, V,
-            *h.stride(), *weight.stride(), bias.stride(0), labels.stride(0), loss.stride(0), *partial.stride()[:2],
+            *h.stride(), *weight.stride(), *bias.stride(), *labels.stride(), loss.stride(0), *partial.stride()[:2],
             **cfg,
         )  # fmt: skip
     return loss, lse, partial.sum(1)  # fixed-order reduction of the per-block probability sums
@@ -208,7 +264,7 @@ def _bwd_launch(
         _heads_ce_bwd_kernel[(nblk, C)](
             h, weight, bias, labels, lse, grad_loss, grad_h, dlogits, partial,
             N, H, V,
-            *h.stride(), *weight.stride(), bias.stride(0), labels.stride(0), lse.stride(0), *grad_loss.stride(),
+            *h.stride(), *weight.stride(), *bias.stride(), *labels.stride(), lse.stride(0), *grad_loss.stride(),
             *grad_h.stride()[:2], *dlogits.stride()[:2], *partial.stride()[:2],
             **cfg,
         )  # fmt: skip
@@ -276,9 +332,9 @@ def heads_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor, labels: Tensor)
     """
     if (h.dim(), weight.dim(), bias.dim()) != (3, 3, 2):
         raise ValueError(f"h, weight, bias must be (C,N,H), (C,V,H), (C,V): {h.shape}, {weight.shape}, {bias.shape}")
-    if use_triton(h, "heads_ce") and weight.shape[1] <= MAX_V:
-        device = h.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    if use_triton(h, "heads_ce") and weight.shape[1] <= max_vocabulary(dtype):
         if h.dtype != dtype and h.stride(0) == 0:  # cast the one shared layer, not C copies of it
             h = h.select(0, 0).to(dtype).unsqueeze(0).expand(h.shape)
         loss, _, prob_sums = _heads_ce_op(h.to(dtype), weight.to(dtype), bias.to(dtype), labels)

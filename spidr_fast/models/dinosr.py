@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from spidr_fast import kernels
 from spidr_fast.config import DinoSRConfig
+from spidr_fast.kernels.attention import Padding
 from spidr_fast.kernels.targets import select_masked
 from spidr_fast.models.codebook import Codebooks, perplexity
 from spidr_fast.models.feature_extractor import FeatureExtractor, FeatureProjection
@@ -129,30 +130,42 @@ class DinoSR(nn.Module):
     # ---------------------------------------------------------------- inputs
     def _features(
         self, waveforms: Tensor, attention_mask: Tensor | None, lengths: Tensor | None
-    ) -> tuple[Tensor, Tensor | None]:
-        """Waveforms -> projected features (B, T, D) and the key mask (B, T) (None: nothing padded)."""
+    ) -> tuple[Tensor, Padding | None]:
+        """Waveforms -> projected features (B, T, D) and the batch's `Padding` (None: nothing padded).
+
+        Built once here, before the layers (a compiled layer gets the packed-attention metadata as
+        input). No host sync under torch.compile: the eager-only checks and shortcuts below are the
+        data-dependent ones (value checks of `lengths`, "nothing is padded" -> no mask at all).
+        """
         if attention_mask is not None and lengths is not None:
             raise ValueError("pass either attention_mask or lengths, not both")
-        sample_lengths = None
+        num_samples = waveforms.shape[-1]
+        num_frames = self.feature_extractor.num_frames(num_samples)
+        eager = not torch.compiler.is_compiling()
+        sample_lengths = key_mask = None
         if lengths is not None:
             sample_lengths = torch.as_tensor(lengths, device=waveforms.device).long()
             if sample_lengths.shape != waveforms.shape[:1]:
                 raise ValueError(f"lengths must have shape ({waveforms.shape[0]},), got {tuple(sample_lengths.shape)}")
-            if bool((sample_lengths > waveforms.shape[-1]).any()) or bool((sample_lengths <= 0).any()):
-                raise ValueError(f"lengths must be in [1, {waveforms.shape[-1]}], got {sample_lengths.tolist()}")
-            if bool((sample_lengths == waveforms.shape[-1]).all()):
+            if eager and (bool((sample_lengths > num_samples).any()) or bool((sample_lengths <= 0).any())):
+                raise ValueError(f"lengths must be in [1, {num_samples}], got {sample_lengths.tolist()}")
+            if eager and bool((sample_lengths == num_samples).all()):
                 sample_lengths = None  # nothing is padded
-        num_frames = int(self.feature_extractor.output_lengths(torch.tensor(waveforms.shape[-1])))
-        key_mask = None
-        if sample_lengths is not None:
-            key_mask = key_mask_from_lengths(self.feature_extractor.output_lengths(sample_lengths), num_frames)
+            else:
+                key_mask = key_mask_from_lengths(self.feature_extractor.output_lengths(sample_lengths), num_frames)
         elif attention_mask is not None:
             key_mask = key_mask_from_attention_mask(attention_mask, num_frames)
-            if self.cfg.extractor_mode == "group_norm":
-                # A frame mask cannot tell the real sample count: use the fewest samples that give these frames.
-                sample_lengths = self.feature_extractor.min_input_length(key_mask.sum(-1))
+            if eager and bool(key_mask.all()):
+                key_mask = None  # e.g. the reference collator's all-True masks: exactly the unmasked model
+            elif self.cfg.extractor_mode == "group_norm":
+                # A frame mask cannot tell the real sample count: a row whose frames cover the whole
+                # waveform uses all its samples (as the reference), a shorter one the fewest samples
+                # that give its frames.
+                frames = key_mask.sum(-1)
+                fewest = self.feature_extractor.min_input_length(frames)
+                sample_lengths = torch.where(frames == num_frames, num_samples, fewest)
         features = self.feature_projection(self.feature_extractor(waveforms, sample_lengths))
-        return features, key_mask
+        return features, None if key_mask is None else Padding.from_mask(key_mask)
 
     # ---------------------------------------------------------------- inference API
     def get_intermediate_outputs(
@@ -172,12 +185,12 @@ class DinoSR(nn.Module):
             lengths: (B,) real samples per waveform; the cheaper alternative to `attention_mask`.
             num_layers: stop after this many layers (saves the work of the rest).
         """
-        features, key_mask = self._features(waveforms, attention_mask, lengths)
-        return self.student.get_intermediate_outputs(features, key_mask, num_layers, before_residual=before_residual)
+        features, padding = self._features(waveforms, attention_mask, lengths)
+        return self.student.get_intermediate_outputs(features, padding, num_layers, before_residual=before_residual)
 
-    def _head_inputs_for_inference(self, features: Tensor, key_mask: Tensor | None) -> list[Tensor]:
+    def _head_inputs_for_inference(self, features: Tensor, padding: Padding | None) -> list[Tensor]:
         """DinoSR: every head reads the student's final output."""
-        return [self.student(features, key_mask)] * self.num_codebooks
+        return [self.student(features, padding)] * self.num_codebooks
 
     def get_codebooks(
         self,
@@ -189,17 +202,17 @@ class DinoSR(nn.Module):
     ) -> list[Tensor | None]:
         """None for the first (layers - num_codebooks) layers, then each head's probabilities (squeezed)
         or their one-hot argmax."""
-        features, key_mask = self._features(waveforms, attention_mask, lengths)
+        features, padding = self._features(waveforms, attention_mask, lengths)
         out: list[Tensor | None] = [None] * (len(self.student.layers) - self.num_codebooks)
-        for head, x in zip(self.heads, self._head_inputs_for_inference(features, key_mask)):
+        for head, x in zip(self.heads, self._head_inputs_for_inference(features, padding)):
             probs = head(x).float().exp().squeeze()
             out.append(F.one_hot(probs.argmax(-1), probs.shape[-1]) if onehot else probs)
         return out
 
     # ---------------------------------------------------------------- training objective
-    def _student_head_inputs(self, x: Tensor, key_mask: Tensor | None, mask_indices: Tensor) -> Tensor:
+    def _student_head_inputs(self, x: Tensor, padding: Padding | None, mask_indices: Tensor) -> Tensor:
         """DinoSR: all heads read the student's final output at the masked frames: (C, N, D) (a view)."""
-        y = select_masked(self.student(x, key_mask), mask_indices)
+        y = select_masked(self.student(x, padding), mask_indices)
         return y.unsqueeze(0).expand(self.num_codebooks, -1, -1)
 
     def forward(
@@ -215,7 +228,7 @@ class DinoSR(nn.Module):
         In training mode the codebooks take their EMA step. `mask_indices` (B, M) int64, sorted per
         row; None predicts every frame.
         """
-        features, key_mask = self._features(waveforms, attention_mask, lengths)
+        features, padding = self._features(waveforms, attention_mask, lengths)
         batch, frames, _ = features.shape
         x = self.projection_dropout(features)
         if mask_indices is None:
@@ -223,10 +236,11 @@ class DinoSR(nn.Module):
         else:
             masked = torch.zeros(batch, frames, dtype=torch.bool, device=x.device).scatter_(1, mask_indices, True)
             x = torch.where(masked.unsqueeze(-1), self.mask_embedding.to(x.dtype), x)
-        head_inputs = self._student_head_inputs(x, key_mask, mask_indices)  # (C, N, D)
+        head_inputs = self._student_head_inputs(x, padding, mask_indices)  # (C, N, D)
 
         with torch.no_grad():
-            teacher_layers = self.teacher.get_intermediate_outputs(features, key_mask)[-self.num_codebooks :]
+            teacher_layers = self.teacher.get_intermediate_outputs(features, padding)[-self.num_codebooks :]
+            key_mask = None if padding is None else padding.mask
             targets = kernels.instance_norm_targets(teacher_layers, key_mask, mask_indices)  # (C, N, D) fp32
         labels, counts, sums = self.codebooks.assign(targets)  # (C, N), (C, K), (C, K, D)
 

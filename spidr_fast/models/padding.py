@@ -16,10 +16,16 @@ from spidr_fast.kernels.targets import instance_norm as masked_instance_norm  # 
 
 
 def key_mask_from_attention_mask(attention_mask: Tensor, num_frames: int) -> Tensor:
-    """(B, 1, T, T) bool attention mask -> (B, T) key mask (row 0: the rows of a padding mask are equal)."""
-    if attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or attention_mask.shape[-1] != num_frames:
+    """(B, 1, T, T) or (B, 1, 1, T) bool attention mask -> (B, T) key mask.
+
+    The reference takes both: its collator builds the broadcast (B, 1, 1, T) form. Row 0 of the
+    (T, T) form: the rows of a padding mask are equal.
+    """
+    shape = tuple(attention_mask.shape)
+    if attention_mask.dim() != 4 or shape[1] != 1 or shape[2] not in (1, num_frames) or shape[3] != num_frames:
         raise ValueError(
-            f"attention_mask must have shape (batch, 1, {num_frames}, {num_frames}), got {tuple(attention_mask.shape)}"
+            f"attention_mask must have shape (batch, 1, {num_frames}, {num_frames}) or (batch, 1, 1, {num_frames}),"
+            f" got {shape}"
         )
     if attention_mask.dtype != torch.bool:
         raise ValueError(f"attention_mask must be bool (True where attention is allowed), got {attention_mask.dtype}")

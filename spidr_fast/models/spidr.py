@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from spidr_fast.config import SpidRConfig
+from spidr_fast.kernels.attention import Padding
 from spidr_fast.models.dinosr import DinoSR, select_masked
 
 
@@ -29,9 +30,9 @@ class SpidR(DinoSR):
         c = self.cfg
         return spidr_ema_decay(step, c.ema_start_decay, c.ema_timescale, c.ema_threshold)
 
-    def _head_inputs_for_inference(self, features: Tensor, key_mask: Tensor | None) -> list[Tensor]:
-        return self.student.get_intermediate_outputs(features, key_mask)[-self.num_codebooks :]
+    def _head_inputs_for_inference(self, features: Tensor, padding: Padding | None) -> list[Tensor]:
+        return self.student.get_intermediate_outputs(features, padding)[-self.num_codebooks :]
 
-    def _student_head_inputs(self, x: Tensor, key_mask: Tensor | None, mask_indices: Tensor) -> Tensor:
-        layers = self.student.get_intermediate_outputs(x, key_mask)[-self.num_codebooks :]
+    def _student_head_inputs(self, x: Tensor, padding: Padding | None, mask_indices: Tensor) -> Tensor:
+        layers = self.student.get_intermediate_outputs(x, padding)[-self.num_codebooks :]
         return torch.stack([select_masked(y, mask_indices) for y in layers])

@@ -1,8 +1,9 @@
 """The encoder: convolutional positional embedding, then post-LN (or pre-LN) transformer layers.
 
-The encoder takes a padded batch as a (B, T) bool key mask (True on real frames), or None when
-nothing is padded; attention then runs with no mask at all. A key mask becomes a `Padding` once per
-forward (flat indices and cumulative lengths for the variable-length attention backends).
+The encoder takes a padded batch as a `Padding` (built once per batch by the caller, outside any
+compiled layer: the variable-length backends' flat indices and cumulative lengths cost a host sync),
+or a (B, T) bool key mask (True on real frames) that becomes one here, or None when nothing is
+padded; attention then runs with no mask at all.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from spidr_fast import kernels
 from spidr_fast.kernels.attention import Padding
 from spidr_fast.kernels.conv_frontend import channel_layer_norm_gelu
 from spidr_fast.models.feature_extractor import ChannelLayerNorm
+from spidr_fast.models.layer_norm import LayerNorm
 
 
 class ConvPositionalEmbedding(nn.Module):
@@ -85,9 +87,9 @@ class TransformerLayer(nn.Module):
         super().__init__()
         self.attention = attention
         self.dropout = nn.Dropout(dropout)
-        self.layer_norm = nn.LayerNorm(embed_dim)
+        self.layer_norm = LayerNorm(embed_dim)
         self.feed_forward = feed_forward
-        self.final_layer_norm = nn.LayerNorm(embed_dim)
+        self.final_layer_norm = LayerNorm(embed_dim)
         self.pre_ln = pre_ln
 
     def forward(self, x: Tensor, padding: Padding | None = None) -> tuple[Tensor, Tensor]:
@@ -122,7 +124,7 @@ class Transformer(nn.Module):
     ):
         super().__init__()
         self.pos_conv_embed = ConvPositionalEmbedding(embed_dim, pos_conv_kernel, pos_conv_groups, pos_conv_depth)
-        self.layer_norm = nn.LayerNorm(embed_dim)
+        self.layer_norm = LayerNorm(embed_dim)
         self.dropout = nn.Dropout(dropout)
         self.layer_drop = layer_drop
         # Where layer drop is drawn: None = the global CPU RNG. The trainer sets one seeded by (seed, step)
@@ -164,9 +166,9 @@ class Transformer(nn.Module):
             and bool(torch.rand(1, generator=self.layer_drop_generator) <= self.layer_drop)
         )
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, padding: Padding | Tensor | None = None) -> Tensor:
         """(B, T, D) -> (B, T, D), the encoder's final output."""
-        padding = None if key_mask is None else Padding.from_mask(key_mask)
+        padding = as_padding(padding)
         x = self._embed(x, padding)
         for layer in self.layers:
             if not self._drop_layer():
@@ -174,17 +176,22 @@ class Transformer(nn.Module):
         return self.layer_norm(x) if self.pre_ln else x
 
     def get_intermediate_outputs(
-        self, x: Tensor, key_mask: Tensor | None = None, num_layers: int | None = None, *, before_residual: bool = True
+        self,
+        x: Tensor,
+        padding: Padding | Tensor | None = None,
+        num_layers: int | None = None,
+        *,
+        before_residual: bool = True,
     ) -> list[Tensor]:
         """Per layer: the FFN output before residual (default) or the layer's output.
 
         A dropped layer (layer drop, training only) still reports its result but leaves x unchanged,
         as in the reference.
         """
-        return [ffn if before_residual else out for out, ffn in self.iter_layer_outputs(x, key_mask, num_layers)]
+        return [ffn if before_residual else out for out, ffn in self.iter_layer_outputs(x, padding, num_layers)]
 
     def iter_layer_outputs(
-        self, x: Tensor, key_mask: Tensor | None = None, num_layers: int | None = None
+        self, x: Tensor, padding: Padding | Tensor | None = None, num_layers: int | None = None
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Per layer up to `num_layers`, as computed: (layer output, FFN output before residual).
 
@@ -193,13 +200,18 @@ class Transformer(nn.Module):
         """
         if num_layers is not None and not 0 < num_layers <= len(self.layers):
             raise ValueError(f"num_layers must be in [1, {len(self.layers)}], got {num_layers}")
-        padding = None if key_mask is None else Padding.from_mask(key_mask)
+        padding = as_padding(padding)
         x = self._embed(x, padding)
         for layer in self.layers[:num_layers]:
             out, ffn = layer(x, padding)
             if not self._drop_layer():
                 x = out
             yield out, ffn
+
+
+def as_padding(padding: Padding | Tensor | None) -> Padding | None:
+    """A `Padding` from a (B, T) key mask (once per batch, before the layers), else unchanged."""
+    return Padding.from_mask(padding) if isinstance(padding, Tensor) else padding
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -234,6 +234,13 @@ def _child() -> int:
 ASSIGN_CASES = (("fp32", "ieee"), ("bf16", "ieee"), ("fp32", "tf32x3"), ("bf16", "tf32x3"))
 SEGMENT_SUM_DTYPES = ("fp32", "bf16")
 HEADS_CASES = tuple((direction, dtype) for dtype in ("bf16", "fp32") for direction in ("fwd", "bwd"))
+# The base codebook size, then wider ones (smaller row blocks, 16 warps); fp32 (FFMA tiles) stops at 512.
+HEADS_VOCABULARIES = {"bf16": (256, 512, 1024), "fp32": (256, 512)}
+H100_SHARED_MEMORY = 227 * 1024  # opt-in shared memory per block on sm_90
+
+
+def heads_name(direction: str, dtype: str, V: int) -> str:
+    return f"heads_ce {direction} {dtype}" + ("" if V == 256 else f" V={V}")
 
 
 def kernel_names(group: str) -> list[str]:
@@ -242,16 +249,16 @@ def kernel_names(group: str) -> list[str]:
         return [f"codebook assign x={d} {p}" for d, p in ASSIGN_CASES] + [
             f"codebook segment_sum x={d}" for d in SEGMENT_SUM_DTYPES
         ]
-    return [f"heads_ce {direction} {dtype}" for direction, dtype in HEADS_CASES]
+    vocab = HEADS_VOCABULARIES
+    return [heads_name(d, dtype, V) for V in vocab["bf16"] for d, dtype in HEADS_CASES if V in vocab[dtype]]
 
 
 def kernel_specs() -> list[dict]:
     """Every codebook and heads kernel with the configuration its launcher picks on a GPU, at the
-    base shapes: C=8, N=40_000, K=256, D=768 (codebook); C=8, N=40_000, H=768, V=256 (heads)."""
-    import torch
+    base shapes: C=8, N=40_000, K=256, D=768 (codebook); C=8, N=40_000, H=768, V=256 (heads), and the
+    heads at V=512 and 1024."""
 
     from spidr_fast.kernels import codebook as cbk
-    from spidr_fast.kernels import heads_ce as hce
 
     N, K, D = 40_000, 256, 768  # C = 8 changes no stride the kernels specialise on
     specs = []
@@ -285,14 +292,27 @@ def kernel_specs() -> list[dict]:
                 "num_stages": stages,
             }
         )
-    H, V = 768, 256
-    for dtype in dict.fromkeys(dtype for _, dtype in HEADS_CASES):
-        cfg = hce.launch_config({"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], V, on_gpu=True)
+    for V in HEADS_VOCABULARIES["bf16"]:
+        specs += heads_specs(N, 768, V)
+    return specs
+
+
+def heads_specs(N: int, H: int, V: int) -> list[dict]:
+    """Both heads kernels, bf16 and fp32, with the configuration `launch_config` picks on an H100."""
+    import torch
+
+    from spidr_fast.kernels import heads_ce as hce
+
+    specs = []
+    for dtype in (dtype for dtype, vocabularies in HEADS_VOCABULARIES.items() if V in vocabularies):
+        torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+        cfg = hce.launch_config(torch_dtype, V, on_gpu=True, shared_memory=H100_SHARED_MEMORY)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         bn = cfg["BLOCK_N"]
         nblk = -(-N // bn)
         common = {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "labels_ptr": "*i64"}
-        common.update(N=N, H=H, V=V, s_hc=N * H, s_hn=H, s_hh=1, s_wc=V * H, s_wv=H, s_wh=1, s_bc=V, s_lc=N)
+        common.update(N=N, H=H, V=V, s_hc=N * H, s_hn=H, s_hh=1, s_wc=V * H, s_wv=H, s_wh=1, s_bc=V, s_bv=1)
+        common.update(s_lc=N, s_ln=1)
         fwd = dict(common, loss_ptr="*fp32", lse_ptr="*fp32", psum_ptr="*fp32", s_oc=N, s_pc=nblk * V, s_pb=V)
         bwd = dict(common, lse_ptr="*fp32", gloss_ptr="*fp32", gh_ptr=f"*{dtype}", dlog_ptr=f"*{dtype}")
         bwd.update(gb_ptr="*fp32", s_oc=N, s_gc=N, s_gn=1, s_ghc=N * H, s_ghn=H, s_dc=N * V, s_dn=V)
@@ -300,7 +320,7 @@ def kernel_specs() -> list[dict]:
         for direction, sig in (("fwd", fwd), ("bwd", bwd)):
             specs.append(
                 {
-                    "name": f"heads_ce {direction} {dtype}",
+                    "name": heads_name(direction, dtype, V),
                     "fn": f"spidr_fast.kernels.heads_ce:_heads_ce_{direction}_kernel",
                     "signature": sig,
                     "constexprs": cfg,

@@ -183,8 +183,9 @@ def test_sm90_no_spills(sm90_codebook, name):
     """No local-memory spills and registers well under 255. Before: a 64 x 256 tile with BLOCK_D=32
     and 8 warps took 255 registers + 24 B of stack (IEEE) and 255 + 64-88 B (tf32x3). Now IEEE runs 16
     warps (32 accumulators a thread; 128 registers is also the most a 512-thread program can have)
-    and tf32x3 a 64 x 128 tile (172)."""
-    sm90.assert_fits(name, sm90_codebook[name], max_regs=200 if "tf32x3" in name else 128)
+    and tf32x3 a 64 x 128 tile: 172-180 registers under triton 3.9, 202 (x fp32) / 204 (x bf16)
+    under triton 3.6 (the GPU machines'), no spill under either: bound 224, as the bf16 heads."""
+    sm90.assert_fits(name, sm90_codebook[name], max_regs=224 if "tf32x3" in name else 128)
 
 
 @pytest.mark.parametrize("name", [n for n in sm90.kernel_names("codebook") if "assign" in n])
