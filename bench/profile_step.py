@@ -1,11 +1,11 @@
 """A ~20-step torch.profiler profile of the spidr_fast training step, summarised per kernel class.
 
-Same step as `train_throughput.py` (bf16 autocast forward, loss, backward, clip, AdamW, teacher
-EMA) on the same batches; warm-up steps first (compilation, cuDNN autotuning), then `--steps`
-profiled steps. Every device kernel (CPU ops when there is no GPU) is put in one class by its name
-(GEMM, attention, our fused Triton kernels, inductor-generated Triton, convolution, normalisation,
-elementwise, reduction, copies, optimizer, ...); the JSON holds the time per class and the top
-kernels.
+The trainer's own step, as `train_throughput.py` times it (`trainer_step`: bf16 autocast forward,
+loss, backward, clip, AdamW, teacher EMA), on the same batches; warm-up steps first (compilation,
+cuDNN autotuning), then `--steps` profiled steps. Every device kernel (CPU ops when there is no
+GPU) is put in one class by its name (GEMM, attention, our fused Triton kernels, inductor-generated
+Triton, convolution, normalisation, elementwise, reduction, copies, optimizer, ...); the JSON holds
+the time per class and the top kernels.
 
     python bench/profile_step.py --config base --steps 20 --out profile.json   # one GPU
     python bench/profile_step.py --smoke --out profile.json                      # CPU, tiny
@@ -25,9 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, synchronize
-from train_throughput import PRESETS, build, make_batches
+from train_throughput import PRESETS, make_batches, trainer_step
 
 from spidr_fast.kernels._dispatch import OPS, use_triton
+
+CLASS_NOTE = "`bench/roofline.py`'s classes (`classify` on kernel names; CPU ops by `op_class`)"
 
 # (class, pattern) in order: the first match wins. Patterns are matched against lower-cased names.
 KERNEL_CLASSES: list[tuple[str, str]] = [
@@ -101,6 +103,25 @@ def summarise(rows: list[tuple[str, float, int]], steps: int, top: int = 25) -> 
     return {"total_ms_per_step": total / 1e3 / steps, "by_class": by_class, "top_kernels": top_kernels}
 
 
+def model_class(name: str, timeline_device: str) -> str:
+    """The roofline predictor's class (`roofline.CLASSES`) of a profiled kernel (CUDA) or aten op (CPU)."""
+    import roofline
+
+    if timeline_device == "cuda":
+        return roofline.classify(name)
+    return roofline.op_class(name.split("::")[-1]) if name.startswith("aten::") else "other"
+
+
+def by_model_class(rows: list[tuple[str, float, int]], steps: int, timeline_device: str) -> dict[str, float]:
+    """Measured ms per step in each of the roofline predictor's classes (all of them, zeros included)."""
+    import roofline
+
+    ms = dict.fromkeys(roofline.CLASSES, 0.0)
+    for name, us, _ in rows:
+        ms[model_class(name, timeline_device)] += us / 1e3 / steps
+    return ms
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(PRESETS), default="base")
@@ -117,19 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     fields, budget, max_len = PRESETS[args.config]
     batches = make_batches(args.batches, budget, max_len, 0, device)
-    model = build("spidr_fast", fields, device, args.compiled)
-    params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("teacher")]
-    optimizer = torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.01)
+    train_step = trainer_step(fields, device, torch.bfloat16, args.compiled)
 
     def step(i: int) -> None:
-        b = batches[i % len(batches)]
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            losses, _ = model(b.waveforms, mask_indices=b.mask_indices)
-        (losses.float().sum() / losses.numel()).backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.update_ema(i)
+        train_step(batches[i % len(batches)], i)
 
     for i in range(max(args.warmup, len(batches))):
         step(i)
@@ -142,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             step(1000 + i)
         synchronize(device)
     probe = torch.empty(0, device=device)
+    rows = event_times(prof, device.type)
+    shapes: dict[tuple[int, int], int] = defaultdict(int)  # (utterances, samples) of the profiled steps
+    for i in range(args.steps):
+        shapes[tuple(batches[(1000 + i) % len(batches)].waveforms.shape)] += 1
     result = {
         "benchmark": "train_profile",
         "config": args.config,
@@ -149,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "fused_ops": [op for op in OPS if use_triton(probe, op)],
         "timeline": "device kernels" if device.type == "cuda" else "CPU ops (no GPU)",
-        **summarise(event_times(prof, device.type), args.steps),
+        "batches": [{"size": b, "samples": t, "steps": n} for (b, t), n in shapes.items()],
+        **summarise(rows, args.steps),
+        "by_model_class": by_model_class(rows, args.steps, device.type),
+        "model_class_note": CLASS_NOTE,
         **environment(device),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

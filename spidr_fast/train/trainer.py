@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from spidr_fast.checkpoint import build_model, load_state_dict_strict, state_dict_from_checkpoint
-from spidr_fast.config import SAMPLE_RATE
+from spidr_fast.config import DTYPES, SAMPLE_RATE
 from spidr_fast.data.batching import num_frames
 from spidr_fast.train.checkpoint import Checkpointer, step_of
 from spidr_fast.train.config import TrainConfig, save_resolved
@@ -29,7 +29,7 @@ from spidr_fast.train.flops import count_step_flops, peak_flops
 from spidr_fast.train.logs import RunLog, Throughput
 from spidr_fast.train.optim import build_optimizer
 from spidr_fast.train.parallelize import parallelize, rewrap_after_freeze
-from spidr_fast.train.step import DTYPES, Meters, StepContext, train_step
+from spidr_fast.train.step import Meters, StepContext, train_step
 from spidr_fast.train.validate import validate
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def train(cfg: TrainConfig, *, progress: Callable[..., Any] = tqdm) -> dict[str,
         dev_skipped = {name: SkippedFiles(dev.manifest, name) for name, dev in cfg.validation.items()}
         sampler.set_epoch(1)
         first = first_usable_batch(loader, sampler, dataset, skipped)
-        flops = count_step_flops(model, first.waveforms.to(env.device), first.mask_indices.to(env.device), dtype)
+        flops = count_step_flops(model, first.device_waveforms(env.device), first.mask_indices.to(env.device), dtype)
         flops_per_audio_second = flops / (first.waveforms.numel() / SAMPLE_RATE)
 
         # ---- transforms (compile per layer -> FSDP2 / DDP), optimizer, resume
@@ -143,7 +143,7 @@ def train(cfg: TrainConfig, *, progress: Callable[..., Any] = tqdm) -> dict[str,
                     state["batch_in_epoch"] += 1
                     continue
                 step, steps_in_epoch = state["step"] + 1, steps_in_epoch + 1
-                out = train_step(ctx, batch.waveforms, batch.mask_indices, step)
+                out = train_step(ctx, batch.waveforms, batch.mask_indices, step, mean=batch.mean, scale=batch.scale)
                 state["step"], state["batch_in_epoch"] = step, state["batch_in_epoch"] + 1
                 meters.update(out, step)
                 tput.update(
