@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, synchronize
 from train_throughput import PRESETS, build, make_batches
 
-from spidr_fast.kernels._dispatch import OPS, use_triton
+from spidr_fast.kernels._dispatch import OPS, use_fused
 
 # (class, pattern) in order: the first match wins. Patterns are matched against lower-cased names.
 KERNEL_CLASSES: list[tuple[str, str]] = [
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": args.config,
         "compiled": args.compiled,
         "steps": args.steps,
-        "fused_ops": [op for op in OPS if use_triton(probe, op)],
+        "fused_ops": [op for op in OPS if use_fused(probe.device, op)],
         "timeline": "device kernels" if device.type == "cuda" else "CPU ops (no GPU)",
         **summarise(event_times(prof, device.type), args.steps),
         **environment(device),

@@ -36,7 +36,7 @@ from spidr_fast import SpidR, SpidRConfig
 from spidr_fast.config import SAMPLE_RATE
 from spidr_fast.data.batching import BatchingConfig, BucketBatchSampler, librispeech_like_lengths, num_frames
 from spidr_fast.data.masks import compute_mask_indices
-from spidr_fast.kernels._dispatch import OPS, use_triton
+from spidr_fast.kernels._dispatch import OPS, TRITON_OPS, use_fused
 from spidr_fast.train.flops import count_step_flops, peak_flops
 from spidr_fast.train.parallelize import apply_compile
 
@@ -201,7 +201,7 @@ ABLATION: list[tuple[str, str, bool, dict[str, str]]] = [
 # Each fused op switched off in turn (eager, spidr_fast): what each one is worth on its own.
 OFF_ONE: list[tuple[str, str, bool, dict[str, str]]] = [
     ("all fused", "spidr_fast", False, {}),
-    *[(f"- {op} (on its reference)", "spidr_fast", False, {"SPIDR_FAST_REFERENCE_OPS": op}) for op in OPS],
+    *[(f"- {op} (on its reference)", "spidr_fast", False, {"SPIDR_FAST_REFERENCE_OPS": op}) for op in TRITON_OPS],
     ("all on references", "spidr_fast", False, {"SPIDR_FAST_BACKEND": "reference"}),
     ("reference package", "reference", False, {}),
 ]
@@ -221,7 +221,7 @@ def run_ablation(
                 os.environ.pop(k, None)
             os.environ.update(variables)
             probe = torch.empty(0, device=args.device)
-            fused = [op for op in OPS if impl == "spidr_fast" and use_triton(probe, op)]
+            fused = [op for op in OPS if impl == "spidr_fast" and use_fused(probe.device, op)]
             record = {**env, **run(impl, compiled, args, batches), "benchmark": "train_ablation", "ablation": name}
             record["ablation_kind"] = kind
             record["fused_ops"] = fused  # what actually ran fused (on CPU: none, the rows measure the same code)
