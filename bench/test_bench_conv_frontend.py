@@ -36,7 +36,7 @@ SMOKE_SHAPE = {"B": 2, "C": 59, "T": 64, "affine": True}
 PROVIDERS: dict[str, Callable[[], Callable]] = {
     "ref": lambda: cf.channel_layer_norm_gelu_ref,
     "compile_ref": lambda: torch.compile(cf.channel_layer_norm_gelu_ref, fullgraph=True, dynamic=False),
-    "triton": lambda: lambda x, w, b: torch.ops.spidr_fast.channel_layer_norm_gelu(x, w, b, 1e-5)[0],
+    "triton": lambda: lambda x, w, b: torch.ops.spidr_fast.channel_layer_norm_gelu(x, w, b, 1e-5, False)[0],
 }
 TENSORS_MOVED = {"fwd": 2, "full": 5}  # x-sized tensors read or written at least once
 

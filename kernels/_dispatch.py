@@ -1,8 +1,11 @@
 """Which implementation an op runs: its fused path or its plain-PyTorch reference. One rule, `use_fused`.
 
-The ops (`OPS`) and their fused paths: "codebook", "heads_ce", "conv_frontend" are Triton kernels;
-"attention" is the packed varlen backends (flash-attn, nested SDPA; `kernels/attention.py`);
-"targets" is the one-pass instance norm of the teacher targets (`kernels/targets.py`).
+The ops (`OPS`) and their fused paths: "codebook", "heads_ce", "conv_frontend" are Triton kernels,
+and "frontend_layout" the channels-last layout the conv front-end's blocks hand each other around
+them (`models/feature_extractor.py`); "attention" is the packed varlen backends (flash-attn, nested
+SDPA; `kernels/attention.py`); "targets" the one-pass instance norm of the teacher targets
+(`kernels/targets.py`); "residual_dtype" the transformer's LayerNorm output in the autocast dtype,
+a bf16 residual stream (`models/layer_norm.py`; fused on every device by default).
 
 - `SPIDR_FAST_BACKEND=reference`: every op runs its reference (an all-reference run).
 - `SPIDR_FAST_BACKEND=triton`: every op runs its fused path (the Triton kernels on CPU tensors need
@@ -22,8 +25,9 @@ import os
 import torch
 
 BACKENDS = ("triton", "reference")
-TRITON_OPS = ("codebook", "heads_ce", "conv_frontend")
-OPS = ("attention", "targets", *TRITON_OPS)
+TRITON_OPS = ("codebook", "heads_ce", "conv_frontend", "frontend_layout")  # need triton (or the interpreter)
+ANY_DEVICE_OPS = ("residual_dtype",)  # fused by default on CPU too
+OPS = ("attention", "targets", *TRITON_OPS, *ANY_DEVICE_OPS)
 
 
 # find_spec, not import: triton must not be imported before a test sets TRITON_INTERPRET=1
@@ -67,6 +71,8 @@ def use_fused(device: torch.device, op: str, *, requested: bool = False) -> bool
     if backend == "reference" or op in reference_ops():
         return False
     forced = requested or backend == "triton"
+    if op in ANY_DEVICE_OPS:
+        return True
     if op not in TRITON_OPS:
         return forced or device.type == "cuda"
     if forced:

@@ -1,9 +1,11 @@
 """Channel LayerNorm + exact GELU of a (B, C, T) conv output, in one pass over memory.
 
 Inputs and outputs (B batch, C channels, T frames):
-    x       (B, C, T) fp32/bf16/fp16   a Conv1d output (any strides with unit stride along T)
+    x       (B, C, T) fp32/bf16/fp16   a Conv1d output, contiguous or channels-last (else copied once)
     weight  (C,) | None, bias (C,) | None   the LayerNorm's affine parameters (any float dtype)
-    y       (B, C, T) x.dtype          gelu(layer_norm over C of every (b, t) column), exact erf GELU
+    y       (B, C, T) x.dtype          gelu(layer_norm over C of every (b, t) column), exact erf GELU,
+                                       channels-last or contiguous as asked (the model asks channels-last
+                                       on CUDA: the next conv's cuDNN NHWC kernels read it untransposed)
     mean, rstd (B, T) fp32             per-column statistics, kept for the backward
 
 Why: the feature extractor's first block writes ~760k frames x 512 channels per step; the
@@ -12,12 +14,15 @@ in fp32 under autocast). Here x is read once and y written once, in x's own layo
 
 Fused path (Triton):
   * forward: grid (T blocks, B). A program loads a (BLOCK_C, BLOCK_T) tile (whole columns: C <=
-    MAX_C; rows along T are contiguous in memory, so loads coalesce), computes the column mean and
+    MAX_C; rows along T, or whole columns when channels-last, are contiguous in memory, so loads
+    coalesce), computes the column mean and
     variance in fp32 (two-pass, in registers), normalises, applies the affine and GELU, and stores
-    y in x's dtype plus the (B, T) fp32 mean and rstd (8 bytes per frame).
-  * backward: grid (T-block groups, B), on contiguous x and dy (a copy only for the positional
-    conv's sliced output). A program loops over consecutive T blocks; in each it recomputes x_hat
-    and z = x_hat w + b from x and the saved statistics, forms dz = dy gelu'(z), writes
+    y in x's dtype plus the (B, T) fp32 mean and rstd (8 bytes per frame). Both layouts are addressed
+    by strides (each tile is whole columns, so both coalesce).
+  * backward: grid (T-block groups, B), on dense x and dy, each contiguous or channels-last (a copy
+    only for the positional conv's sliced output); dx takes x's layout. A program loops over
+    consecutive T blocks; in each it recomputes x_hat and z = x_hat w + b from x and the saved
+    statistics, forms dz = dy gelu'(z), writes
     dx = rstd (dz w - mean_C(dz w) - x_hat mean_C(dz w x_hat)), and accumulates sum_t dz x_hat and
     sum_t dz over its T blocks in registers. Each program writes one (C,) partial row for
     grad_weight and grad_bias; torch sums the rows in a fixed order: no float atomics, so the
@@ -63,7 +68,7 @@ if TYPE_CHECKING:
 
 def _cln_gelu_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
-    C, T, s_xb, s_xc, s_yb, s_yc, eps,
+    C, T, s_xb, s_xc, s_xt, s_yb, s_yc, s_yt, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     pid_t = tl.program_id(0)
@@ -73,7 +78,7 @@ def _cln_gelu_fwd_kernel(
     ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = ts < T
     mask = cmask[:, None] & tmask[None, :]  # (BLOCK_C, BLOCK_T)
-    x = tl.load(x_ptr + b * s_xb + cs.to(tl.int64)[:, None] * s_xc + ts[None, :], mask=mask, other=0.0)
+    x = tl.load(x_ptr + b * s_xb + cs.to(tl.int64)[:, None] * s_xc + ts[None, :] * s_xt, mask=mask, other=0.0)
     x = x.to(tl.float32)  # bf16/fp16 converted before any math (also what the interpreter needs)
     mean = tl.sum(x, axis=0) / C  # (BLOCK_T,)
     xc = tl.where(mask, x - mean[None, :], 0.0)
@@ -87,7 +92,7 @@ def _cln_gelu_fwd_kernel(
         bias = tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
         z = z + bias[:, None]
     y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))  # exact GELU
-    y_ptrs = y_ptr + b * s_yb + cs.to(tl.int64)[:, None] * s_yc + ts[None, :]
+    y_ptrs = y_ptr + b * s_yb + cs.to(tl.int64)[:, None] * s_yc + ts[None, :] * s_yt
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + b * T + ts, mean, mask=tmask)
     tl.store(rstd_ptr + b * T + ts, rstd, mask=tmask)
@@ -95,17 +100,18 @@ def _cln_gelu_fwd_kernel(
 
 def _cln_gelu_bwd_kernel(
     x_ptr, w_ptr, b_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr,
-    C, T, ITERS,
+    C, T, ITERS, s_xb, s_xc, s_xt, s_dyb, s_dyc, s_dyt,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     cs = tl.arange(0, BLOCK_C)
     cmask = cs < C
-    # x, dy and dx are contiguous (B, C, T): one int32 offset tile serves all three (C * T < 2**31)
-    x_ptr += b * C * T
-    dy_ptr += b * C * T
-    dx_ptr += b * C * T
+    # x and dx share one dense layout, dy has its own (channels-first or channels-last each): int32 offsets
+    # within a batch row (C * T < 2**31)
+    x_ptr += b * s_xb
+    dy_ptr += b * s_dyb
+    dx_ptr += b * s_xb
     if HAS_WEIGHT:
         w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
         dw_acc = tl.zeros((BLOCK_C,), tl.float32)
@@ -116,9 +122,9 @@ def _cln_gelu_bwd_kernel(
         ts = (pid * ITERS + i) * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = ts < T
         mask = cmask[:, None] & tmask[None, :]
-        offs = cs[:, None] * T + ts[None, :]
+        offs = cs[:, None] * s_xc + ts[None, :] * s_xt
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + cs[:, None] * s_dyc + ts[None, :] * s_dyt, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + b * T + ts, mask=tmask, other=0.0)
         rstd = tl.load(rstd_ptr + b * T + ts, mask=tmask, other=0.0)
         xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
@@ -153,9 +159,20 @@ def _cln_gelu_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _unit_t_stride(t: Tensor) -> Tensor:
-    """The forward addresses T with stride 1 (contiguous, vectorisable rows); other strides are free."""
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+def is_channels_last(t: Tensor) -> bool:
+    """(B, C, T) stored as (B, T, C): unit stride along C (what cuDNN's NHWC kernels read and write)."""
+    B, C, T = t.shape
+    return C > 1 and T > 1 and t.stride(1) == 1 and t.stride(2) == C and (B <= 1 or t.stride(0) == C * T)
+
+
+def _dense(t: Tensor) -> Tensor:
+    """t itself when it is contiguous or channels-last (one dense layout the kernels address by strides), else
+    a contiguous copy (e.g. the positional conv's sliced output)."""
+    return t if t.is_contiguous() or is_channels_last(t) else t.contiguous()
+
+
+def _empty(B: int, C: int, T: int, channels_last: bool, **kw: object) -> Tensor:
+    return torch.empty((B, T, C), **kw).transpose(1, 2) if channels_last else torch.empty((B, C, T), **kw)
 
 
 def _blocks(C: int, T: int, tile: int, per_thread: int) -> tuple[int, int, int]:
@@ -165,18 +182,20 @@ def _blocks(C: int, T: int, tile: int, per_thread: int) -> tuple[int, int, int]:
     return block_c, block_t, num_warps
 
 
-def _fwd_launch(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _fwd_launch(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, channels_last: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     jit_in_place(globals(), KERNELS)
     B, C, T = x.shape
-    x = _unit_t_stride(x)
-    y = torch.empty((B, C, T), dtype=kernel_out_dtype(x.dtype), device=x.device)
+    x = _dense(x)
+    y = _empty(B, C, T, channels_last, dtype=kernel_out_dtype(x.dtype), device=x.device)
     mean = torch.empty((B, T), dtype=torch.float32, device=x.device)
     rstd = torch.empty((B, T), dtype=torch.float32, device=x.device)
     if B and C and T:
         block_c, block_t, num_warps = _blocks(C, T, FWD_TILE, FWD_PER_THREAD)
         _cln_gelu_fwd_kernel[(cdiv(T, block_t), B)](
             x, weight, bias, y, mean, rstd,
-            C, T, x.stride(0), x.stride(1), y.stride(0), y.stride(1), eps,
+            C, T, *x.stride(), *y.stride(), eps,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_T=block_t,
             num_warps=num_warps,
         )  # fmt: skip
@@ -188,8 +207,8 @@ def _bwd_launch(
 ) -> tuple[Tensor, Tensor, Tensor]:
     jit_in_place(globals(), KERNELS)
     B, C, T = x.shape
-    x, grad_y = x.contiguous(), grad_y.contiguous()  # no-ops for a conv output and its usual gradient
-    grad_x = torch.empty((B, C, T), dtype=kernel_out_dtype(x.dtype), device=x.device)
+    x, grad_y = _dense(x), _dense(grad_y)  # no-ops for a conv output and its usual gradient
+    grad_x = _empty(B, C, T, is_channels_last(x), dtype=kernel_out_dtype(x.dtype), device=x.device)
     block_c, block_t, num_warps = _blocks(C, T, BWD_TILE, BWD_PER_THREAD)
     n_tblocks = cdiv(T, block_t)
     # Few T blocks per program when B*T is small (enough programs to fill the GPU), up to MAX_ITERS
@@ -202,7 +221,7 @@ def _bwd_launch(
     if n_prog:
         _cln_gelu_bwd_kernel[(n_prog, B)](
             x, weight, bias, grad_y, mean, rstd, grad_x, dw_part, db_part,
-            C, T, iters,
+            C, T, iters, *x.stride(), *grad_y.stride(),
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_T=block_t,
             num_warps=num_warps,
         )  # fmt: skip
@@ -218,15 +237,21 @@ def _bwd_launch(
 
 
 @torch.library.custom_op("spidr_fast::channel_layer_norm_gelu", mutates_args=())
-def _cln_gelu_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, rstd); mean and rstd (B, T) fp32 are kept for the backward."""
-    return _fwd_launch(x, weight, bias, eps)
+def _cln_gelu_op(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, channels_last: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd); y channels-last or contiguous; mean and rstd (B, T) fp32 are kept for the backward."""
+    return _fwd_launch(x, weight, bias, eps, channels_last)
 
 
 @_cln_gelu_op.register_fake
-def _(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    B, _, T = x.shape
-    return x.new_empty(x.shape), x.new_empty((B, T), dtype=torch.float32), x.new_empty((B, T), dtype=torch.float32)
+def _(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, channels_last: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    B, C, T = x.shape
+    f32 = torch.float32
+    y = _empty(B, C, T, channels_last, dtype=x.dtype, device=x.device)
+    return y, x.new_empty((B, T), dtype=f32), x.new_empty((B, T), dtype=f32)
 
 
 @torch.library.custom_op("spidr_fast::channel_layer_norm_gelu_backward", mutates_args=())
@@ -243,11 +268,12 @@ def _(
 ) -> tuple[Tensor, Tensor, Tensor]:
     grad_w = torch.empty_like(weight) if weight is not None else x.new_empty(0)
     grad_b = torch.empty_like(bias) if bias is not None else x.new_empty(0)
-    return x.new_empty(x.shape), grad_w, grad_b
+    B, C, T = x.shape
+    return _empty(B, C, T, is_channels_last(_dense(x)), dtype=x.dtype, device=x.device), grad_w, grad_b
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
-    x, weight, bias, _ = inputs
+    x, weight, bias, _, _ = inputs
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
     ctx.save_for_backward(x, weight, bias, output[1], output[2])
 
@@ -256,7 +282,7 @@ def _backward(ctx, grad_y: Tensor, grad_mean: Tensor | None, grad_rstd: Tensor |
     # mean and rstd are statistics (the public function returns only y): no gradient flows from them
     x, weight, bias, mean, rstd = ctx.saved_tensors
     grad_x, grad_w, grad_b = _cln_gelu_backward_op(grad_y, x, weight, bias, mean, rstd)
-    return grad_x, grad_w if ctx.has_weight else None, grad_b if ctx.has_bias else None, None
+    return grad_x, grad_w if ctx.has_weight else None, grad_b if ctx.has_bias else None, None, None
 
 
 _cln_gelu_op.register_autograd(_backward, setup_context=_setup_context)
@@ -268,25 +294,35 @@ _cln_gelu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def channel_layer_norm_gelu(
-    x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
+    x: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    channels_last: bool | None = None,
 ) -> Tensor:
     """gelu(LayerNorm over the channels of x), exact erf GELU, without transposing x.
 
     Args:
-        x: (B, C, T) fp32/bf16/fp16, e.g. a Conv1d output. Unit stride along T avoids a copy.
+        x: (B, C, T) fp32/bf16/fp16, e.g. a Conv1d output. Contiguous or channels-last (unit stride along C)
+            avoids a copy.
         weight: (C,) LayerNorm scale, or None (no scale).
         bias: (C,) LayerNorm shift, or None (no shift).
         eps: added to the variance, as in `nn.LayerNorm`.
+        channels_last: the fused path's output layout: (B, C, T) stored as (B, T, C) when True, contiguous
+            when False, x's when None. Values never depend on it (the reference's output is channels-last).
 
     Returns:
-        (B, C, T) in x's dtype, contiguous. Differentiable in x, weight, bias. Math in fp32.
+        (B, C, T) in x's dtype. Differentiable in x, weight, bias. Math in fp32.
     """
     if x.dim() != 3:
         raise ValueError(f"x must have shape (B, C, T), got {tuple(x.shape)}")
     if x.shape[1] * x.shape[2] >= 2**31:  # beyond the backward kernel's int32 offsets
         return channel_layer_norm_gelu_ref(x, weight, bias, eps)
     if _dispatch.use_fused(x.device, "conv_frontend") and x.shape[1] <= MAX_C:
-        return _cln_gelu_op(x, weight, bias, eps)[0]
+        if channels_last is None:
+            channels_last = is_channels_last(x)
+        return _cln_gelu_op(x, weight, bias, eps, channels_last)[0]
     return channel_layer_norm_gelu_ref(x, weight, bias, eps)
 
 

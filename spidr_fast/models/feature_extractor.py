@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spidr_fast.kernels import _dispatch
 from spidr_fast.kernels.conv_frontend import channel_layer_norm_gelu
 
 
@@ -46,10 +47,12 @@ class ConvBlock(nn.Module):
     def output_lengths(self, lengths: Tensor) -> Tensor:
         return torch.div(lengths - self.kernel_size, self.stride, rounding_mode="floor").add(1).clamp_min(0)
 
-    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, lengths: Tensor | None = None, *, channels_last: bool | None = None) -> Tensor:
+        """`channels_last`: the layout the fused channel LayerNorm + GELU writes (None: the conv output's)."""
         x = self.conv(x)
         if isinstance(self.layer_norm, ChannelLayerNorm):  # fused: no transposes, one read and one write
-            return channel_layer_norm_gelu(x, self.layer_norm.weight, self.layer_norm.bias, self.layer_norm.eps)
+            ln = self.layer_norm
+            return channel_layer_norm_gelu(x, ln.weight, ln.bias, ln.eps, channels_last=channels_last)
         if isinstance(self.layer_norm, nn.GroupNorm) and lengths is not None:
             x = masked_group_norm(x, self.layer_norm, self.output_lengths(lengths))
         elif self.layer_norm is not None:
@@ -94,8 +97,14 @@ class FeatureExtractor(nn.Module):
         if waveforms.dim() != 2:
             raise ValueError(f"waveforms must have shape (batch, samples), got {tuple(waveforms.shape)}")
         x = waveforms.unsqueeze(1)  # (B, 1, samples)
+        # Where the fused kernels run (CUDA), the blocks hand each other channels-last (B, C, T) tensors
+        # (stored (B, T, C)): cuDNN's NHWC kernels read and write them with no layout transposes (it may wrap a
+        # channels-first bf16 conv in two), and the last one is already the contiguous (B, T, C) the projection's
+        # LayerNorm reads (channels-first, it would copy it). SPIDR_FAST_REFERENCE_OPS=frontend_layout: off.
+        fused = isinstance(self.conv_layers[0].layer_norm, ChannelLayerNorm)
+        channels_last = True if fused and _dispatch.use_fused(waveforms.device, "frontend_layout") else None
         for block in self.conv_layers:
-            x = block(x, lengths)
+            x = block(x, lengths, channels_last=channels_last)
             lengths = None  # only block 0 can hold a GroupNorm
         return x.transpose(1, 2)  # (B, C, T) -> (B, T, C)
 

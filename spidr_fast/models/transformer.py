@@ -19,6 +19,7 @@ from spidr_fast import kernels
 from spidr_fast.kernels.attention import Padding
 from spidr_fast.kernels.conv_frontend import channel_layer_norm_gelu
 from spidr_fast.models.feature_extractor import ChannelLayerNorm
+from spidr_fast.models.layer_norm import LayerNorm
 
 
 class ConvPositionalEmbedding(nn.Module):
@@ -86,9 +87,9 @@ class TransformerLayer(nn.Module):
         super().__init__()
         self.attention = attention
         self.dropout = nn.Dropout(dropout)
-        self.layer_norm = nn.LayerNorm(embed_dim)
+        self.layer_norm = LayerNorm(embed_dim)
         self.feed_forward = feed_forward
-        self.final_layer_norm = nn.LayerNorm(embed_dim)
+        self.final_layer_norm = LayerNorm(embed_dim)
         self.pre_ln = pre_ln
 
     def forward(self, x: Tensor, padding: Padding | None = None) -> tuple[Tensor, Tensor]:
@@ -123,7 +124,7 @@ class Transformer(nn.Module):
     ):
         super().__init__()
         self.pos_conv_embed = ConvPositionalEmbedding(embed_dim, pos_conv_kernel, pos_conv_groups, pos_conv_depth)
-        self.layer_norm = nn.LayerNorm(embed_dim)
+        self.layer_norm = LayerNorm(embed_dim)
         self.dropout = nn.Dropout(dropout)
         self.layer_drop = layer_drop
         # Where layer drop is drawn: None = the global CPU RNG. The trainer sets one seeded by (seed, step)

@@ -3,6 +3,12 @@
 The count runs forward + backward (student) and the teacher forward on the first training batch, on a
 copy of the model, before it is compiled or sharded (MFU is then 6N-style "model FLOPs", recomputation
 and communication excluded).
+
+`FLOP_FORMULAS` corrects and completes torch's formulas; `bench/roofline.py` counts with the same ones:
+- a grouped conv's weight gradient: torch counts it `groups` times too much (the positional conv,
+  groups=16, would add ~5 GFLOP per audio-second, ~10% of the step: MFU would read ~11% high);
+- CPU SDPA (`_scaled_dot_product_flash_attention_for_cpu`, forward and backward): uncounted by torch;
+- spidr_fast's fused custom ops (heads + cross-entropy, codebook assignment): opaque to the counter.
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ import logging
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_backward_flop_count, sdpa_flop_count
 
+import spidr_fast.kernels  # noqa: F401  (registers the torch.ops.spidr_fast custom ops counted below)
 from spidr_fast.train.step import autocast
 
 logger = logging.getLogger(__name__)
@@ -31,6 +38,74 @@ def peak_flops(device: torch.device, override: float = 0.0) -> float:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
 
 
+Shape = list[int]
+
+
+def conv_backward_flop(
+    grad_out_shape: Shape,
+    x_shape: Shape,
+    w_shape: Shape,
+    _bias: object,
+    _stride: object,
+    _padding: object,
+    _dilation: object,
+    transposed: bool,
+    _output_padding: object,
+    _groups: int,
+    output_mask: list[bool],
+    out_shape: list[Shape | None],
+    **kwargs: object,
+) -> int:
+    """aten.convolution_backward: the input gradient (a transposed conv of grad_out with the weight) plus
+    the weight gradient, which costs exactly what the forward costs (2 B C_out (C_in / groups) k T_out
+    for a 1-D conv; `w_shape` already holds C_in / groups). Bias gradients are not counted, as torch."""
+    flops = 0
+    if output_mask[0]:
+        flops += conv_flop_count(grad_out_shape, w_shape, out_shape[0], not transposed)
+    if output_mask[1]:
+        flops += conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return flops
+
+
+def sdpa_cpu_flop(q: Shape, k: Shape, v: Shape, *args: object, out_shape: object = None, **kwargs: object) -> int:
+    return sdpa_flop_count(q, k, v)
+
+
+def sdpa_cpu_backward_flop(
+    grad_out: Shape, q: Shape, k: Shape, v: Shape, *args: object, out_shape: object = None, **kwargs: object
+) -> int:
+    return sdpa_backward_flop_count(grad_out, q, k, v)
+
+
+def heads_ce_flop(h: Shape, w: Shape, *args: object, out_shape: object = None, **kwargs: object) -> int:
+    """(C, N, H) x (C, V, H) -> logits (C, N, V); the softmax and CE are not counted (as torch's)."""
+    C, N, H = h
+    return 2 * C * N * H * w[1]
+
+
+def heads_ce_backward_flop(_g: Shape, h: Shape, w: Shape, *args: object, **kwargs: object) -> int:
+    """grad_h and grad_w: two GEMMs of the forward's size (the kernel's recomputed logits not counted)."""
+    return 2 * heads_ce_flop(h, w)
+
+
+def codebook_assign_flop(x: Shape, codebook: Shape, *args: object, out_shape: object = None, **kwargs: object) -> int:
+    """Distances of (C, N, D) frames to (C, K, D) codewords: a (N, D) x (D, K) GEMM per codebook."""
+    C, N, D = x
+    return 2 * C * N * D * codebook[1]
+
+
+_ops = torch.ops.spidr_fast
+FLOP_FORMULAS = {
+    torch.ops.aten.convolution_backward: conv_backward_flop,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu_flop,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_cpu_backward_flop,
+    _ops.heads_ce: heads_ce_flop,
+    _ops.heads_ce_backward: heads_ce_backward_flop,
+    _ops.codebook_assign: codebook_assign_flop,
+    _ops.codebook_assign_accumulate: codebook_assign_flop,
+}  # formulas over shapes (FlopCounterMode's custom_mapping convention)
+
+
 class _GlobalOnly:
     """Stands in for FlopCounterMode's module tracker, whose hooks trip on modules called under no_grad
     with inputs that require grad (the teacher); only the global total is needed."""
@@ -44,6 +119,13 @@ class _GlobalOnly:
         pass
 
 
+def step_flop_counter() -> FlopCounterMode:
+    """A FlopCounterMode with `FLOP_FORMULAS` that keeps only the global total."""
+    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
+    counter.mod_tracker = _GlobalOnly()
+    return counter
+
+
 def count_step_flops(model: nn.Module, waveforms: Tensor, mask_indices: Tensor, dtype: torch.dtype) -> int:
     """FLOPs of forward + backward of `model` (train mode) on one batch. Runs the step for real on a
     deep copy, with the RNG forked: the caller's model, codebooks and random streams are untouched.
@@ -54,8 +136,7 @@ def count_step_flops(model: nn.Module, waveforms: Tensor, mask_indices: Tensor, 
         # (or that counts another batch) cannot leave the others waiting in an all-reduce.
         model.codebooks.all_reduce = lambda *stats: stats
     devices = [waveforms.device] if waveforms.device.type == "cuda" else []
-    counter = FlopCounterMode(display=False)
-    counter.mod_tracker = _GlobalOnly()
+    counter = step_flop_counter()
     try:
         with torch.random.fork_rng(devices=devices), counter, autocast(waveforms.device, dtype):
             losses, _ = model(waveforms, mask_indices=mask_indices)

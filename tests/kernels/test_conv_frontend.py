@@ -113,6 +113,30 @@ def test_strided_inputs(triton_backend):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=name)
 
 
+def _channels_last(t):
+    """The same values stored as (B, T, C)."""
+    return t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("x_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("out_channels_last", [False, True])
+def test_channels_last(triton_backend, x_layout, out_channels_last):
+    """Channels-last input and/or output (the front-end on CUDA): the reference's values and gradients, the
+    requested output layout, and grad_x in x's layout (what the conv backward before it reads)."""
+    leaves, grad_y = make_inputs(2, 40, 31, True, torch.float32, triton_backend)
+    x = _channels_last(leaves[0]) if x_layout == "channels_last" else leaves[0]
+    grad_y = _channels_last(grad_y) if out_channels_last else grad_y
+    fn = lambda x, w, b: channel_layer_norm_gelu(x, w, b, channels_last=out_channels_last)
+    got = run(fn, [x, *leaves[1:]], grad_y)
+    want = run(channel_layer_norm_gelu_ref, [x, *leaves[1:]], grad_y)
+    assert cf.is_channels_last(got[0]) == out_channels_last and got[0].is_contiguous() != out_channels_last
+    assert cf.is_channels_last(got[1]) == (x_layout == "channels_last")
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=name)
+    default = channel_layer_norm_gelu(x.detach(), *leaves[1:])  # None: x's layout
+    assert cf.is_channels_last(default) == (x_layout == "channels_last")
+
+
 def test_deterministic(triton_backend, monkeypatch):
     monkeypatch.setattr(cf, "PARTIAL_ROWS", 2)
     leaves, grad_y = make_inputs(3, 59, 130, True, torch.float32, triton_backend)
@@ -154,12 +178,15 @@ def test_custom_op_registrations(triton_backend):
     leaves, grad_y = make_inputs(2, 20, 9, True, torch.float32, triton_backend)
     x, weight, bias = leaves
     ops = torch.ops.spidr_fast
-    torch.library.opcheck(ops.channel_layer_norm_gelu, (x, weight, bias, 1e-5))
-    torch.library.opcheck(ops.channel_layer_norm_gelu, (x, None, None, 1e-5))
+    for channels_last in (False, True):
+        torch.library.opcheck(ops.channel_layer_norm_gelu, (x, weight, bias, 1e-5, channels_last))
+        torch.library.opcheck(ops.channel_layer_norm_gelu, (x, None, None, 1e-5, channels_last))
     x, weight, bias = (t.detach() for t in leaves)  # the backward op has no autograd formula of its own
-    _, mean, rstd = ops.channel_layer_norm_gelu(x, weight, bias, 1e-5)
-    torch.library.opcheck(ops.channel_layer_norm_gelu_backward, (grad_y, x, weight, bias, mean, rstd))
-    torch.library.opcheck(ops.channel_layer_norm_gelu_backward, (grad_y, x, None, None, mean, rstd))
+    _, mean, rstd = ops.channel_layer_norm_gelu(x, weight, bias, 1e-5, False)
+    x_cl = x.transpose(1, 2).contiguous().transpose(1, 2)  # channels-last x: grad_x takes its layout
+    for x_, dy in ((x, grad_y), (x_cl, grad_y), (x, grad_y.transpose(1, 2).contiguous().transpose(1, 2))):
+        torch.library.opcheck(ops.channel_layer_norm_gelu_backward, (dy, x_, weight, bias, mean, rstd))
+        torch.library.opcheck(ops.channel_layer_norm_gelu_backward, (dy, x_, None, None, mean, rstd))
 
 
 @pytest.mark.gpu
@@ -193,6 +220,33 @@ def test_model_call_sites(triton_backend, monkeypatch):
             results.append([y, *torch.autograd.grad((y * y.detach().cos()).sum(), params)])
         for g, w in zip(*results):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "channels_first"])
+def test_feature_extractor_channels_last(triton_backend, monkeypatch, layout):
+    """The fused front-end hands its blocks channels-last tensors (SPIDR_FAST_REFERENCE_OPS=frontend_layout:
+    channels-first): fp32 outputs and gradients equal the reference path's; with channels-last the (B, T, C)
+    output is contiguous (the projection's LayerNorm reads it without a copy)."""
+    from spidr_fast.models.feature_extractor import FeatureExtractor
+
+    torch.manual_seed(0)
+    fe = FeatureExtractor([(16, 10, 5), (16, 3, 2), (16, 2, 2)], "layer_norm", bias=False)
+    for block in fe.conv_layers:  # non-trivial affine LayerNorms
+        torch.nn.init.normal_(block.layer_norm.weight, 1.0, 0.3)
+        torch.nn.init.normal_(block.layer_norm.bias, 0.0, 0.3)
+    fe = fe.to(triton_backend)
+    wav = torch.randn(2, 400, device=triton_backend, requires_grad=True)
+    params = [wav, *fe.parameters()]
+    if layout == "channels_first":
+        monkeypatch.setenv("SPIDR_FAST_REFERENCE_OPS", "frontend_layout")
+    y = fe(wav)
+    got = [y, *torch.autograd.grad((y * y.detach().cos()).sum(), params)]
+    assert y.is_contiguous() == (layout == "channels_last")
+    monkeypatch.setenv("SPIDR_FAST_BACKEND", "reference")
+    y = fe(wav)
+    want = [y, *torch.autograd.grad((y * y.detach().cos()).sum(), params)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
 def conv_frontend_specs(C: int, dtype: str, affine: bool) -> list[dict]:

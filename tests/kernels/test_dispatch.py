@@ -7,7 +7,7 @@ import torch
 
 from spidr_fast import DinoSR, DinoSRConfig
 from spidr_fast.kernels import _dispatch, attention, codebook, conv_frontend, heads_ce, targets
-from spidr_fast.kernels._dispatch import OPS, TRITON_OPS, use_fused
+from spidr_fast.kernels._dispatch import ANY_DEVICE_OPS, OPS, TRITON_OPS, use_fused
 from tests.models.test_padding import LENGTHS, TINY, padded_batch
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -16,7 +16,8 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 def test_cpu_defaults_to_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SPIDR_FAST_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter alone does not switch CPU tensors to Triton
-    assert not any(use_fused(CPU, op) for op in OPS)
+    assert not any(use_fused(CPU, op) for op in OPS if op not in ANY_DEVICE_OPS)
+    assert all(use_fused(CPU, op) for op in ANY_DEVICE_OPS)
 
 
 def test_cuda_defaults_to_fused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -65,9 +66,9 @@ def test_forced_triton_without_interpreter_on_cpu_fails_clearly(monkeypatch: pyt
 
 
 def test_reference_backend_runs_no_fused_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A tiny padded training forward + backward under SPIDR_FAST_BACKEND=reference: every op asks the
-    one rule and gets its reference; no fused path runs (Triton launchers, packed attention, one-pass
-    targets), not even attention's backend forced by its own variable."""
+    """A tiny padded training forward + backward (bf16 autocast) under SPIDR_FAST_BACKEND=reference: every
+    op asks the one rule and gets its reference; no fused path runs (Triton launchers, packed attention,
+    one-pass targets), not even attention's backend forced by its own variable."""
     monkeypatch.setenv("SPIDR_FAST_BACKEND", "reference")
     monkeypatch.setenv("SPIDR_FAST_ATTENTION", "nested")  # alone, this runs packed attention on CPU
     asked: list[tuple[str, bool]] = []
@@ -93,7 +94,8 @@ def test_reference_backend_runs_no_fused_path(monkeypatch: pytest.MonkeyPatch) -
 
     torch.manual_seed(0)
     model = DinoSR(DinoSRConfig(**TINY, extractor_mode="layer_norm")).train()
-    losses, _ = model(padded_batch(LENGTHS), lengths=torch.tensor(LENGTHS))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the residual stream's dtype is an op under autocast
+        losses, _ = model(padded_batch(LENGTHS), lengths=torch.tensor(LENGTHS))
     losses.mean().backward()
     assert {op for op, _ in asked} == set(OPS)
     assert not any(fused for _, fused in asked)
