@@ -99,3 +99,14 @@ def test_reference_backend_runs_no_fused_path(monkeypatch: pytest.MonkeyPatch) -
     losses.mean().backward()
     assert {op for op, _ in asked} == set(OPS)
     assert not any(fused for _, fused in asked)
+
+
+def test_reference_backend_extracts_without_the_channels_last_frontend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU front-end (extraction/frontend.py) is the extractor's CPU default, off in an all-reference run."""
+    from spidr_fast.extraction import FeatureExtractor
+
+    model = DinoSR(DinoSRConfig(**TINY, extractor_mode="layer_norm")).eval()
+    monkeypatch.delenv("SPIDR_FAST_BACKEND", raising=False)
+    assert FeatureExtractor(model, layers=[1]).frontend is not None
+    monkeypatch.setenv("SPIDR_FAST_BACKEND", "reference")
+    assert FeatureExtractor(model, layers=[1]).frontend is None
