@@ -35,8 +35,11 @@ from common import RESULTS_DIR, append_jsonl, environment, require_reference, sy
 
 import spidr_fast
 from spidr_fast.checkpoint import load_state_dict_strict
-from spidr_fast.data.batching import librispeech_like_lengths, num_frames
-from spidr_fast.extraction import FeatureExtractor, standardize
+from spidr_fast.config import SAMPLE_RATE
+from spidr_fast.data.audio import standardize
+from spidr_fast.data.batching import librispeech_like_lengths
+from spidr_fast.extraction import FeatureExtractor
+from spidr_fast.framing import num_frames
 from spidr_fast.models.padding import attention_mask_from_lengths
 
 TINY = {
@@ -122,10 +125,10 @@ def throughput(args: argparse.Namespace, device: torch.device) -> list[dict]:
     ref, ours = models(args.config, device, need_reference=not args.no_reference)
     lengths = librispeech_like_lengths(args.num_utts, seed=0)
     if args.max_seconds:
-        lengths = np.minimum(lengths, int(args.max_seconds * 16_000))
+        lengths = np.minimum(lengths, int(args.max_seconds * SAMPLE_RATE))
     rng = np.random.default_rng(0)
-    waves = [standardize(0.1 * rng.standard_normal(n)).to(device) for n in lengths]
-    audio = float(lengths.sum()) / 16_000
+    waves = [torch.from_numpy(standardize(0.1 * rng.standard_normal(n))).to(device) for n in lengths]
+    audio = float(lengths.sum()) / SAMPLE_RATE
     records = []
     for spec in args.layers:
         layers = layer_list(spec, len(ours.student.layers))
@@ -192,7 +195,7 @@ def chunking(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """Chunked vs whole-file features of one long file, per chunk/overlap setting."""
     _, ours = models(args.config, device)
     rng = np.random.default_rng(0)
-    wave = standardize(0.1 * rng.standard_normal(int(args.long_seconds * 16_000)))
+    wave = torch.from_numpy(standardize(0.1 * rng.standard_normal(int(args.long_seconds * SAMPLE_RATE))))
     whole = FeatureExtractor(ours, layers=[args.layer], device=device, chunk_seconds=1e9)([wave])[0][
         f"layer{args.layer}"
     ]
@@ -224,7 +227,10 @@ def dtypes(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """Low-precision vs fp32 features (relative Frobenius error per utterance, max over utterances)."""
     reference, ours = models(args.config, device)
     rng = np.random.default_rng(0)
-    waves = [standardize(0.1 * rng.standard_normal(n)) for n in librispeech_like_lengths(args.num_utts, seed=1)]
+    waves = [
+        torch.from_numpy(standardize(0.1 * rng.standard_normal(n)))
+        for n in librispeech_like_lengths(args.num_utts, seed=1)
+    ]
     ref = FeatureExtractor(ours, layers=[args.layer], device=device)(waves)
     records = []
     key = f"layer{args.layer}"

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import report as tables  # bench/report.py: the training, ablation and extraction tables
+import report as tables  # bench/report.py: the training, ablation and extraction tables, the table helpers
 from common import device_peaks
+from report import cell, markdown_table
 
 # The issue's targets (measured here, never asserted by a test).
 MFU_TARGET = 0.35
@@ -38,23 +39,6 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue  # a line cut by a kill at the time limit
     return out
-
-
-def _cell(value: Any, spec: str = "") -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float) and spec:
-        return format(value, spec)
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(map(_cell, r)) + " |" for r in rows),
-        "",
-    ]
 
 
 def _stage_status(stages: list[dict], *names: str) -> str:
@@ -108,7 +92,7 @@ def environment_section(env: dict | None, run: dict | None) -> list[str]:
         )
     if run:
         rows.append(["run", f"{run.get('command')}; {run.get('total_seconds')} s of {run.get('budget_seconds')} s"])
-    return [*lines, *_table(["what", "value"], rows)]
+    return [*lines, *markdown_table(["what", "value"], rows)]
 
 
 def kernel_resources_section(res: dict | None, stages: list[dict]) -> list[str]:
@@ -118,8 +102,8 @@ def kernel_resources_section(res: dict | None, stages: list[dict]) -> list[str]:
     if isinstance(res.get("ceilings"), dict):
         c = res["ceilings"]
         lines += [
-            f"Measured ceilings: bf16 GEMM {_cell(c.get('bf16_gemm_tflops'), '.0f')} TFLOP/s, "
-            f"device copy {_cell(c.get('copy_gbs'), '.0f')} GB/s (read + write).",
+            f"Measured ceilings: bf16 GEMM {cell(c.get('bf16_gemm_tflops'), '.0f')} TFLOP/s, "
+            f"device copy {cell(c.get('copy_gbs'), '.0f')} GB/s (read + write).",
             "",
         ]
     launched = res.get("launched")
@@ -129,7 +113,7 @@ def kernel_resources_section(res: dict | None, stages: list[dict]) -> list[str]:
             [k["kernel"], k.get("regs"), k.get("spills"), k.get("shared"), k.get("num_warps"), k.get("num_stages")]
             for k in launched
         ]
-        lines += _table(["kernel", "registers", "spills", "shared B", "warps", "stages"], rows)
+        lines += markdown_table(["kernel", "registers", "spills", "shared B", "warps", "stages"], rows)
     else:
         lines += [f"Not available: {launched}", ""]
     offline = res.get("offline")
@@ -146,7 +130,7 @@ def kernel_resources_section(res: dict | None, stages: list[dict]) -> list[str]:
             ]
             for k in offline
         ]
-        lines += _table(
+        lines += markdown_table(
             ["kernel", "registers", "stack (spill) B", "shared B", "tensor-core ops in loops", "config"], rows
         )
     else:
@@ -185,7 +169,7 @@ def tests_section(out: Path, stages: list[dict]) -> list[str]:
             continue
         rows.append([step, *counts, name])
         failing += fails
-    lines += _table(["step", "tests", "failures", "errors", "skipped", "seconds", "details"], rows)
+    lines += markdown_table(["step", "tests", "failures", "errors", "skipped", "seconds", "details"], rows)
     if failing:
         lines += ["Failing:", "", *(f"- `{f}`" for f in failing[:60]), ""]
     return lines
@@ -256,20 +240,20 @@ def kernels_section(out: Path, stages: list[dict], env: dict | None) -> tuple[li
         "vs ref",
         "peak GiB",
     ]
-    lines += _table(
+    lines += markdown_table(
         header,
         [
             [
                 r[0],
                 r[1],
-                _cell(r[2], ".3f"),
-                _cell(r[3], ".0f"),
+                cell(r[2], ".3f"),
+                cell(r[3], ".0f"),
                 r[4],
-                _cell(r[5], ".1f"),
+                cell(r[5], ".1f"),
                 r[6],
-                _cell(r[7], ".2f"),
-                _cell(r[8], ".2f"),
-                _cell(r[9], ".2f"),
+                cell(r[7], ".2f"),
+                cell(r[8], ".2f"),
+                cell(r[9], ".2f"),
             ]
             for r in rows
         ],
@@ -287,7 +271,7 @@ def profile_section(profile: dict | None, stages: list[dict]) -> list[str]:
         f"that ran: {', '.join(profile['fused_ops']) or 'none'}.",
         "",
     ]
-    lines += _table(
+    lines += markdown_table(
         ["class", "ms/step", "share", "calls/step", "distinct kernels"],
         [
             [
@@ -301,7 +285,7 @@ def profile_section(profile: dict | None, stages: list[dict]) -> list[str]:
         ],
     )
     lines += ["Top kernels:", ""]
-    lines += _table(
+    lines += markdown_table(
         ["kernel", "class", "ms/step", "share"],
         [
             [f"`{r['name'][:90]}`", r["class"], f"{r['ms_per_step']:.2f}", f"{r['share']:.1%}"]
@@ -316,7 +300,7 @@ def attention_section(rows: list[dict], stages: list[dict]) -> list[str]:
     lines += ["(`ran`: the backend that ran, after fallbacks; flash_attn_4 runs forward-only calls: ms is fwd)", ""]
     if not rows:
         return [*lines, f"No results: {_stage_status(stages, 'attention')}.", ""]
-    return lines + _table(
+    return lines + markdown_table(
         ["backend", "dtype", "status", "ran", "out rel err", "grad rel err", "fwd+bwd ms", "reason"],
         [
             [
@@ -324,9 +308,9 @@ def attention_section(rows: list[dict], stages: list[dict]) -> list[str]:
                 r["dtype"],
                 r["status"],
                 r.get("ran"),
-                _cell(r.get("out_rel_err"), ".1e"),
-                _cell(r.get("grad_rel_err"), ".1e"),
-                _cell(r.get("fwd_bwd_ms", r.get("fwd_ms")), ".3f"),
+                cell(r.get("out_rel_err"), ".1e"),
+                cell(r.get("grad_rel_err"), ".1e"),
+                cell(r.get("fwd_bwd_ms", r.get("fwd_ms")), ".3f"),
                 r.get("reason"),
             ]
             for r in rows
@@ -345,16 +329,16 @@ def targets_section(train: list[dict], extract: list[dict], codebook: dict[str, 
         mode = "compiled" if compiled else "eager"
         o, r = ours.get(compiled), ref.get(compiled)
         ratio = o["audio_seconds_per_s"] / r["audio_seconds_per_s"] if o and r else None
-        rows.append([f"training step vs reference 0.2.0, {mode}", "> 1x", _cell(ratio, ".2f"), verdict(ratio, 1.0)])
+        rows.append([f"training step vs reference 0.2.0, {mode}", "> 1x", cell(ratio, ".2f"), verdict(ratio, 1.0)])
         mfu = o.get("mfu") if o else None
-        rows.append([f"training MFU, {mode}", f">= {MFU_TARGET:.0%}", _cell(mfu, ".1%"), verdict(mfu, MFU_TARGET)])
+        rows.append([f"training MFU, {mode}", f">= {MFU_TARGET:.0%}", cell(mfu, ".1%"), verdict(mfu, MFU_TARGET)])
     layer6 = [r for r in extract if str(r.get("layer")) == "6" and r["impl"].startswith("spidr_fast")]
     best = max((r["audio_seconds_per_second"] for r in layer6), default=None)
     rows.append(
         [
             "extraction, layer 6 (best), x real time",
             f">= {EXTRACT_RTF_TARGET:,}",
-            _cell(best, ".0f"),
+            cell(best, ".0f"),
             verdict(best, EXTRACT_RTF_TARGET),
         ]
     )
@@ -364,11 +348,11 @@ def targets_section(train: list[dict], extract: list[dict], codebook: dict[str, 
         [
             "codebook assign + accumulate vs the reference formulation, real step size",
             f">= {CODEBOOK_SPEEDUP_TARGET:g}x",
-            _cell(value, ".2f"),
+            cell(value, ".2f"),
             verdict(value, CODEBOOK_SPEEDUP_TARGET),
         ]
     )
-    return ["## Targets (issue 11)", "", *_table(["target", "mark", "measured", "verdict"], rows)]
+    return ["## Targets (issue 11)", "", *markdown_table(["target", "mark", "measured", "verdict"], rows)]
 
 
 def _safe(name: str, fn: Any, *args: Any) -> Any:
@@ -391,7 +375,7 @@ def write_report(out: Path) -> Path:
     if run and run.get("smoke"):
         lines += ["**--smoke run: CPU, tiny shapes. It checks the harness; none of its numbers mean anything.**", ""]
     lines += ["## Steps", ""]
-    lines += _table(
+    lines += markdown_table(
         ["stage", "step", "what", "status", "seconds", "limit", "reason / log"],
         [
             [

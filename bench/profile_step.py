@@ -1,11 +1,11 @@
 """A ~20-step torch.profiler profile of the spidr_fast training step, summarised per kernel class.
 
-Same step as `train_throughput.py` (bf16 autocast forward, loss, backward, clip, AdamW, teacher
-EMA) on the same batches; warm-up steps first (compilation, cuDNN autotuning), then `--steps`
-profiled steps. Every device kernel (CPU ops when there is no GPU) is put in one class by its name
-(GEMM, attention, our fused Triton kernels, inductor-generated Triton, convolution, normalisation,
-elementwise, reduction, copies, optimizer, ...); the JSON holds the time per class and the top
-kernels.
+The trainer's own step, as `train_throughput.py` times it (`trainer_step`: bf16 autocast forward,
+loss, backward, clip, AdamW, teacher EMA), on the same batches; warm-up steps first (compilation,
+cuDNN autotuning), then `--steps` profiled steps. Every device kernel (CPU ops when there is no
+GPU) is put in one class by its name (GEMM, attention, our fused Triton kernels, inductor-generated
+Triton, convolution, normalisation, elementwise, reduction, copies, optimizer, ...); the JSON holds
+the time per class and the top kernels.
 
     python bench/profile_step.py --config base --steps 20 --out profile.json   # one GPU
     python bench/profile_step.py --smoke --out profile.json                      # CPU, tiny
@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, synchronize
-from train_throughput import PRESETS, build, make_batches
+from train_throughput import PRESETS, make_batches, trainer_step
 
 from spidr_fast.kernels._dispatch import OPS, use_fused
 
@@ -117,19 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     fields, budget, max_len = PRESETS[args.config]
     batches = make_batches(args.batches, budget, max_len, 0, device)
-    model = build("spidr_fast", fields, device, args.compiled)
-    params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("teacher")]
-    optimizer = torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.01)
+    train_step = trainer_step(fields, device, torch.bfloat16, args.compiled)
 
     def step(i: int) -> None:
-        b = batches[i % len(batches)]
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            losses, _ = model(b.waveforms, mask_indices=b.mask_indices)
-        (losses.float().sum() / losses.numel()).backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.update_ema(i)
+        train_step(batches[i % len(batches)], i)
 
     for i in range(max(args.warmup, len(batches))):
         step(i)

@@ -16,6 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from spidr_fast.io import atomic_write_text
+
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
@@ -43,26 +45,44 @@ def fmt_ratio(ratio: float | None) -> str:
     return "n/a" if ratio is None else f"{ratio:.2f}x"
 
 
+def cell(value: Any, spec: str = "") -> str:
+    """A Markdown table cell: n/a for None, a float formatted with `spec` when given, pipes escaped."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and spec:
+        return format(value, spec)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(header: list[str], rows: list[list[Any]], title: str | None = None) -> list[str]:
+    """The lines of a Markdown table (under a `## title` when given), then a blank line."""
+    heading = [f"## {title}", ""] if title else []
+    return [
+        *heading,
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(map(cell, row)) + " |" for row in rows),
+        "",
+    ]
+
+
 def train_table(records: list[dict[str, Any]]) -> list[str]:
     rows = [r for r in records if r.get("benchmark") == "train_throughput"]
     if not rows:
         return []
-    lines = [
-        "## Training throughput (per device)",
-        "",
-        "| device | config | impl | mode | ms/step | audio s/s | frames/s | MFU | peak GiB | vs reference | commit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
     ref = {(r["device"], r["config"], r["compiled"], r["commit"]): r for r in rows if r["impl"] == "reference"}
+    body = []
     for r in rows:
         base = ref.get((r["device"], r["config"], r["compiled"], r["commit"]))
         ratio = r["audio_seconds_per_s"] / base["audio_seconds_per_s"] if base and r["impl"] != "reference" else None
-        lines.append(
-            f"| {r['device']} | {r['config']} | {r['impl']} | {'compiled' if r['compiled'] else 'eager'} | "
-            f"{r['step_time_s'] * 1e3:.1f} | {r['audio_seconds_per_s']:.1f} | {r['frames_per_s']:.0f} | "
-            f"{fmt(r['mfu'], '.1%')} | {fmt(r.get('peak_memory_gib'), '.1f')} | {fmt_ratio(ratio)} | {r['commit']} |"
-        )
-    return [*lines, ""]
+        mode = "compiled" if r["compiled"] else "eager"
+        body.append([
+            r["device"], r["config"], r["impl"], mode, f"{r['step_time_s'] * 1e3:.1f}",
+            f"{r['audio_seconds_per_s']:.1f}", f"{r['frames_per_s']:.0f}", fmt(r["mfu"], ".1%"),
+            fmt(r.get("peak_memory_gib"), ".1f"), fmt_ratio(ratio), r["commit"],
+        ])  # fmt: skip
+    header = ["device", "config", "impl", "mode", "ms/step", "audio s/s", "frames/s", "MFU", "peak GiB"]
+    return markdown_table([*header, "vs reference", "commit"], body, "Training throughput (per device)")
 
 
 def ablation_table(records: list[dict[str, Any]]) -> list[str]:
@@ -70,23 +90,17 @@ def ablation_table(records: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     kind = rows[0].get("ablation_kind", "additive")
-    lines = [
-        "## Training step ablation ("
-        + ("each fused op switched off in turn" if kind == "off-one" else "each row adds one change")
-        + ")",
-        "",
-        "| device | config | step | fused ops that ran | audio s/s | MFU | vs reference | commit |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
     base = next((r for r in rows if r["impl"] == "reference"), None)
+    body = []
     for r in rows:
         ratio = r["audio_seconds_per_s"] / base["audio_seconds_per_s"] if base else None
-        lines.append(
-            f"| {r['device']} | {r['config']} | {r['ablation']} | {', '.join(r.get('fused_ops') or []) or '-'} | "
-            f"{r['audio_seconds_per_s']:.1f} | "
-            f"{fmt(r['mfu'], '.1%')} | {fmt_ratio(ratio)} | {r['commit']} |"
-        )
-    return [*lines, ""]
+        body.append([
+            r["device"], r["config"], r["ablation"], ", ".join(r.get("fused_ops") or []) or "-",
+            f"{r['audio_seconds_per_s']:.1f}", fmt(r["mfu"], ".1%"), fmt_ratio(ratio), r["commit"],
+        ])  # fmt: skip
+    header = ["device", "config", "step", "fused ops that ran", "audio s/s", "MFU", "vs reference", "commit"]
+    what = "each fused op switched off in turn" if kind == "off-one" else "each row adds one change"
+    return markdown_table(header, body, f"Training step ablation ({what})")
 
 
 def extract_table(records: list[dict[str, Any]]) -> list[str]:
@@ -94,22 +108,19 @@ def extract_table(records: list[dict[str, Any]]) -> list[str]:
     rows = [r for r in records if r.get("benchmark", r.get("bench")) == "extract_throughput"]
     if not rows:
         return []
-    lines = [
-        "## Extraction throughput (side by side with the reference, same weights and waveforms)",
-        "",
-        "| device | threads | config | layer | dtype | utterances | audio s | impl | audio s/s "
-        "| vs reference one at a time | max abs error | commit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['device']} | {r.get('cpu_threads')} | {r['config']} | {r['layer']} | {r.get('dtype', 'float32')} | "
-            f"{r['num_utts']} | "
-            f"{r['audio_seconds']:.1f} | {r['impl']} | {r['audio_seconds_per_second']:.2f} | "
-            f"{fmt_ratio(r.get('speedup_vs_reference_single'))} | "
-            f"{fmt(r.get('max_abs_error_vs_reference_single'), '.1e')} | {r['commit']} |"
-        )
-    return [*lines, ""]
+    body = [
+        [
+            r["device"], r.get("cpu_threads"), r["config"], r["layer"], r.get("dtype", "float32"), r["num_utts"],
+            f"{r['audio_seconds']:.1f}", r["impl"], f"{r['audio_seconds_per_second']:.2f}",
+            fmt_ratio(r.get("speedup_vs_reference_single")), fmt(r.get("max_abs_error_vs_reference_single"), ".1e"),
+            r["commit"],
+        ]
+        for r in rows
+    ]  # fmt: skip
+    header = ["device", "threads", "config", "layer", "dtype", "utterances", "audio s", "impl", "audio s/s"]
+    header += ["vs reference one at a time", "max abs error", "commit"]
+    title = "Extraction throughput (side by side with the reference, same weights and waveforms)"
+    return markdown_table(header, body, title)
 
 
 _ENV_KEYS = ("date", "device", "gpu_count", "cpu_threads", "torch", "triton", "cuda", "python", "commit")
@@ -159,12 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     records = load(files)
     lines = ["# spidr_fast benchmark report", "", f"From: {', '.join(f.name for f in files) or '(no results)'}", ""]
     lines += train_table(records) + ablation_table(records) + extract_table(records)
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # the plots go beside the report
     images = plot(records, args.out.parent)
     lines += [f"![{p.stem}]({p.name})" for p in images]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(args.out)
+    atomic_write_text(args.out, "\n".join(lines) + "\n")
     print(f"wrote {args.out}" + (f" and {len(images)} plot(s)" if images else ""))
     return 0
 

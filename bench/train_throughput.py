@@ -1,7 +1,10 @@
 """Training throughput per GPU: spidr_fast side by side with the reference `spidr` package.
 
 Both implementations run the same training step (bf16 autocast forward, loss over the masked
-frames, backward, grad clip, AdamW, teacher EMA) on the same batches, in the same process: utterance
+frames, backward, grad clip, AdamW, teacher EMA) on the same batches, in the same process. spidr_fast
+runs the trainer's own code: `parallelize` (per-layer compile), `build_optimizer` (fused AdamW on
+CUDA, LR schedule) and `train_step` from `spidr_fast.train`; the reference runs its recipe's step
+(AdamW 5e-4, betas 0.9/0.95, clip 10, `model.compile(dynamic=True)` as its trainer does). Utterance
 lengths drawn from a LibriSpeech-like distribution (2-35 s), bucketed under the reference's budget
 (3.8M samples per GPU for the base config) and cropped to the shortest of each batch, span masks as
 in the recipe. The reference is run as its trainer runs it: with the all-True (B, 1, T, T) attention
@@ -23,6 +26,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, append_jsonl, environment, require_reference, synchronize
 
 from spidr_fast import SpidR, SpidRConfig
-from spidr_fast.config import SAMPLE_RATE
+from spidr_fast.config import DTYPES, SAMPLE_RATE
 from spidr_fast.data.batching import BatchingConfig, BucketBatchSampler, librispeech_like_lengths, num_frames
 from spidr_fast.data.masks import compute_mask_indices
 from spidr_fast.kernels._dispatch import ANY_DEVICE_OPS, OPS, TRITON_OPS, use_fused
+from spidr_fast.train.config import OptimizerConfig
 from spidr_fast.train.flops import count_step_flops, peak_flops
-from spidr_fast.train.parallelize import apply_compile
+from spidr_fast.train.optim import build_optimizer
+from spidr_fast.train.parallelize import parallelize
+from spidr_fast.train.step import StepContext, train_step
 
 SMALL = dict(
     extractor_conv_layer_config=[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2,
@@ -89,7 +96,8 @@ def make_batches(num: int, budget: int, max_len: int, seed: int, device: torch.d
     return batches
 
 
-def build(impl: str, fields: dict[str, Any], device: torch.device, compile_model: bool) -> torch.nn.Module:
+def build(impl: str, fields: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """The eager model in training mode (seed 0)."""
     torch.manual_seed(0)
     if impl == "spidr_fast":
         model = SpidR(SpidRConfig(**fields))
@@ -98,15 +106,53 @@ def build(impl: str, fields: dict[str, Any], device: torch.device, compile_model
         from spidr.models import SpidR as RefSpidR
 
         model = RefSpidR(RefConfig(**fields))
-    model = model.to(device).train()
+    return model.to(device).train()
+
+
+Step = Callable[[Batch, int], object]  # (batch, step number after this one) -> anything
+
+
+def trainer_step(fields: dict[str, Any], device: torch.device, dtype: torch.dtype, compile_model: bool) -> Step:
+    """spidr_fast's training step as its trainer builds it, on one device: `parallelize` (per-layer
+    compile), `build_optimizer` and `StepContext` with the recipe's optimizer settings, `train_step`."""
+    model = build("spidr_fast", fields, device)
+    called, grad_scale = parallelize(
+        model, parallelism="none", world_size=1, device=device, param_dtype=dtype, compile=compile_model
+    )
+    cfg = OptimizerConfig()
+    optimizer, scheduler = build_optimizer(model, cfg)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ctx = StepContext(called, model, optimizer, scheduler, params, cfg.max_norm, device, dtype, grad_scale)
+    return lambda b, n: train_step(ctx, b.waveforms, b.mask_indices, n)
+
+
+def reference_step(
+    fields: dict[str, Any], device: torch.device, dtype: torch.dtype, compile_model: bool, mask: str
+) -> Step:
+    """The reference's training step as its recipe runs it; `mask` "all-true" passes the (B, 1, T, T)
+    mask its collator always passes, "none" no mask."""
+    model = build("reference", fields, device)
     if compile_model:
-        if impl == "spidr_fast":
-            apply_compile(model)  # what the trainer does: each student and teacher layer, full graph, dynamic
-        else:
-            model.compile(dynamic=True)  # what the reference's trainer does
-    return model
+        model.compile(dynamic=True)  # what the reference's trainer does
+    params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("teacher")]
+    optimizer = torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.01)
+
+    def step(b: Batch, n: int) -> None:
+        attention_mask = None
+        if mask == "all-true":
+            attention_mask = torch.ones(b.waveforms.shape[0], 1, b.frames, b.frames, dtype=torch.bool, device=device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            losses, _ = model(b.waveforms, mask_indices=b.mask_indices, attention_mask=attention_mask)
+        (losses.float().sum() / losses.numel()).backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.update_ema(n)
+
+    return step
 
 
+DTYPE_FLAGS = {"bf16": "bfloat16", "fp32": "float32"}  # --dtype -> spidr_fast.config.DTYPES name
 _FLOPS: dict[tuple[str, str, int], int] = {}
 
 
@@ -120,7 +166,7 @@ def step_flops(impl: str, fields: dict[str, Any], config: str, batches: list[Bat
         saved = os.environ.get("SPIDR_FAST_BACKEND")
         os.environ["SPIDR_FAST_BACKEND"] = "reference"
         try:
-            model = build(impl, fields, b.waveforms.device, False)
+            model = build(impl, fields, b.waveforms.device)
             _FLOPS[key] = count_step_flops(model, b.waveforms, b.mask_indices, dtype)
         finally:
             os.environ.pop("SPIDR_FAST_BACKEND")
@@ -132,24 +178,11 @@ def step_flops(impl: str, fields: dict[str, Any], config: str, batches: list[Bat
 def run(impl: str, compile_model: bool, args: argparse.Namespace, batches: list[Batch]) -> dict[str, Any]:
     device = torch.device(args.device)
     fields, _, _ = PRESETS[args.config]
-    model = build(impl, fields, device, compile_model)
-    params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("teacher")]
-    optimizer = torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.01)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-
-    def attention_mask(b: Batch) -> torch.Tensor | None:
-        if impl == "spidr_fast" or args.reference_mask == "none":
-            return None
-        return torch.ones(b.waveforms.shape[0], 1, b.frames, b.frames, dtype=torch.bool, device=device)
-
-    def step(b: Batch, n: int) -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            losses, _ = model(b.waveforms, mask_indices=b.mask_indices, attention_mask=attention_mask(b))
-        (losses.float().sum() / losses.numel()).backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.update_ema(n)
+    dtype = DTYPES[DTYPE_FLAGS[args.dtype]]
+    if impl == "spidr_fast":
+        step = trainer_step(fields, device, dtype, compile_model)
+    else:
+        step = reference_step(fields, device, dtype, compile_model, args.reference_mask)
 
     # Every distinct batch shape goes through warm-up, so that no compilation lands in the timed steps.
     num_warmup = max(args.warmup, len(batches))
@@ -247,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(PRESETS), default=None, help="model size (default: base on GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_FLAGS), default="bf16")
     parser.add_argument("--impl", nargs="+", choices=["spidr_fast", "reference"], default=["spidr_fast", "reference"])
     parser.add_argument(
         "--modes", nargs="*", choices=["eager", "compiled"], default=["eager", "compiled"], help="none: ablation only"

@@ -12,7 +12,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -141,3 +141,24 @@ def read_model_config(path: str | Path, model_type: ModelType | None = None) -> 
         return model_config_from_dict(fields, model_type)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from e
+
+
+# Compute dtypes by the names configs and command lines use (autocast; float32 disables it);
+# `DTYPES` maps them to torch dtypes.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+if TYPE_CHECKING:
+    import torch
+
+    DTYPES: dict[str, torch.dtype]
+
+
+def __getattr__(name: str) -> Any:
+    """`DTYPES`: {name: torch dtype} for `DTYPE_NAMES`. Built on first use (PEP 562), so that this
+    module, and the CLI's help, load no torch."""
+    if name == "DTYPES":
+        import torch
+
+        globals()[name] = {dtype: getattr(torch, dtype) for dtype in DTYPE_NAMES}
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

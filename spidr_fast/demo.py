@@ -38,21 +38,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tqdm import tqdm
 
-from spidr_fast.checkpoint import build_model
-from spidr_fast.data.corpus import generate_corpus, read_alignments
-from spidr_fast.data.dataset import SpeechDataset
-from spidr_fast.data.manifest import read_manifest, write_manifest
-from spidr_fast.metrics import unit_metrics
-from spidr_fast.train.checkpoint import find_checkpoints
-from spidr_fast.train.config import read_config
-from spidr_fast.train.export import export
-from spidr_fast.train.validate import unit_quality
-from spidr_fast.units import KMeans
+if TYPE_CHECKING:  # torch and the library are imported where they are used: `demo --help` loads no torch
+    import torch
+
+    from spidr_fast.data.dataset import SpeechDataset
+    from spidr_fast.units import KMeans
 
 KMEANS_K = 32
 KMEANS_FIT_UTTERANCES = 48  # training utterances the k-means is fitted on
@@ -84,29 +78,39 @@ class _Bar(tqdm):
 # ---------------------------------------------------------------- units
 def _kmeans_fit(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> KMeans:
     """k-means of `x` (N, D) with `spidr_fast.units.KMeans` (k-means++ seeding, then Lloyd iterations)."""
+    from spidr_fast.units import KMeans
+
     return KMeans(k, iters=iters, seed=seed, device="cpu").fit(x)
 
 
-@torch.no_grad()
 def _layer_outputs(model: torch.nn.Module, dataset: SpeechDataset, limit: int | None = None) -> dict[str, list]:
     """fileid -> the student's layer outputs (after the residual), one (T, D) tensor per layer."""
+    import torch
+
     out = {}
     for i in range(len(dataset) if limit is None else min(limit, len(dataset))):
         item = dataset[i]
         if item.waveform is not None:
-            layers = model.get_intermediate_outputs(item.waveform[None], before_residual=False)
+            with torch.no_grad():
+                layers = model.get_intermediate_outputs(item.waveform[None], before_residual=False)
             out[dataset.entries[i].fileid] = [y[0] for y in layers]
     return out
 
 
 def _log_spectrum(waveform: torch.Tensor) -> torch.Tensor:
     """(T, 40) log band energies of 25 ms Hann windows every 20 ms, on the model's frame grid."""
+    import torch
+
     frames = waveform.unfold(0, 400, 320)
     power = torch.fft.rfft(frames * torch.hann_window(400), dim=-1).abs().square()[:, 1:]  # 200 bins
     return (power.reshape(power.shape[0], 40, 5).sum(-1) + 1e-6).log()
 
 
 def _kmeans_units(fit: dict[str, torch.Tensor], apply: dict[str, torch.Tensor], alignments: dict) -> dict[str, float]:
+    import torch
+
+    from spidr_fast.metrics import unit_metrics
+
     x = torch.cat(list(fit.values()))
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # standardise: k-means then weighs every channel alike
     kmeans = _kmeans_fit((x - mean) / std, KMEANS_K)
@@ -118,6 +122,10 @@ def _kmeans_units(fit: dict[str, torch.Tensor], apply: dict[str, torch.Tensor], 
 def _units_report(
     model: torch.nn.Module, train: SpeechDataset, dev: SpeechDataset, alignments_path: Path, alignments: dict
 ) -> dict[str, Any]:
+    import torch
+
+    from spidr_fast.train.validate import unit_quality
+
     model = model.eval()
     heads = unit_quality(model, dev, str(alignments_path), torch.device("cpu"), torch.float32)
     fit, apply = _layer_outputs(model, train, KMEANS_FIT_UTTERANCES), _layer_outputs(model, dev)
@@ -129,29 +137,42 @@ def _units_report(
     return {"heads": heads, "kmeans": layers[best], "kmeans_layer": best}
 
 
-@torch.no_grad()
 def _target_codewords_used(model: torch.nn.Module, dev: SpeechDataset) -> list[tuple[int, float]]:
     """Per codebook: how many codewords win at least one teacher target on the dev set, and the
-    perplexity of those assignments (the codebooks are not updated)."""
-    counts = [torch.zeros(c.counts.shape[0]) for c in model.codebooks]
+    perplexity of those assignments. The targets and their codewords are the training objective's own
+    (`kernels.instance_norm_targets`, `Codebooks.assign`), on every frame; the codebooks are not updated."""
+    import torch
+
+    from spidr_fast import kernels
+    from spidr_fast.models.codebook import perplexity
+
+    counts = torch.zeros(model.num_codebooks, model.codebooks.size)
     for i in range(len(dev)):
         item = dev[i]
         if item.waveform is None:
             continue
-        features = model.feature_projection(model.feature_extractor(item.waveform[None], None))
-        layers = model.teacher.get_intermediate_outputs(features, None)[-model.num_codebooks :]
-        for n, y, cb in zip(counts, layers, model.codebooks, strict=True):
-            t = torch.nn.functional.instance_norm(y.float().transpose(1, 2)).transpose(1, 2)[0]
-            n += torch.bincount(torch.cdist(t, cb.codebook / cb.counts[:, None]).argmin(1), minlength=n.shape[0])
-    out = []
-    for n in counts:
-        p = n[n > 0] / n.sum()
-        out.append((int((n > 0).sum()), float(torch.exp2(-(p * p.log2()).sum()))))
-    return out
+        with torch.no_grad():
+            features = model.feature_projection(model.feature_extractor(item.waveform[None], None))
+            layers = model.teacher.get_intermediate_outputs(features, None)[-model.num_codebooks :]
+            every_frame = torch.arange(features.shape[1])[None]
+            _, batch_counts, _ = model.codebooks.assign(kernels.instance_norm_targets(layers, None, every_frame))
+        counts += batch_counts
+    ppl = perplexity(counts, counts.sum(-1, keepdim=True))
+    return [(int((n > 0).sum()), float(p)) for n, p in zip(counts, ppl, strict=True)]
 
 
 def main(args: argparse.Namespace) -> int:
-    import spidr_fast.train.trainer as trainer
+    import torch
+
+    from spidr_fast import load_model
+    from spidr_fast.checkpoint import build_model
+    from spidr_fast.data.corpus import generate_corpus, read_alignments
+    from spidr_fast.data.dataset import SpeechDataset
+    from spidr_fast.data.manifest import read_manifest, write_manifest
+    from spidr_fast.train.checkpoint import find_checkpoints
+    from spidr_fast.train.config import read_config
+    from spidr_fast.train.export import export
+    from spidr_fast.train.trainer import train
 
     t0 = time.monotonic()
     torch.set_num_threads(max(1, args.threads))
@@ -188,7 +209,7 @@ def main(args: argparse.Namespace) -> int:
     # A bar on stderr; in a log file (not a terminal) it is rewritten only every 30 s.
     bar = functools.partial(_Bar, mininterval=0.5 if sys.stderr.isatty() else 30, unit="step", file=sys.stderr)
     t_train = time.monotonic()
-    trainer.train(cfg, progress=bar)
+    train(cfg, progress=bar)
     t_train = time.monotonic() - t_train
     log = [json.loads(line) for line in (cfg.run.dir / "train_log.jsonl").read_text().splitlines()]
     train_log = [r for r in log if r["split"] == "train"]
@@ -196,8 +217,6 @@ def main(args: argparse.Namespace) -> int:
 
     print("[3/4] exporting the final checkpoint and extracting units on held-out utterances", flush=True)
     exported = export(find_checkpoints(cfg.run.dir / "checkpoints")[-1], cfg.run.dir / "spidr_demo.pt")
-    from spidr_fast import load_model
-
     model = load_model(exported)
     trained = _units_report(model, train_set, dev, alignments_path, alignments)
     trained_used = _target_codewords_used(model, dev)

@@ -25,12 +25,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from spidr_fast.checkpoint import DownloadError
-from spidr_fast.extraction import FeatureExtractor
-from spidr_fast.extraction.extractor import DTYPES
+from spidr_fast.config import DTYPE_NAMES  # names only: `extract --help` loads no torch
 from spidr_fast.extraction.settings import SETTINGS_FILE
 
-__all__ = ["FeatureExtractor", "add_arguments", "main"]
+__all__ = ["add_arguments", "main"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,9 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--format", choices=["npy", "pt"], default="npy", help="output format (default: npy)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available, else cpu)")
-    parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), help="compute dtype (default: bfloat16 on GPU, else float32)"
-    )
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="compute dtype (default: bfloat16 on GPU, else float32)")
     parser.add_argument(
         "--save-dtype", choices=["float32", "float16"], default="float32", help="dtype of saved features"
     )
@@ -121,6 +117,7 @@ def _units_kind(value: str) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Run the extraction; the exit status is 1 when any file failed."""
+    from spidr_fast.checkpoint import DownloadError
     from spidr_fast.extraction.pipeline import run
 
     try:

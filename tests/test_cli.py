@@ -1,11 +1,15 @@
-"""`spidr-fast --help` / `--version` (and the help of the light subcommands) answer without importing torch."""
+"""`spidr-fast --help`, `--version` and every subcommand's `--help` answer without importing torch."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import subprocess
 import sys
 
 import pytest
+
+from spidr_fast.__main__ import COMMANDS
 
 # Runs the CLI in a fresh interpreter and reports afterwards whether torch was ever imported.
 PROBE = """
@@ -40,11 +44,21 @@ def test_version_without_torch() -> None:
     assert proc.stdout.strip() == f"spidr-fast {spidr_fast.__version__}"
 
 
-@pytest.mark.parametrize("command", ["train", "export", "manifest"])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_subcommand_help_without_torch(command: str) -> None:
+    # Every registered subcommand: its module (parser + main) imports torch only when main runs.
     proc = _probe(command, "--help")
     assert "NO_TORCH" in proc.stderr, proc.stderr
     assert f"usage: spidr-fast {command}" in proc.stdout
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_each_command_module_holds_its_parser_and_main(command: str) -> None:
+    # The convention `__main__` relies on: one module per command, with add_arguments(parser), main(args) and a
+    # docstring (the command's --help description).
+    module = importlib.import_module(COMMANDS[command][0])
+    module.add_arguments(argparse.ArgumentParser())
+    assert callable(module.main) and module.__doc__
 
 
 def test_python_m_spidr_fast_help_imports_no_torch() -> None:
@@ -70,3 +84,11 @@ def test_public_api_still_imports_from_the_package() -> None:
         assert getattr(spidr_fast, name) is not None, name
     with pytest.raises(AttributeError, match="no_such_name"):
         _ = spidr_fast.no_such_name
+
+
+def test_extract_dtype_choices_are_the_extractors() -> None:
+    # `extract --dtype` lists its names without importing torch: they must stay the extractor's.
+    from spidr_fast.extract import DTYPE_NAMES
+    from spidr_fast.extraction.extractor import DTYPES
+
+    assert sorted(DTYPE_NAMES) == sorted(DTYPES)

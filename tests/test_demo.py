@@ -31,3 +31,26 @@ def test_demo_runs_and_prints_results(tmp_path):
         assert {int(n) for n in got} <= {1, 2}, got
     assert re.search(r"best layer: \d+ / \d+", out) and re.search(r"heads: layer \d+ / \d+", out)
     assert (tmp_path / "runs" / "spidr" / "demo" / "spidr_demo.pt").is_file()
+
+
+def test_target_codewords_are_the_training_objectives_own() -> None:
+    # The demo's "codewords in use" counts the trainer's targets and codewords: for one utterance, the
+    # perplexity of its assignments is the training forward's target_ppl (eval mode, every frame predicted).
+    import types
+
+    import torch
+
+    from spidr_fast.checkpoint import build_model
+    from spidr_fast.demo import _target_codewords_used
+    from spidr_fast.train.config import read_config
+
+    cfg = read_config("tiny").model
+    model = build_model(cfg).eval()
+    waveform = torch.randn(16_000)
+    used = _target_codewords_used(model, [types.SimpleNamespace(waveform=waveform)])
+    with torch.no_grad():
+        _, metrics = model(waveform[None])
+    assert len(used) == cfg.num_codebooks
+    assert all(1 <= n <= cfg.codebook_size for n, _ in used)
+    expected = torch.tensor([p for _, p in used]).mean()
+    torch.testing.assert_close(expected, metrics["target_ppl"], rtol=1e-5, atol=0)

@@ -19,8 +19,8 @@ from types import ModuleType
 import numpy as np
 
 from spidr_fast.config import SAMPLE_RATE
+from spidr_fast.framing import RECEPTIVE_FIELD  # fewer samples give zero frames
 
-MIN_SAMPLES = 400  # the conv extractor's receptive field: fewer samples give zero frames
 _LAYER_NORM_EPS = 1e-5  # torch.nn.functional.layer_norm's default, what the reference standardises with
 
 
@@ -122,7 +122,7 @@ def check_audio(waveform: np.ndarray, sample_rate: int, name: str) -> None:
         raise AudioError(name, f"{channels} channels, expected mono")
     if waveform.shape[0] == 0:
         raise AudioError(name, "empty (0 samples)")
-    if waveform.shape[0] < MIN_SAMPLES:
-        raise AudioError(name, f"too short: {waveform.shape[0]} samples < {MIN_SAMPLES} (one frame)")
+    if waveform.shape[0] < RECEPTIVE_FIELD:
+        raise AudioError(name, f"too short: {waveform.shape[0]} samples < {RECEPTIVE_FIELD} (one frame)")
     if not np.isfinite(waveform).all():
         raise AudioError(name, "holds NaN or Inf samples")

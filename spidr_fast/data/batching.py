@@ -25,12 +25,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from spidr_fast.config import DEFAULT_CONV_LAYER_CONFIG
+from spidr_fast.config import SAMPLE_RATE
 from spidr_fast.data.dataset import Utterance
 from spidr_fast.data.masks import MaskingConfig, compute_mask_indices, compute_packed_mask_indices
-
-# (out_channels, kernel, stride) of SpidR's conv feature extractor: 320 samples per frame.
-CONV_LAYERS: tuple[tuple[int, int, int], ...] = tuple(map(tuple, DEFAULT_CONV_LAYER_CONFIG))
+from spidr_fast.framing import num_frames
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,14 +44,6 @@ class BatchingConfig:
     packed: bool = False
     seed: int = 0
     open_bins: int = 8  # packed mode: batches kept open for first fit (more = fuller, less random)
-
-
-def num_frames(num_samples: np.ndarray | int, conv_layers: Sequence[tuple[int, int, int]] = CONV_LAYERS) -> np.ndarray:
-    """Frames the conv extractor yields for `num_samples` samples (int64, same shape; 400 -> 1)."""
-    n = np.asarray(num_samples, dtype=np.int64)
-    for _, kernel, stride in conv_layers:
-        n = np.maximum(0, (n - kernel) // stride + 1)
-    return n
 
 
 def bucket_ids(lengths: np.ndarray, cfg: BatchingConfig) -> np.ndarray:
@@ -269,7 +259,7 @@ class Collator:
         )
 
 
-def librispeech_like_lengths(num: int, seed: int = 0, sample_rate: int = 16_000) -> np.ndarray:
+def librispeech_like_lengths(num: int, seed: int = 0, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Synthetic utterance lengths (samples) shaped like LibriSpeech train (2-35 s, mean ~13 s).
 
     A rough mixture, not LibriSpeech itself: 60% near the segmenter's usual ~14.5 s (normal, sd 1.5),

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from spidr_fast.data.audio import SAMPLE_RATE, soundfile
+from spidr_fast.config import SAMPLE_RATE
+from spidr_fast.data.audio import soundfile
 from spidr_fast.data.manifest import ManifestEntry, write_manifest
 from spidr_fast.io import atomic_write_text
 

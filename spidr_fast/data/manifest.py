@@ -30,7 +30,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from spidr_fast.data.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, soundfile
+from spidr_fast.config import SAMPLE_RATE
+from spidr_fast.data.audio import AudioError, soundfile
+from spidr_fast.framing import RECEPTIVE_FIELD
 from spidr_fast.io import atomic_write_text, write_failures
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
@@ -189,8 +191,8 @@ class Scan:
         except Exception as exc:
             self.failures.append((name, f"unreadable header ({type(exc).__name__}: {exc})"))
             return
-        if info.frames < MIN_SAMPLES:
-            short = f"too short: {info.frames} samples < {MIN_SAMPLES} (one frame)"
+        if info.frames < RECEPTIVE_FIELD:
+            short = f"too short: {info.frames} samples < {RECEPTIVE_FIELD} (one frame)"
             self.failures.append((name, short if info.frames else "empty (0 samples)"))
             return
         self.entries.append(make(int(info.frames)))

@@ -31,34 +31,14 @@ the last `num_codebooks` layers (SpidR base: layers 5..12):
   (FFN output, or the layer output with `before_residual=False`: what `extract` writes and
   `spidr-fast kmeans` fits on), any layer, computed on the device in the same pass.
 
-Measured (bench/extract_throughput.py, base config with random weights, noise input, layer 6,
-CPU; rerun with `--experiment chunking|dtype`):
-- Padded batches equal each utterance alone to <= 2.5e-6 absolute (fp32; tests assert 1e-4).
-- CPU throughput, layer 6, same weights and files, interleaved rounds (best kept), against the
-  reference's `get_intermediate_outputs` one utterance at a time (its fastest use; in padded
-  batches of 8 it is 0.59x of that), LibriSpeech-like lengths, default settings (5 s batches):
-  2 threads (torch's default on the 2-core machine) 2.22x and 2.16x on 16 utterances (186 s),
-  2.08x twice on 8 (86 s); 1 thread 2.02x on the 16, 2.00x and 1.91x on the 8 (run-to-run noise
-  on this shared machine is ~5%). With 20 s batches: 1.95-2.07x (2 threads), 1.90-1.99x (1 thread).
-  From: early stop at the layer (6 of 12), the channels-last front-end (Winograd F(3, 2), time
-  tiles: 0.90 s -> ~0.49 s per 10 s of audio), whole batches per CPU worker, no padding waste.
-  What is left is GEMM-bound: ~0.96 s of the ~1.05 s per 10 s (1 thread) is GEMM, attention
-  and conv at 97-100 GFLOP/s, the measured single-core fp32 peak; the reference spends ~2.0 s.
-  torch.compile and a fused C++ LayerNorm+GELU gave no or ~1% CPU gain here.
-- bf16 autocast: 1.3% relative (Frobenius) error vs fp32, max abs 0.026 on features of max abs
-  2.0; the reference under the same autocast: 1.3%. fp16: 0.17% (reference: 0.17%). Units from
-  low-precision features are still assigned in fp32.
-- Chunking, 90 s file vs whole-file extraction: 60 s chunks + 5 s overlap (the default) 0.9% mean
-  relative error per frame (max 1.4%); 30 s + 5 s 1.3% (max 1.6%); 20 s + 2 s 2.0% (max 3.1%);
-  30 s without overlap 2.2% mean but up to 51% at the cuts. Random weights attend everywhere; a
-  trained model's attention is more local, so it likely differs less (not measured here: the
-  released weights need the network). Files up to
-  chunk + 2 x overlap (70 s by default) are never chunked: exact.
+What was measured (throughput against the reference, accuracy of padding, low precision and
+chunking), with the commands: `bench/results/extraction_cpu.md`.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -71,33 +51,15 @@ import torch
 from torch import Tensor
 
 from spidr_fast import kernels
-from spidr_fast.config import SAMPLE_RATE
-from spidr_fast.data import batching
-from spidr_fast.data.audio import MIN_SAMPLES
-from spidr_fast.data.batching import CONV_LAYERS
+from spidr_fast.config import DTYPES, SAMPLE_RATE
+from spidr_fast.data.audio import standardize
 from spidr_fast.extraction.files import conform
 from spidr_fast.extraction.frontend import ChannelsLastFrontend
-from spidr_fast.models.padding import key_mask_from_lengths, masked_instance_norm
-
-RECEPTIVE_FIELD = int(MIN_SAMPLES)  # samples of the first frame
-HOP = math.prod(stride for _, _, stride in CONV_LAYERS)  # samples between frames (320)
-_EPS = 1e-5  # the standardisation's variance epsilon (a layer norm without affine)
+from spidr_fast.framing import CONV_LAYERS, HOP, RECEPTIVE_FIELD, num_frames
+from spidr_fast.models.padding import masked_instance_norm
 
 UnitsKind = Literal["heads", "codebooks", "codebook-probs"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def standardize(waveform: np.ndarray | Tensor) -> Tensor:
-    """(x - mean) / sqrt(var + 1e-5) over the whole waveform (statistics in float64): (S,) -> float32 (S,)."""
-    x = torch.as_tensor(np.asarray(waveform) if not isinstance(waveform, Tensor) else waveform).detach()
-    x = x.to("cpu", torch.float64).reshape(-1)
-    mean = x.mean()
-    var = (x - mean).square().mean()
-    return ((x - mean) / torch.sqrt(var + _EPS)).float()
-
-
-def num_frames(num_samples: int) -> int:
-    return int(batching.num_frames(num_samples))
+_COMPILED_CALLS = threading.Lock()  # see FeatureExtractor._compiled_call
 
 
 def _mono_16k(key: Any, waveform: np.ndarray | Tensor, sample_rate: int, downmix: bool) -> np.ndarray:
@@ -129,7 +91,7 @@ def plan_pieces(num_samples: int, chunk_frames: int, overlap_frames: int) -> lis
     file (extractor_mode="layer_norm"; in "group_norm" mode block 0's statistics cover the piece);
     only attention and the positional conv see less context.
     """
-    total = num_frames(num_samples)
+    total = int(num_frames(num_samples))
     if total <= chunk_frames + 2 * overlap_frames:
         return [Piece(0, num_samples, 0, total)]
     pieces = []
@@ -172,10 +134,10 @@ class FeatureExtractor:
             `get_intermediate_outputs`), or the layer output.
         cpu_workers: on the CPU, batches computed at once, each on one intra-op thread (default:
             torch's thread count). Whole batches in parallel scale better than threads inside
-            each op (measured 1.97x vs 1.90x of one thread on 2 cores); torch's thread count is
-            set to 1 while a call runs and restored after. Results do not depend on it.
+            each op; torch's thread count is set to 1 while a call runs and restored after.
+            Results do not depend on it.
         channels_last_frontend: run the conv front-end as channels-last GEMMs
-            (`extraction.frontend`, ~20% faster on CPU, equal to 1e-6); default: on the CPU in
+            (`extraction.frontend`, faster on the CPU, equal to 1e-6); default: on the CPU in
             layer_norm mode. It snapshots the conv weights: build the extractor after loading them.
 
     Calling it on a list of waveforms returns, per waveform, {"layer{l}": (frames, D) float32 on the
@@ -255,8 +217,7 @@ class FeatureExtractor:
         self.before_residual = before_residual
         if max_batch_seconds is None:
             # CPU: batching adds no GEMM efficiency past a few seconds of audio, while small batches
-            # pad less and spread evenly over the workers (5 s vs 20 s: 2.16x vs 2.07x the
-            # reference at 2 threads, 2.00x vs 1.98x at 1 thread; bench/extract_throughput.py).
+            # pad less and spread evenly over the workers (bench/results/extraction_cpu.md).
             max_batch_seconds = 300.0 if self.device.type == "cuda" else 5.0
         self.max_batch_samples = int(max_batch_seconds * SAMPLE_RATE)
         self.chunk_frames = max(1, round(chunk_seconds * SAMPLE_RATE / HOP))
@@ -269,11 +230,7 @@ class FeatureExtractor:
             raise ValueError(f"cpu_workers must be >= 1, got {cpu_workers}")
         self.workers = 1 if self.device.type != "cpu" else (cpu_workers or torch.get_num_threads())
         self.compiled = compile
-        self._forward = self._forward_impl
-        if compile:
-            # Every bucket is its own graph: allow enough of them before dynamo falls back to eager.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self._forward = torch.compile(self._forward_impl, dynamic=False)
+        self._forward = torch.compile(self._forward_impl, dynamic=False) if compile else self._forward_impl
 
     # ---------------------------------------------------------------- public API
     def __call__(
@@ -338,7 +295,7 @@ class FeatureExtractor:
                     yield from self._collect(batch, future.result())
 
             for key, waveform in items:
-                wave = standardize(_mono_16k(key, waveform, sample_rate, downmix))
+                wave = torch.from_numpy(standardize(_mono_16k(key, waveform, sample_rate, downmix)))
                 pending = _Pending(key, plan_pieces(wave.numel(), self.chunk_frames, self.overlap_frames))
                 pending.outputs = [None] * len(pending.pieces)
                 queue.extend((pending, i, wave[p.start : p.stop]) for i, p in enumerate(pending.pieces))
@@ -354,7 +311,7 @@ class FeatureExtractor:
         """Sample count a piece is padded to: itself, or (compiled) the next bucket of the frame ladder."""
         if not self.compiled:
             return length
-        frames = num_frames(length)
+        frames = int(num_frames(length))
         bucket = 8
         while bucket < frames:
             bucket = math.ceil(bucket * 2**0.25 / 8) * 8  # multiples of 8 frames, ~19% apart
@@ -454,33 +411,39 @@ class FeatureExtractor:
         batch = batch.to(self.device, non_blocking=True)
         sample_lengths = sample_lengths.to(self.device) if padded else None
         autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
-        with autocast:
+        with autocast, self._compiled_call():
             outputs = self._forward(batch, sample_lengths)
-        return [{name: y[i, : num_frames(n)] for name, y in outputs.items()} for i, n in enumerate(lengths)]
+        return [{name: y[i, : int(num_frames(n))] for name, y in outputs.items()} for i, n in enumerate(lengths)]
+
+    @contextmanager
+    def _compiled_call(self) -> Iterator[None]:
+        """Around a forward. Compiled: every bucket is its own graph, so dynamo's recompile limit is
+        raised (to 64) for the call only; the global setting is dynamo's, never changed for good.
+        Compiled calls hold a process-wide lock: the setting is global, so a patch and its restore
+        must not interleave with another thread's."""
+        if not self.compiled:
+            yield
+            return
+        with _COMPILED_CALLS:
+            limit = max(torch._dynamo.config.recompile_limit, 64)
+            with torch._dynamo.config.patch(recompile_limit=limit):
+                yield
 
     def _forward_impl(self, waveforms: Tensor, sample_lengths: Tensor | None) -> dict[str, Tensor]:
         """(B, S) standardised waveforms, (B,) real samples or None -> {name: (B, T, D)}.
 
-        Only public pieces of the model: the conv extractor + projection, then the student's
-        `iter_layer_outputs` (what `get_intermediate_outputs` reads) stopped at `self.depth`: per layer
-        both its output and its FFN output (features and units may need different ones). No state
-        is kept on `self`, so one extractor may serve several threads.
+        The model's own steps, those of `get_intermediate_outputs`: `model.features` (conv stack or
+        the channels-last front-end, projection, padding), then the student's `iter_layer_outputs`
+        stopped at `self.depth`: per layer both its output and its FFN output (features and units
+        may need different ones). No state is kept on `self`, so one extractor may serve several threads.
         """
         model, student = self.model, self.model.student
-        extractor_lengths = sample_lengths if model.cfg.extractor_mode == "group_norm" else None
-        if self.frontend is not None:
-            features = model.feature_projection(self.frontend(waveforms))
-        else:
-            features = model.feature_projection(model.feature_extractor(waveforms, extractor_lengths))
-        key_mask = None
-        if sample_lengths is not None:
-            key_mask = key_mask_from_lengths(model.feature_extractor.output_lengths(sample_lengths), features.shape[1])
-        layers = student.iter_layer_outputs(features, key_mask, self.depth)
+        features, padding = model.features(waveforms, lengths=sample_lengths, conv=self.frontend)
+        layers = student.iter_layer_outputs(features, padding, self.depth)
         captured = {n: out for n, out in enumerate(layers, start=1) if n in self.kept_layers}
         outputs = {f"layer{n}": captured[n][1 if self.before_residual else 0] for n in self.layers}
         if self.is_dinosr_heads:
-            last = captured[self.depth][0]
-            outputs["units_input"] = student.layer_norm(last) if student.pre_ln else last
+            outputs["units_input"] = student.final_output(captured[self.depth][0])
         elif self.kmeans is not None:  # the layer's features, as `extract` writes them (what k-means was fit on)
             outputs["units_input"] = captured[self.units_layer][1 if self.before_residual else 0]
         elif self.units is not None:

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spidr_fast.data.audio import SAMPLE_RATE, AudioError, check_audio, read_archive_member, soundfile
+from spidr_fast.config import SAMPLE_RATE
+from spidr_fast.data.audio import AudioError, check_audio, read_archive_member, soundfile
 from spidr_fast.data.manifest import AUDIO_EXTENSIONS, ManifestEntry, read_manifest
 from spidr_fast.io import TEMP_SUFFIX, atomic_write
 

@@ -10,12 +10,7 @@ Winograd form with 7/9 of the multiplications (`_conv3_stride2`). Same weights, 
 the summation order of the conv differs (measured <= 1e-6 relative on the base config). The
 output is (B, frames, C), what the projection takes, so the model's final transpose disappears
 too. The first three blocks run in time tiles so that their outputs (64, 32 and 16 MB per 10 s
-of audio) stay in the cache between blocks.
-
-Front-end time per 10 s of audio, base config, 1 CPU thread (AMD EPYC, this project's CI-like
-machine): 0.96 s (the model's conv path) -> 0.65 s (channels-last GEMMs, F(2, 2)) -> 0.51 s
-(two blocks tiled); F(3, 2) with three blocks tiled took the whole extraction down another ~4%
-(A/B in one process, variants interleaved, 5 rounds on 24 s of audio).
+of audio) stay in the cache between blocks. Measured times: `bench/results/extraction_cpu.md`.
 """
 
 from __future__ import annotations
@@ -23,9 +18,11 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spidr_fast.framing import num_frames
+
 
 class ChannelsLastFrontend(nn.Module):
-    """(B, S) waveforms -> (B, frames, C), from a `spidr_fast` FeatureExtractor in layer_norm mode."""
+    """(B, S) waveforms -> (B, frames, C), from the model's `ConvFeatureExtractor` in layer_norm mode."""
 
     def __init__(self, feature_extractor: nn.Module, *, tile_frames: int = 512, tiled_blocks: int = 3):
         super().__init__()
@@ -56,8 +53,8 @@ class ChannelsLastFrontend(nn.Module):
         if self.tiled_blocks == 0 or frames <= self.tile_frames:
             return self._run(x, range(len(self.blocks)))
         # Time tiles through the first blocks: block 0's output (B, S / 5, C) is 64 MB per 10 s, far
-        # beyond the caches; per tile it stays cached while the next block consumes it (block 0:
-        # 118 -> 22 ms per 10 s, base config, 1 thread). Tiles overlap by the halo their convs need.
+        # beyond the caches; per tile it stays cached while the next block consumes it. Tiles
+        # overlap by the halo their convs need.
         out = x.new_empty(x.shape[0], frames, self.blocks[self.tiled_blocks - 1].conv.out_channels)
         for start in range(0, frames, self.tile_frames):
             stop = min(start + self.tile_frames, frames)
@@ -66,9 +63,7 @@ class ChannelsLastFrontend(nn.Module):
         return self._run(out, range(self.tiled_blocks, len(self.blocks)))
 
     def output_frames(self, steps: int, blocks: range) -> int:
-        for i in blocks:
-            steps = (steps - self.blocks[i].kernel_size) // self.blocks[i].stride + 1
-        return steps
+        return int(num_frames(steps, [_layer(self.blocks[i]) for i in blocks]))
 
     def input_span(self, start: int, stop: int, blocks: range) -> tuple[int, int]:
         """Input steps [first, last) that output frames [start, stop) of `blocks` read."""
@@ -83,7 +78,7 @@ class ChannelsLastFrontend(nn.Module):
             block, weight, taps = self.blocks[i], self.weights[i], self.taps[i]
             batch, steps, channels = x.shape
             k, s = block.kernel_size, block.stride
-            out_steps = (steps - k) // s + 1
+            out_steps = int(num_frames(steps, [_layer(block)]))
             if taps is not None and out_steps >= 3:
                 y = _conv3_stride2(x, [t.to(x.dtype) for t in taps], out_steps)
             else:
@@ -95,6 +90,11 @@ class ChannelsLastFrontend(nn.Module):
             norm = block.layer_norm
             x = F.gelu(F.layer_norm(y, norm.normalized_shape, norm.weight, norm.bias, norm.eps))
         return x
+
+
+def _layer(block: nn.Module) -> tuple[int, int, int]:
+    """A conv block as a `spidr_fast.framing` layer: (out_channels, kernel, stride)."""
+    return block.conv.out_channels, block.kernel_size, block.stride
 
 
 def _polyphase(block: nn.Module) -> bool:
@@ -110,8 +110,8 @@ def _conv3_stride2(x: Tensor, taps: list[Tensor], out_steps: int) -> Tensor:
         m1 = (e1 + e2) (A + B) / 2,  m2 = (e2 - e1) (A - B) / 2,  s = m1 + m2,
         y[3q] += (e0 - e2) A + s,  y[3q + 1] += m1 - m2,  y[3q + 2] += (e3 - e1) B + s.
     Only +-1 and 1/2 appear, so rounding stays at a few ulps (2.2e-6 max abs on base-config
-    features vs the direct conv). Inputs are strided views (no unfold copy). Measured ~7% faster
-    than F(2, 2) (5 rows per 2 outputs) on the big blocks, 1 CPU thread.
+    features vs the direct conv). Inputs are strided views (no unfold copy). Faster than F(2, 2)
+    (5 rows per 2 outputs) on the big blocks (bench/results/extraction_cpu.md).
     """
     a, w1, b, half_sum, half_difference = taps
     y = x[:, 1 : 2 * out_steps : 2] @ w1  # (B, T', C_out), the odd phase

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from spidr_fast.config import SAMPLE_RATE
+from spidr_fast.config import DTYPES, SAMPLE_RATE
 from spidr_fast.data.audio import AudioError
-from spidr_fast.extraction.extractor import DTYPES, FeatureExtractor
+from spidr_fast.extraction.extractor import FeatureExtractor
 from spidr_fast.extraction.files import (
     Input,
     is_complete,

@@ -8,6 +8,7 @@ Read top to bottom: `forward` is the training objective of SPEC.md; `get_interme
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from spidr_fast.config import DinoSRConfig
 from spidr_fast.kernels.attention import Padding
 from spidr_fast.kernels.targets import select_masked
 from spidr_fast.models.codebook import Codebooks, perplexity
-from spidr_fast.models.feature_extractor import FeatureExtractor, FeatureProjection
+from spidr_fast.models.feature_extractor import ConvFeatureExtractor, FeatureProjection
 from spidr_fast.models.padding import key_mask_from_attention_mask, key_mask_from_lengths
 from spidr_fast.models.transformer import Transformer
 
@@ -46,7 +47,7 @@ class DinoSR(nn.Module):
         if not isinstance(cfg, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}")
         self.cfg = cfg
-        self.feature_extractor = FeatureExtractor(
+        self.feature_extractor = ConvFeatureExtractor(
             cfg.extractor_conv_layer_config, cfg.extractor_mode, bias=cfg.extractor_conv_bias
         )
         self.feature_projection = FeatureProjection(self.feature_extractor.out_channels, cfg.encoder_embed_dim)
@@ -128,8 +129,29 @@ class DinoSR(nn.Module):
         return decay
 
     # ---------------------------------------------------------------- inputs
+    def features(
+        self,
+        waveforms: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        lengths: Tensor | None = None,
+        conv: Callable[[Tensor], Tensor] | None = None,
+    ) -> tuple[Tensor, Padding | None]:
+        """The input step of every forward, public for callers that run the student's layers themselves.
+
+        Waveforms (as `get_intermediate_outputs` takes them) -> projected features (B, T, D) and the
+        padding that `student.iter_layer_outputs` takes (None: nothing padded). `conv` replaces the
+        conv stack by an equal (B, S) -> (B, T, C) computation (the extractor's channels-last CPU
+        front-end; layer_norm mode only, where the padding does not change the conv features).
+        """
+        return self._features(waveforms, attention_mask, lengths, conv)
+
     def _features(
-        self, waveforms: Tensor, attention_mask: Tensor | None, lengths: Tensor | None
+        self,
+        waveforms: Tensor,
+        attention_mask: Tensor | None,
+        lengths: Tensor | None,
+        conv: Callable[[Tensor], Tensor] | None = None,
     ) -> tuple[Tensor, Padding | None]:
         """Waveforms -> projected features (B, T, D) and the batch's `Padding` (None: nothing padded).
 
@@ -164,8 +186,8 @@ class DinoSR(nn.Module):
                 frames = key_mask.sum(-1)
                 fewest = self.feature_extractor.min_input_length(frames)
                 sample_lengths = torch.where(frames == num_frames, num_samples, fewest)
-        features = self.feature_projection(self.feature_extractor(waveforms, sample_lengths))
-        return features, None if key_mask is None else Padding.from_mask(key_mask)
+        conv_features = self.feature_extractor(waveforms, sample_lengths) if conv is None else conv(waveforms)
+        return self.feature_projection(conv_features), None if key_mask is None else Padding.from_mask(key_mask)
 
     # ---------------------------------------------------------------- inference API
     def get_intermediate_outputs(

@@ -60,8 +60,12 @@ class ConvBlock(nn.Module):
         return F.gelu(x)
 
 
-class FeatureExtractor(nn.Module):
-    """(B, samples) waveforms -> (B, frames, channels). 320 samples per frame with the default layers."""
+class ConvFeatureExtractor(nn.Module):
+    """(B, samples) waveforms -> (B, frames, channels). 320 samples per frame with the default layers.
+
+    The model's conv stack, stored as `feature_extractor` (the reference's state-dict name); not to be
+    confused with `spidr_fast.FeatureExtractor`, the extraction API.
+    """
 
     def __init__(self, conv_layer_config: list[tuple[int, int, int]], mode: str, *, bias: bool):
         super().__init__()

@@ -173,6 +173,10 @@ class Transformer(nn.Module):
         for layer in self.layers:
             if not self._drop_layer():
                 x, _ = layer(x, padding)
+        return self.final_output(x)
+
+    def final_output(self, x: Tensor) -> Tensor:
+        """The encoder's output from its last layer's output: pre-LN adds the final LayerNorm."""
         return self.layer_norm(x) if self.pre_ln else x
 
     def get_intermediate_outputs(

@@ -17,8 +17,6 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from spidr_fast.train.optim import grad_norm_and_clip_
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm stopped being finite; the message names the first such step."""

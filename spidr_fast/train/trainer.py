@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from spidr_fast.checkpoint import build_model, load_state_dict_strict, state_dict_from_checkpoint
-from spidr_fast.config import SAMPLE_RATE
+from spidr_fast.config import DTYPES, SAMPLE_RATE
 from spidr_fast.data.batching import num_frames
 from spidr_fast.train.checkpoint import Checkpointer, step_of
 from spidr_fast.train.config import TrainConfig, save_resolved
@@ -29,7 +29,7 @@ from spidr_fast.train.flops import count_step_flops, peak_flops
 from spidr_fast.train.logs import RunLog, Throughput
 from spidr_fast.train.optim import build_optimizer
 from spidr_fast.train.parallelize import parallelize, rewrap_after_freeze
-from spidr_fast.train.step import DTYPES, Meters, StepContext, train_step
+from spidr_fast.train.step import Meters, StepContext, train_step
 from spidr_fast.train.validate import validate
 
 logger = logging.getLogger(__name__)

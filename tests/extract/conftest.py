@@ -11,6 +11,7 @@ import soundfile as sf
 import torch
 
 import spidr_fast
+from spidr_fast.checkpoint import build_model
 
 TINY = {
     "extractor_conv_layer_config": [[16, 10, 5]] + [[16, 3, 2]] * 4 + [[16, 2, 2]] * 2,
@@ -28,7 +29,7 @@ TINY = {
 def tiny_model(model_type: str = "spidr", seed: int = 0, **overrides: object) -> spidr_fast.DinoSR:
     torch.manual_seed(seed)
     config_class = spidr_fast.SpidRConfig if model_type == "spidr" else spidr_fast.DinoSRConfig
-    model = spidr_fast.checkpoint.build_model(config_class(**{**TINY, **overrides}))
+    model = build_model(config_class(**{**TINY, **overrides}))
     with torch.no_grad():  # codewords with unequal counts, so the division by counts matters
         for codebook in model.codebooks:
             codebook.counts.uniform_(0.5, 3.0)

@@ -18,8 +18,8 @@ import torch
 
 import spidr_fast
 from spidr_fast.__main__ import main
+from spidr_fast.data.audio import standardize
 from spidr_fast.data.manifest import scan_tar, write_manifest
-from spidr_fast.extraction import standardize
 from spidr_fast.extraction.files import list_inputs, shard
 from tests.extract.conftest import TINY, write_audio
 from tests.sigkill import kill_mid_run
@@ -63,7 +63,7 @@ def test_layout_and_values(corpus: Path, checkpoint: Path, tmp_path: Path) -> No
     for f in audio_files(corpus):
         wave, _ = sf.read(f, dtype="float32")
         with torch.no_grad():
-            ref = model.get_intermediate_outputs(standardize(wave)[None])[1][0].numpy()
+            ref = model.get_intermediate_outputs(torch.from_numpy(standardize(wave))[None])[1][0].numpy()
         got = np.load(out / f.relative_to(corpus).with_suffix(".npy"))
         assert got.dtype == np.float32 and got.shape == ref.shape
         np.testing.assert_allclose(got, ref, atol=1e-4)
@@ -221,7 +221,7 @@ def test_cli_reproduces_reference_on_its_checkpoint(corpus: Path, tmp_path: Path
     out = tmp_path / "out"
     assert extract(corpus, out, "--checkpoint", path, "--layer", 3, "--units", "heads") == 0
     for f in audio_files(corpus):
-        wave = standardize(sf.read(f, dtype="float32")[0])[None]
+        wave = torch.from_numpy(standardize(sf.read(f, dtype="float32")[0]))[None]
         with torch.no_grad():
             layer3 = ref.get_intermediate_outputs(wave)[2][0].numpy()
             units = ref.get_codebooks(wave, onehot=True)[2].reshape(-1, TINY["codebook_size"]).argmax(-1).numpy()
@@ -248,7 +248,7 @@ def test_tar_members_from_a_manifest(corpus: Path, checkpoint: Path, tmp_path: P
     assert extract(manifest, out, "--checkpoint", checkpoint, "--layer", 1) == 0
     for f in audio_files(corpus):
         key = Path("corpus") / f.relative_to(corpus).with_suffix(".npy")
-        wave = standardize(sf.read(f, dtype="float32")[0])[None]
+        wave = torch.from_numpy(standardize(sf.read(f, dtype="float32")[0]))[None]
         with torch.no_grad():
             expected = spidr_fast.load_model(checkpoint).get_intermediate_outputs(wave)[0][0].numpy()
         np.testing.assert_allclose(np.load(out / key), expected, atol=1e-4)

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import spidr_fast
-from spidr_fast.extraction import FeatureExtractor, plan_pieces, standardize
-from spidr_fast.extraction.extractor import HOP, RECEPTIVE_FIELD, num_frames
+from spidr_fast.data.audio import standardize
+from spidr_fast.extraction import FeatureExtractor, plan_pieces
+from spidr_fast.framing import HOP, RECEPTIVE_FIELD, num_frames
 from tests.extract.conftest import TINY, tiny_model
 
 # Not GPU tests: pin the extractor to the CPU (its default is CUDA when present, where these fp32
@@ -29,7 +30,7 @@ def waves(lengths: list[int] = LENGTHS, seed: int = 0) -> list[np.ndarray]:
 
 def alone(model: spidr_fast.DinoSR, wave: np.ndarray, **kw: object) -> list[torch.Tensor]:
     with torch.no_grad():
-        return [y[0] for y in model.get_intermediate_outputs(standardize(wave)[None], **kw)]
+        return [y[0] for y in model.get_intermediate_outputs(torch.from_numpy(standardize(wave))[None], **kw)]
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-4) -> None:
@@ -123,7 +124,7 @@ def test_head_units_are_get_codebooks_argmax(model_type: str, layer: int) -> Non
     extractor = FeatureExtractor(model, layers=[1], units="heads", units_layer=layer, max_batch_seconds=0.5)
     for wave, out in zip(waves(), extractor(waves())):
         with torch.no_grad():
-            probs = model.get_codebooks(standardize(wave)[None], onehot=True)[layer - 1]
+            probs = model.get_codebooks(torch.from_numpy(standardize(wave))[None], onehot=True)[layer - 1]
         assert out["units"].dtype == torch.int64
         assert torch.equal(out["units"], probs.reshape(-1, TINY["codebook_size"]).argmax(-1))
 
@@ -209,8 +210,8 @@ def test_reference_model_parity(tmp_path: object) -> None:
     outputs = FeatureExtractor(model, layers=[1, 3], units="heads", max_batch_seconds=0.5)(waves())
     for wave, out in zip(waves(), outputs):
         with torch.no_grad():
-            expected = ref.get_intermediate_outputs(standardize(wave)[None])
-            onehot = ref.get_codebooks(standardize(wave)[None], onehot=True)[2]
+            expected = ref.get_intermediate_outputs(torch.from_numpy(standardize(wave))[None])
+            onehot = ref.get_codebooks(torch.from_numpy(standardize(wave))[None], onehot=True)[2]
         assert_close(out["layer1"], expected[0][0])
         assert_close(out["layer3"], expected[2][0])
         assert torch.equal(out["units"], onehot.reshape(-1, TINY["codebook_size"]).argmax(-1))

@@ -14,7 +14,8 @@ import torch
 import spidr_fast
 from spidr_fast import checkpoint as checkpoint_module
 from spidr_fast.__main__ import main
-from spidr_fast.extraction import FeatureExtractor, standardize
+from spidr_fast.data.audio import standardize
+from spidr_fast.extraction import FeatureExtractor
 from tests.extract.conftest import tiny_model, write_audio
 
 
@@ -64,7 +65,7 @@ def test_rerun_with_other_settings_is_refused_and_overwrite_recomputes(
     assert extract(corpus, out, "--checkpoint", other_checkpoint, "--layer", 2, "--units", "heads", "--overwrite") == 0
     assert "7 written, 0 already complete" in capsys.readouterr().err
     assert not (out / "top.npy").exists()
-    wave = standardize(np.asarray(sf.read(corpus / "top.wav", dtype="float32")[0]))
+    wave = torch.from_numpy(standardize(sf.read(corpus / "top.wav", dtype="float32")[0]))
     with torch.no_grad():
         expected = spidr_fast.load_model(other_checkpoint).get_intermediate_outputs(wave[None])[1][0].numpy()
     np.testing.assert_allclose(np.load(out / "top.layer2.npy"), expected, atol=1e-4)

@@ -227,10 +227,10 @@ def test_feature_extractor_channels_last(triton_backend, monkeypatch, layout):
     """The fused front-end hands its blocks channels-last tensors (SPIDR_FAST_REFERENCE_OPS=frontend_layout:
     channels-first): fp32 outputs and gradients equal the reference path's; with channels-last the (B, T, C)
     output is contiguous (the projection's LayerNorm reads it without a copy)."""
-    from spidr_fast.models.feature_extractor import FeatureExtractor
+    from spidr_fast.models.feature_extractor import ConvFeatureExtractor
 
     torch.manual_seed(0)
-    fe = FeatureExtractor([(16, 10, 5), (16, 3, 2), (16, 2, 2)], "layer_norm", bias=False)
+    fe = ConvFeatureExtractor([(16, 10, 5), (16, 3, 2), (16, 2, 2)], "layer_norm", bias=False)
     for block in fe.conv_layers:  # non-trivial affine LayerNorms
         torch.nn.init.normal_(block.layer_norm.weight, 1.0, 0.3)
         torch.nn.init.normal_(block.layer_norm.bias, 0.0, 0.3)
