@@ -56,6 +56,7 @@ from spidr_fast.data.audio import standardize
 from spidr_fast.extraction.files import conform
 from spidr_fast.extraction.frontend import ChannelsLastFrontend
 from spidr_fast.framing import CONV_LAYERS, HOP, RECEPTIVE_FIELD, num_frames
+from spidr_fast.kernels.attention import Padding
 from spidr_fast.models.padding import masked_instance_norm
 
 UnitsKind = Literal["heads", "codebooks", "codebook-probs"]
@@ -230,7 +231,10 @@ class FeatureExtractor:
             raise ValueError(f"cpu_workers must be >= 1, got {cpu_workers}")
         self.workers = 1 if self.device.type != "cpu" else (cpu_workers or torch.get_num_threads())
         self.compiled = compile
-        self._forward = torch.compile(self._forward_impl, dynamic=False) if compile else self._forward_impl
+        # Only the layers are compiled: the padding (and its packed-attention metadata, a host sync)
+        # is built eagerly once per batch, so compiled layers run flash/varlen attention unbroken.
+        self._layers = torch.compile(self._layers_impl, dynamic=False) if compile else self._layers_impl
+        self._forward = self._forward_impl
 
     # ---------------------------------------------------------------- public API
     def __call__(
@@ -433,12 +437,17 @@ class FeatureExtractor:
         """(B, S) standardised waveforms, (B,) real samples or None -> {name: (B, T, D)}.
 
         The model's own steps, those of `get_intermediate_outputs`: `model.features` (conv stack or
-        the channels-last front-end, projection, padding), then the student's `iter_layer_outputs`
-        stopped at `self.depth`: per layer both its output and its FFN output (features and units
-        may need different ones). No state is kept on `self`, so one extractor may serve several threads.
+        the channels-last front-end, projection, padding; always eager), then `_layers`.
         """
-        model, student = self.model, self.model.student
-        features, padding = model.features(waveforms, lengths=sample_lengths, conv=self.frontend)
+        features, padding = self.model.features(waveforms, lengths=sample_lengths, conv=self.frontend)
+        return self._layers(features, padding)
+
+    def _layers_impl(self, features: Tensor, padding: Padding | None) -> dict[str, Tensor]:
+        """The student's `iter_layer_outputs` stopped at `self.depth` (compiled with `compile=True`):
+        per layer both its output and its FFN output (features and units may need different ones).
+        No state is kept on `self`, so one extractor may serve several threads.
+        """
+        student = self.model.student
         layers = student.iter_layer_outputs(features, padding, self.depth)
         captured = {n: out for n, out in enumerate(layers, start=1) if n in self.kept_layers}
         outputs = {f"layer{n}": captured[n][1 if self.before_residual else 0] for n in self.layers}

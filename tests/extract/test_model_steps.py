@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -59,9 +61,57 @@ def test_compile_changes_no_global_dynamo_setting(monkeypatch: pytest.MonkeyPatc
 
     def forward(waveforms: torch.Tensor, sample_lengths: torch.Tensor | None) -> dict[str, torch.Tensor]:
         seen.append(torch._dynamo.config.recompile_limit)
-        return extractor._forward_impl(waveforms, sample_lengths)  # eager: this test checks the setting only
+        return extractor._forward_impl(waveforms, sample_lengths)  # this test checks the setting only
 
     monkeypatch.setattr(extractor, "_forward", forward)
+    monkeypatch.setattr(extractor, "_layers", extractor._layers_impl)  # eager: this test checks the setting only
     extractor([np.ones(4000, dtype=np.float32), np.ones(1000, dtype=np.float32)])
     assert seen and all(s >= 64 for s in seen)
     assert torch._dynamo.config.recompile_limit == limit
+
+
+@torch.library.custom_op("spidr_fast_test::extract_varlen", mutates_args=())
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """An opaque varlen attention (as flash-attn's own custom ops are): SDPA per packed sequence."""
+    out = torch.empty_like(q)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        seq = [x[start:end].transpose(0, 1) for x in (q, k, v)]
+        out[start:end] = torch.nn.functional.scaled_dot_product_attention(*seq).transpose(0, 1)
+    return out
+
+
+@_varlen.register_fake
+def _(q, k, v, cu):
+    return torch.empty_like(q)
+
+
+def test_compiled_extraction_builds_the_padding_outside_the_compiled_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """compile=True compiles the layers only: the padded batch's packed-attention metadata (a host sync)
+    is built eagerly once per batch and handed in, so the compiled layers trace the varlen backend with
+    no graph break (before, the Padding was built inside the compiled region: masked SDPA). Outputs
+    equal the eager extractor's."""
+    attention_module = importlib.import_module("spidr_fast.kernels.attention")
+
+    monkeypatch.setenv("SPIDR_FAST_ATTENTION", "flash_attn")  # a packed backend, as on CUDA
+    fake = lambda q, k, v, cu, _cu, n, _n, dropout_p: _varlen(q, k, v, cu)
+    monkeypatch.setattr(attention_module, "_flash_attn_varlen", lambda: fake)
+    torch._dynamo.reset()
+    model = tiny_model()
+    waves = [np.random.default_rng(0).standard_normal(n).astype(np.float32) for n in (4000, 2500)]
+    extractor = FeatureExtractor(model, layers=[1, 2], device="cpu", dtype="bfloat16", compile=True)
+    seen = []
+
+    def layers(features: torch.Tensor, padding: object) -> dict[str, torch.Tensor]:
+        seen.append(padding)
+        explanation = torch._dynamo.explain(extractor._layers_impl)(features, padding)
+        assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
+        return torch.compile(extractor._layers_impl, fullgraph=True, backend="eager")(features, padding)
+
+    monkeypatch.setattr(extractor, "_layers", layers)
+    compiled = extractor(waves)
+    assert seen and seen[0].backends == ("flash_attn",) and seen[0].indices is not None
+    monkeypatch.setenv("SPIDR_FAST_ATTENTION", "masked")
+    eager = FeatureExtractor(model, layers=[1, 2], device="cpu", dtype="bfloat16")(waves)
+    for a, b in zip(compiled, eager, strict=True):
+        for name in ("layer1", "layer2"):
+            torch.testing.assert_close(a[name], b[name], atol=3e-2, rtol=3e-2)
