@@ -17,7 +17,7 @@ from spidr_fast.data.manifest import ManifestEntry, write_manifest
 from spidr_fast.io import atomic_write, atomic_write_text, write_failures
 from spidr_fast.train.checkpoint import Checkpointer
 from spidr_fast.train.config import config_from_dict, save_resolved
-from tests.extract.conftest import TINY
+from tests.extraction.conftest import TINY
 
 
 @pytest.fixture

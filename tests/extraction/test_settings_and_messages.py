@@ -16,7 +16,7 @@ from spidr_fast import checkpoint as checkpoint_module
 from spidr_fast.__main__ import main
 from spidr_fast.data.audio import standardize
 from spidr_fast.extraction import FeatureExtractor
-from tests.extract.conftest import tiny_model, write_audio
+from tests.extraction.conftest import tiny_model, write_audio
 
 
 def extract(*args: object) -> int:

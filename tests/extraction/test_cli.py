@@ -21,7 +21,7 @@ from spidr_fast.__main__ import main
 from spidr_fast.data.audio import standardize
 from spidr_fast.data.manifest import scan_tar, write_manifest
 from spidr_fast.extraction.files import list_inputs, shard
-from tests.extract.conftest import TINY, write_audio
+from tests.extraction.conftest import TINY, write_audio
 from tests.sigkill import kill_mid_run
 
 

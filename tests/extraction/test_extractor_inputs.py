@@ -12,7 +12,7 @@ import torch
 from spidr_fast.__main__ import main
 from spidr_fast.extraction import FeatureExtractor
 from spidr_fast.extraction.files import resample_audio
-from tests.extract.conftest import tiny_model, write_audio
+from tests.extraction.conftest import tiny_model, write_audio
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-5) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from tests.extract.conftest import write_audio
+from tests.extraction.conftest import write_audio
 
 
 def cli(*args: object) -> subprocess.CompletedProcess:

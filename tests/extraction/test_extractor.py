@@ -14,7 +14,7 @@ import spidr_fast
 from spidr_fast.data.audio import standardize
 from spidr_fast.extraction import FeatureExtractor, plan_pieces
 from spidr_fast.framing import HOP, RECEPTIVE_FIELD, num_frames
-from tests.extract.conftest import TINY, tiny_model
+from tests.extraction.conftest import TINY, tiny_model
 
 # Not GPU tests: pin the extractor to the CPU (its default is CUDA when present, where these fp32
 # tolerances do not hold). The CUDA test below passes device="cuda" itself.

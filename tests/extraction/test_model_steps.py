@@ -11,7 +11,7 @@ from spidr_fast.data.audio import standardize
 from spidr_fast.extraction import FeatureExtractor
 from spidr_fast.kernels import attention as attention_module
 from spidr_fast.models import feature_extractor as conv_module
-from tests.extract.conftest import tiny_model
+from tests.extraction.conftest import tiny_model
 
 
 def test_the_conv_stack_is_not_named_like_the_extraction_api() -> None:
