@@ -1,4 +1,4 @@
-"""`make gpu-check OUT=DIR`: everything a first GPU session must measure, in one command, in <= 8 minutes.
+"""`make gpu-check OUT=DIR`: everything a first GPU session must measure, in one command, in <= 8.5 minutes.
 
     python bench/gpu_check.py --out DIR                       # on a GPU machine (one H100/H200)
     python bench/gpu_check.py --out DIR --reference-path SRC  # the reference from a source checkout
@@ -8,7 +8,7 @@ Each step runs in its own process under its own time limit (SIGINT at the limit,
 the writers flush what they have, then SIGKILL), and the whole run under `--budget` seconds.
 A step that needs something missing (CUDA, the reference package, pytest-benchmark, flash-attn)
 is skipped and says why. Everything lands in DIR: `env.json`, `kernel_resources.json`,
-`junit_*.xml`, `kernels.json` (pytest-benchmark), `train.jsonl`, `profile.json`, `extract.jsonl`,
+`junit_*.xml`, `kernels.json` (pytest-benchmark), `train.jsonl`, `profile.json`, `roofline.json`, `extract.jsonl`,
 `attention.jsonl`, `stages.jsonl` (one line per step: status, reason, seconds), a log per step
 under `logs/`, and `REPORT.md` rendering all of it.
 
@@ -20,7 +20,8 @@ Stages:
     at 40k frames: the reference formulation, its batched form, torch.compile of it, ours;
  4. training throughput (base, bf16, eager and compiled, ours and the reference on the same
     batches; audio-s/s per GPU, MFU, peak memory), the ablation (each fused op off in turn) and
-    a 20-step profile summarised per kernel class;
+    a 20-step profile summarised per kernel class, and bench/roofline.py's predicted per-class
+    times for the same batches beside the measured ones (measured / predicted: its calibration);
  5. extraction throughput (layer 6 and all layers, batch 1 and batched, fp32 and bf16) against
     the reference's get_intermediate_outputs, and a padded batch through each attention backend.
 
@@ -50,7 +51,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 import gpu_report  # noqa: E402
 
-# Seconds per step. They sum to the default budget of 480 s (8 minutes on one H100).
+# Seconds per step. They sum to the default budget of 510 s (8.5 minutes on one H100).
 LIMITS = {
     "env": 20,
     "env-kernels": 45,  # compiles every Triton kernel once: later steps hit triton's cache
@@ -62,6 +63,7 @@ LIMITS = {
     "train-compiled-ref": 65,
     "train-ablation": 30,
     "train-profile": 20,
+    "train-roofline": 30,  # CPU only: bench/roofline.py traces each profiled batch shape on meta tensors
     "extract": 35,
     "attention": 10,
 }
@@ -205,6 +207,15 @@ STEPS = [
         needs=("cuda",),
     ),
     Step("train-profile", 4, "20-step profile per kernel class", _profile, needs=("cuda",)),
+    Step(
+        "train-roofline",
+        4,
+        "roofline's predicted per-class times beside the profile's",
+        lambda c: _py(
+            c, str(BENCH / "profile_roofline.py"), str(c.out / "profile.json"), "--out", str(c.out / "roofline.json")
+        ),
+        needs=("cuda",),
+    ),
     Step("extract", 5, "extraction throughput", _extract, needs=("cuda",)),
     Step(
         "attention",
@@ -287,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a source checkout of the reference to compare against (default: the installed spidr package; "
         "also SPIDR_REFERENCE_PATH)",
     )
-    parser.add_argument("--budget", type=float, default=None, help="seconds for all steps together (default: 480)")
+    parser.add_argument("--budget", type=float, default=None, help="seconds for all steps together (default: 510)")
     parser.add_argument(
         "--limit",
         action="append",

@@ -295,6 +295,28 @@ def profile_section(profile: dict | None, stages: list[dict]) -> list[str]:
     return lines
 
 
+def roofline_section(cmp: dict | None, stages: list[dict]) -> list[str]:
+    lines = ["### Predicted (bench/roofline.py) beside measured, per class", ""]
+    if not cmp:
+        return [*lines, f"No comparison: {_stage_status(stages, 'train-profile', 'train-roofline')}.", ""]
+    shapes = ", ".join(f"{b['size']} x {b['samples'] / 16000:.1f} s ({b['steps']} steps)" for b in cmp["batches"])
+    lines += [
+        f"Predicted for {cmp['roofline_device']} ({cmp['variant']}, {cmp['config']} config, the profiled batches: "
+        f"{shapes}); measured on {cmp['measured_device']} ({cmp['timeline']}). measured / predicted > 1: the "
+        "class runs slower than the efficiencies in `roofline.EFFICIENCY` say.",
+        "",
+    ]
+    if cmp.get("note"):
+        lines += [f"**Note:** {cmp['note']}.", ""]
+    total = cmp["total"]
+    rows = [*cmp["by_class"], {"class": "**total**", **total}]
+    lines += markdown_table(
+        ["class", "predicted ms/step", "measured ms/step", "measured / predicted"],
+        [[r["class"], f"{r['predicted_ms']:.2f}", f"{r['measured_ms']:.2f}", cell(r["ratio"], ".2f")] for r in rows],
+    )
+    return lines
+
+
 def attention_section(rows: list[dict], stages: list[dict]) -> list[str]:
     lines = ["### Attention backends: one padded batch, forward + backward, vs masked SDPA in fp32", ""]
     lines += ["(`ran`: the backend that ran, after fallbacks; flash_attn_4 runs forward-only calls: ms is fwd)", ""]
@@ -401,6 +423,7 @@ def write_report(out: Path) -> Path:
         ("training", lambda: ["## 4. Training", ""] + (tables.train_table(train) + tables.ablation_table(train) or
                                                         [f"No results: {_stage_status(stages, *train_steps)}.", ""])),
         ("profile", profile_section, _json(out / "profile.json"), stages),
+        ("roofline", roofline_section, _json(out / "roofline.json"), stages),
         ("extraction", lambda: ["## 5. Extraction", ""] + (tables.extract_table(extract) or
                                                            [f"No results: {_stage_status(stages, 'extract')}.", ""])),
         ("attention", attention_section, _jsonl(out / "attention.jsonl"), stages),

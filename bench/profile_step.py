@@ -29,6 +29,8 @@ from train_throughput import PRESETS, make_batches, trainer_step
 
 from spidr_fast.kernels._dispatch import OPS, use_fused
 
+CLASS_NOTE = "`bench/roofline.py`'s classes (`classify` on kernel names; CPU ops by `op_class`)"
+
 # (class, pattern) in order: the first match wins. Patterns are matched against lower-cased names.
 KERNEL_CLASSES: list[tuple[str, str]] = [
     ("fused: codebook", r"_assign_kernel|_segment_sum_kernel|codebook"),
@@ -101,6 +103,25 @@ def summarise(rows: list[tuple[str, float, int]], steps: int, top: int = 25) -> 
     return {"total_ms_per_step": total / 1e3 / steps, "by_class": by_class, "top_kernels": top_kernels}
 
 
+def model_class(name: str, timeline_device: str) -> str:
+    """The roofline predictor's class (`roofline.CLASSES`) of a profiled kernel (CUDA) or aten op (CPU)."""
+    import roofline
+
+    if timeline_device == "cuda":
+        return roofline.classify(name)
+    return roofline.op_class(name.split("::")[-1]) if name.startswith("aten::") else "other"
+
+
+def by_model_class(rows: list[tuple[str, float, int]], steps: int, timeline_device: str) -> dict[str, float]:
+    """Measured ms per step in each of the roofline predictor's classes (all of them, zeros included)."""
+    import roofline
+
+    ms = dict.fromkeys(roofline.CLASSES, 0.0)
+    for name, us, _ in rows:
+        ms[model_class(name, timeline_device)] += us / 1e3 / steps
+    return ms
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(PRESETS), default="base")
@@ -133,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             step(1000 + i)
         synchronize(device)
     probe = torch.empty(0, device=device)
+    rows = event_times(prof, device.type)
+    shapes: dict[tuple[int, int], int] = defaultdict(int)  # (utterances, samples) of the profiled steps
+    for i in range(args.steps):
+        shapes[tuple(batches[(1000 + i) % len(batches)].waveforms.shape)] += 1
     result = {
         "benchmark": "train_profile",
         "config": args.config,
@@ -140,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "fused_ops": [op for op in OPS if use_fused(probe.device, op)],
         "timeline": "device kernels" if device.type == "cuda" else "CPU ops (no GPU)",
-        **summarise(event_times(prof, device.type), args.steps),
+        "batches": [{"size": b, "samples": t, "steps": n} for (b, t), n in shapes.items()],
+        **summarise(rows, args.steps),
+        "by_model_class": by_model_class(rows, args.steps, device.type),
+        "model_class_note": CLASS_NOTE,
         **environment(device),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -80,18 +80,56 @@ def test_reference_path_is_measured_and_named(tmp_path: Path) -> None:
 
 def test_smoke_runs_the_stage_scripts_on_cpu(tmp_path: Path) -> None:
     pytest.importorskip("spidr", reason="the ablation's last row runs the reference package")
-    run = gpu_check_run(tmp_path, "--smoke", "--only", "train-profile", "attention")
+    run = gpu_check_run(tmp_path, "--smoke", "--only", "train-profile", "train-roofline", "attention")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     steps = stages(tmp_path)
-    assert steps["train-profile"]["status"] == steps["attention"]["status"] == "ok"
+    assert {steps[s]["status"] for s in ("train-profile", "train-roofline", "attention")} == {"ok"}
     profile = json.loads((tmp_path / "profile.json").read_text())
     assert profile["by_class"] and abs(sum(r["share"] for r in profile["by_class"]) - 1) < 1e-6
+    assert profile["batches"] and sum(b["steps"] for b in profile["batches"]) == profile["steps"]
+    assert profile["by_model_class"]["gemm"] > 0  # CPU ops classed as the predictor classes them
+    assert sum(profile["by_model_class"].values()) == pytest.approx(profile["total_ms_per_step"])
+    cmp = json.loads((tmp_path / "roofline.json").read_text())
+    assert cmp["roofline_device"] == "H100" and "not in bench/roofline.py's DEVICES" in cmp["note"]
+    assert all(r["predicted_ms"] >= 0 for r in cmp["by_class"]) and cmp["total"]["predicted_ms"] > 0
     attention = [json.loads(line) for line in (tmp_path / "attention.jsonl").read_text().splitlines()]
     by_backend = {r["backend"]: r for r in attention}
     assert by_backend["masked"]["status"] == "ok" and by_backend["masked"]["grad_rel_err"] < 1e-5
     assert all(r["status"] == "skipped" and r["reason"] for b, r in by_backend.items() if b != "masked")
     report = (tmp_path / "REPORT.md").read_text()
     assert "--smoke run" in report and "| masked | float32 | ok |" in report and "per kernel class" in report
+    assert "Predicted (bench/roofline.py) beside measured" in report and "**Note:**" in report
+
+
+def test_predicted_beside_measured_from_a_synthetic_profile(tmp_path: Path) -> None:
+    import profile_roofline
+    import roofline
+
+    batches = [{"size": 2, "samples": 16_000, "steps": 3}, {"size": 1, "samples": 24_000, "steps": 1}]
+    measured = dict.fromkeys(roofline.CLASSES, 0.0) | {"gemm": 3.0, "conv": 0.5, "norm/elementwise": 1.25}
+    profile = {"device": "NVIDIA H200", "config": "tiny", "compiled": False, "timeline": "device kernels",
+               "batches": batches, "by_model_class": measured}  # fmt: skip
+    cmp = profile_roofline.side_by_side(profile)
+    assert cmp["roofline_device"] == "H200" and cmp["note"] is None and cmp["variant"] == "spidr_fast:eager"
+    cfg = profile_roofline._config(profile_roofline.PRESETS["tiny"][0])
+    one = roofline.predict(cfg, "H200", "spidr_fast:eager", 2, 1.0)
+    two = roofline.predict(cfg, "H200", "spidr_fast:eager", 1, 1.5)
+    rows = {r["class"]: r for r in cmp["by_class"]}
+    assert set(rows) == set(roofline.CLASSES)
+    for cls in roofline.CLASSES:  # the profiled steps' shapes, weighted by their steps
+        assert rows[cls]["predicted_ms"] == pytest.approx((3 * one[cls] + two[cls]) / 4)
+        assert rows[cls]["measured_ms"] == measured[cls]
+    assert rows["gemm"]["ratio"] == pytest.approx(3.0 / rows["gemm"]["predicted_ms"])
+    assert cmp["total"]["measured_ms"] == pytest.approx(4.75)
+    assert profile_roofline.roofline_device("NVIDIA L40S")[0] == profile_roofline.DEFAULT_DEVICE
+    assert "L40S" in profile_roofline.roofline_device("NVIDIA L40S")[1]
+
+    (tmp_path / "roofline.json").write_text(json.dumps(cmp))
+    report = gpu_report.write_report(tmp_path).read_text()
+    g = rows["gemm"]
+    assert f"| gemm | {g['predicted_ms']:.2f} | 3.00 | {3.0 / g['predicted_ms']:.2f} |" in report
+    assert "Predicted for H200 (spidr_fast:eager, tiny config, the profiled batches: 2 x 1.0 s (3 steps)" in report
+    assert "**Note:**" not in report
 
 
 def test_a_step_past_its_limit_is_stopped_and_reported(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Modules (imported on demand, so `spidr-fast manifest` does not load torch):
 - `manifest`: .csv / .tsv / .jsonl / tar manifests and the `spidr-fast manifest` command;
-- `audio`: `load_audio` (soundfile decode + checks + standardisation) and `AudioError`;
+- `audio`: `load_audio` (soundfile decode + checks + standardisation; PCM16 as int16 + statistics with
+  `integer=True`, standardised on the device by `standardize_on_device`) and `AudioError`;
 - `dataset`: `SpeechDataset` over a manifest, with `skip_bad`;
 - `batching`: `BucketBatchSampler` (cropped or packed, split across ranks), `Collator`, `Batch`;
 - `masks`: `compute_mask_indices`, `compute_packed_mask_indices` (C++ `spidr_fast._C` or NumPy);

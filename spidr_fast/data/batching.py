@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from spidr_fast.config import SAMPLE_RATE
+from spidr_fast.data.audio import standardize_int16, standardize_on_device
 from spidr_fast.data.dataset import Utterance
 from spidr_fast.data.masks import MaskingConfig, compute_mask_indices, compute_packed_mask_indices
 from spidr_fast.framing import num_frames
@@ -177,6 +178,9 @@ class Batch:
     offsets (each utterance framed alone), `mask_indices` int64 (1, M) positions in the packed frame axis.
     `attention_mask` is None (nothing is padded). `skipped`: "NAME: REASON" of each bad file dropped
     from this batch (`skip_bad`); a batch that lost every file has `waveforms` of shape (0, 0).
+    Integer batches (every utterance PCM16, `SpeechDataset(integer=True)`): `waveforms` int16, not
+    standardised, with `mean`/`scale` float32 per utterance ((B,), packed (n,)); `device_waveforms` gives
+    the standardised float32 waveforms on the device.
     """
 
     waveforms: torch.Tensor
@@ -186,10 +190,17 @@ class Batch:
     cu_seqlens: torch.Tensor | None = None
     cu_frames: torch.Tensor | None = None
     skipped: tuple[str, ...] = ()
+    mean: torch.Tensor | None = None  # per utterance, of int16 `waveforms`
+    scale: torch.Tensor | None = None
 
     @property
     def num_skipped(self) -> int:
         return len(self.skipped)
+
+    def device_waveforms(self, device: torch.device | str) -> torch.Tensor:
+        """float32 standardised waveforms on `device` (int16 batches are standardised there)."""
+        lengths = self.lengths if self.cu_seqlens is not None else None
+        return standardize_on_device(self.waveforms, device, self.mean, self.scale, lengths)
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True)."""
@@ -202,6 +213,8 @@ class Batch:
             pin(self.cu_seqlens),
             pin(self.cu_frames),
             self.skipped,
+            pin(self.mean),
+            pin(self.scale),
         )
 
 
@@ -225,9 +238,15 @@ class Collator:
                 empty, torch.zeros((0, 0), dtype=torch.int64), torch.zeros(0, dtype=torch.int64), skipped=skipped
             )
         waves = [u.waveform for u in good]
-        if self.batching.packed:
-            return self._packed(waves, rng, skipped)
-        return self._cropped(waves, rng, skipped)
+        stats = None
+        if all(u.stats is not None for u in good):  # int16: standardised on the device
+            stats = torch.tensor([u.stats for u in good], dtype=torch.float32)
+        else:  # a mix: standardise the int16 ones here
+            waves = [w if u.stats is None else standardize_int16(w, *u.stats) for u, w in zip(good, waves)]
+        batch = self._packed(waves, rng, skipped) if self.batching.packed else self._cropped(waves, rng, skipped)
+        if stats is not None:
+            batch.mean, batch.scale = stats[:, 0].contiguous(), stats[:, 1].contiguous()
+        return batch
 
     def _cropped(self, waves: list[torch.Tensor], rng: np.random.Generator, skipped: tuple[str, ...]) -> Batch:
         size = min(min(w.shape[0] for w in waves), self.batching.max_sample_size)

@@ -23,32 +23,38 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from spidr_fast.data.audio import AudioError, load_audio, read_archive_member
+from spidr_fast.data.audio import AudioError, IntAudio, load_audio, read_archive_member
 from spidr_fast.data.manifest import ManifestEntry, read_manifest
 
 logger = logging.getLogger(__name__)
 
 
 class Utterance(NamedTuple):
-    """One dataset item: `waveform` is float32 (T,) standardised, or None when skipped (`error` says why)."""
+    """One dataset item: `waveform` is float32 (T,) standardised, or None when skipped (`error` says why),
+    or int16 (T,) PCM16 samples with `stats` = (mean, scale): standardised, `(waveform - mean) * scale`."""
 
     index: int
     epoch: int
     waveform: torch.Tensor | None
     error: str | None = None  # "NAME: REASON" of a skipped file
+    stats: tuple[float, float] | None = None  # (mean, scale) of an int16 waveform
 
 
-def load_entry(entry: ManifestEntry, *, normalize: bool = True, check_length: bool = True) -> np.ndarray:
-    """Decode one manifest entry (file or tar member); float32 (T,). Raises `AudioError`."""
+def load_entry(
+    entry: ManifestEntry, *, normalize: bool = True, check_length: bool = True, integer: bool = False
+) -> np.ndarray | IntAudio:
+    """Decode one manifest entry (file or tar member); float32 (T,), or `IntAudio` for PCM16 with `integer`
+    (see `load_audio`). Raises `AudioError`."""
     source: str | bytes = entry.path
     if entry.archive is not None:
         if entry.byte_offset is None or entry.byte_size is None:
             raise AudioError(entry.name, "archive entry without byte_offset/byte_size")
         source = read_archive_member(entry.archive, entry.byte_offset, entry.byte_size)
-    waveform = load_audio(source, name=entry.name, normalize=normalize)
-    if check_length and waveform.shape[0] != entry.num_samples:
+    waveform = load_audio(source, name=entry.name, normalize=normalize, integer=integer)
+    samples = len(waveform.samples if isinstance(waveform, IntAudio) else waveform)
+    if check_length and samples != entry.num_samples:
         # The sampler budgets batches on manifest counts: a stale manifest would break the budget.
-        raise AudioError(entry.name, f"decoded {waveform.shape[0]} samples, the manifest says {entry.num_samples}")
+        raise AudioError(entry.name, f"decoded {samples} samples, the manifest says {entry.num_samples}")
     return waveform
 
 
@@ -60,6 +66,8 @@ class SpeechDataset(Dataset):
         normalize: standardise each utterance (mean 0, variance 1); SpidR is trained on that.
         skip_bad: skip unusable files (`waveform=None`) instead of raising `AudioError`.
         log_skipped: log each skipped file (once per process) with its reason.
+        integer: with `normalize`, 16-bit PCM comes back as int16 with its (mean, scale) (`Utterance.stats`),
+            standardised on the device by the trainer (`Batch.device_waveforms`); other formats as float32.
     """
 
     def __init__(
@@ -69,11 +77,13 @@ class SpeechDataset(Dataset):
         normalize: bool = True,
         skip_bad: bool = False,
         log_skipped: bool = True,
+        integer: bool = False,
     ) -> None:
         self.entries = read_manifest(manifest) if isinstance(manifest, (str, Path)) else list(manifest)
         self.normalize = normalize
         self.skip_bad = skip_bad
         self.log_skipped = log_skipped
+        self.integer = integer
         self.num_skipped = 0  # reads skipped in this process; workers report theirs through Batch.skipped
         self._logged: set[int] = set()
 
@@ -88,7 +98,7 @@ class SpeechDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> Utterance:
         index, epoch = (key, 0) if isinstance(key, int) else (int(key[0]), int(key[1]))
         try:
-            waveform = load_entry(self.entries[index], normalize=self.normalize)
+            waveform = load_entry(self.entries[index], normalize=self.normalize, integer=self.integer)
         except AudioError as exc:
             if not self.skip_bad:
                 raise
@@ -99,4 +109,6 @@ class SpeechDataset(Dataset):
                     "skipping %s: %s (%d file(s) skipped in this process)", exc.source, exc.reason, len(self._logged)
                 )
             return Utterance(index, epoch, None, f"{exc.source}: {exc.reason}")
+        if isinstance(waveform, IntAudio):
+            return Utterance(index, epoch, torch.from_numpy(waveform.samples), stats=(waveform.mean, waveform.scale))
         return Utterance(index, epoch, torch.from_numpy(waveform))

@@ -71,7 +71,7 @@ def train(cfg: TrainConfig, *, progress: Callable[..., Any] = tqdm) -> dict[str,
         dev_skipped = {name: SkippedFiles(dev.manifest, name) for name, dev in cfg.validation.items()}
         sampler.set_epoch(1)
         first = first_usable_batch(loader, sampler, dataset, skipped)
-        flops = count_step_flops(model, first.waveforms.to(env.device), first.mask_indices.to(env.device), dtype)
+        flops = count_step_flops(model, first.device_waveforms(env.device), first.mask_indices.to(env.device), dtype)
         flops_per_audio_second = flops / (first.waveforms.numel() / SAMPLE_RATE)
 
         # ---- transforms (compile per layer -> FSDP2 / DDP), optimizer, resume
@@ -143,7 +143,7 @@ def train(cfg: TrainConfig, *, progress: Callable[..., Any] = tqdm) -> dict[str,
                     state["batch_in_epoch"] += 1
                     continue
                 step, steps_in_epoch = state["step"] + 1, steps_in_epoch + 1
-                out = train_step(ctx, batch.waveforms, batch.mask_indices, step)
+                out = train_step(ctx, batch.waveforms, batch.mask_indices, step, mean=batch.mean, scale=batch.scale)
                 state["step"], state["batch_in_epoch"] = step, state["batch_in_epoch"] + 1
                 meters.update(out, step)
                 tput.update(

@@ -92,7 +92,7 @@ def validate(
                 continue
             used += 1
             with autocast(device, dtype):
-                losses, metrics = model(batch.waveforms.to(device), mask_indices=batch.mask_indices.to(device))
+                losses, metrics = model(batch.device_waveforms(device), mask_indices=batch.mask_indices.to(device))
             sums += torch.stack(
                 [
                     losses.double().sum(),
