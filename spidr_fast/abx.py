@@ -2,7 +2,9 @@
 
 ITEM is an ABX item file (`spidr_fast.metrics.item_file` writes one from 10 ms alignments; the
 ZeroSpeech / Libri-light ones work as they are). FEATURES is a flat OUTPUT_DIR of `spidr-fast
-extract` (fileids as the item file's `#file`): `c.npy`, `c.layer6.npy` per layer, or `c.pt` dicts.
+extract` (fileids as the item file's `#file`: `extract --flat`): `c.npy`, `c.layer6.npy` per layer,
+`c.pt` (the tensor itself: `extract --layer 6 --format pt --flat` is what fastabx reads as it is) or
+`c.pt` dicts.
 `--layers 4,5,6,7` sweeps the layers extracted there (`extract --layer 4 --layer 5 ...`) and prints
 a table; `--name probs --distance kl_symmetric` scores codebook posteriors (`extract --units
 codebook-probs`). Features are at 50 Hz (a 20 ms frame step: the ZeroSpeech toolkit's `--file_extension

@@ -26,7 +26,9 @@ threads made each step ~6x slower (OpenMP threads waiting on each other's cores)
 progress bar (the trainer's `progress` hook: tqdm on stderr, refreshed every 30 s when stderr is not
 a terminal). The results open with the verdict (trained vs random-init PNMI, both kinds of units),
 then the table, and warn when the target codebooks look collapsed, so a run cut short by a slow
-machine says so. Layers are numbered from 1, as `spidr-fast extract --layer` numbers them.
+machine says so. It ends with the units report (`spidr-fast units-report`'s rows: PNMI, purities,
+perplexity, active units, bitrate, mean run length) of the codebook and k-means units, random init
+and trained side by side. Layers are numbered from 1, as `spidr-fast extract --layer` numbers them.
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ def _kmeans_units(fit: dict[str, torch.Tensor], apply: dict[str, torch.Tensor], 
     kmeans = _kmeans_fit((x - mean) / std, KMEANS_K)
     units = {k: kmeans.predict((v - mean) / std).numpy() for k, v in apply.items()}
     m = unit_metrics(units, alignments)
-    return {"pnmi": m.pnmi, "phone_purity": m.phone_purity, "unit_ppl": m.perplexity}
+    return {"pnmi": m.pnmi, "phone_purity": m.phone_purity, "unit_ppl": m.perplexity, "metrics": m}
 
 
 def _units_report(
@@ -124,7 +126,8 @@ def _units_report(
 ) -> dict[str, Any]:
     import torch
 
-    from spidr_fast.train.validate import unit_quality
+    from spidr_fast.metrics import unit_metrics
+    from spidr_fast.train.validate import extract_units, unit_quality
 
     model = model.eval()
     heads = unit_quality(model, dev, str(alignments_path), torch.device("cpu"), torch.float32)
@@ -134,7 +137,10 @@ def _units_report(
         for layer in range(len(next(iter(apply.values()))))
     ]
     best = max(range(len(layers)), key=lambda i: layers[i]["pnmi"])
-    return {"heads": heads, "kmeans": layers[best], "kmeans_layer": best}
+    # the best head's units again, for the closing units report (unit_quality keeps only three numbers)
+    units = extract_units(model, dev, torch.device("cpu"), torch.float32)
+    head_metrics = unit_metrics({k: v[heads["best_head"]] for k, v in units.items()}, alignments)
+    return {"heads": heads, "head_metrics": head_metrics, "kmeans": layers[best], "kmeans_layer": best}
 
 
 def _target_codewords_used(model: torch.nn.Module, dev: SpeechDataset) -> list[tuple[int, float]]:
@@ -285,5 +291,18 @@ def main(args: argparse.Namespace) -> int:
         f"  for scale: k-means {KMEANS_K} on a log spectrum (no learning): PNMI {spectrum['pnmi']:.3f}, "
         f"phone purity {spectrum['phone_purity']:.3f}"
     )
+    from spidr_fast.units_report import format_columns
+
+    print(
+        f"  units report (held-out, as `spidr-fast units-report`): codebook units = best head's argmax, "
+        f"k-means {KMEANS_K} on the best layer"
+    )
+    columns = {
+        "codebook, init": initial["head_metrics"],
+        "codebook, trained": trained["head_metrics"],
+        "k-means, init": initial["kmeans"]["metrics"],
+        "k-means, trained": trained["kmeans"]["metrics"],
+    }
+    print("\n".join("  " + line for line in format_columns(columns)))
     print(f"  (model {exported}; {time.monotonic() - t0:.0f} s in all)")
     return 0

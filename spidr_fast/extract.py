@@ -2,8 +2,10 @@
 
 INPUT is a folder (searched recursively for .wav/.flac/.ogg/.mp3/...), a manifest (.csv, .tsv,
 .jsonl; see `spidr-fast manifest`) or one audio file. `a/b/c.flac` under INPUT becomes
-OUTPUT_DIR/a/b/c.npy (or c.pt); when several arrays are extracted (several --layer, or --units)
-each goes to OUTPUT_DIR/a/b/c.<name>.npy (names: layer6, ..., units), or all into one c.pt dict.
+OUTPUT_DIR/a/b/c.npy (or c.pt, the tensor itself); when several arrays are extracted (several
+--layer, or --units) each goes to OUTPUT_DIR/a/b/c.<name>.npy (names: layer6, ..., units), or all
+into one c.pt dict. --flat writes OUTPUT_DIR/c.npy (c.pt): outputs named by file id, as ABX item
+files and fastabx want them (`--layer 6 --format pt --flat` is a folder fastabx reads as it is).
 Features are (frames, D), 50 frames per second; units are (frames,) int64. Layers count from 1.
 
 OUTPUT_DIR/extract_settings.json records the settings that decide the outputs (checkpoint hash,
@@ -70,7 +72,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="files",
         help="jsonl: also OUTPUT_DIR/units.jsonl, a line per file {file, units[, durations]} (default: files)",
     )
-    parser.add_argument("--format", choices=["npy", "pt"], default="npy", help="output format (default: npy)")
+    parser.add_argument(
+        "--format",
+        choices=["npy", "pt"],
+        default="npy",
+        help="output format (default: npy); pt: the tensor itself when one array is extracted, else a dict",
+    )
+    parser.add_argument(
+        "--flat",
+        action="store_true",
+        help="name outputs by file id alone (a/b/c.flac -> OUTPUT_DIR/c.npy), as ABX item files do; "
+        "files sharing a file id fail",
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available, else cpu)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="compute dtype (default: bfloat16 on GPU, else float32)")
     parser.add_argument(

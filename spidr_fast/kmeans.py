@@ -1,10 +1,11 @@
 """Fit k-means units on features written by `spidr-fast extract`, and save the centroids.
 
 FEATURES is the OUTPUT_DIR of `spidr-fast extract` (searched recursively): `c.npy` per file (one
-array extracted), `c.layer6.npy` per file and array (several), or `c.pt` dicts. `--name` picks the
-array (layer6, ...) when there are several; by default the only layer there is. The files are
-memory-mapped and read in chunks, once per iteration: memory is bounded by a chunk, not by the
-corpus, unless --max-frames asks for a subsample (drawn from --seed, held in memory).
+array extracted), `c.layer6.npy` per file and array (several), or `c.pt` (the tensor itself when one
+array was extracted, else a dict of them). `--name` picks the array (layer6, ...) when there are
+several; by default the only layer there is. The files are memory-mapped and read in chunks, once
+per iteration: memory is bounded by a chunk, not by the corpus, unless --max-frames asks for a
+subsample (drawn from --seed, held in memory).
 
 With --checkpoint, FEATURES is audio instead (a folder, manifest or file, as for `extract`): the
 --layer features are extracted in memory (held whole: frames x dim x 4 bytes) and never written.
@@ -81,8 +82,8 @@ class FeatureFolder:
             keys = sorted(set(named.values()))
         features = [k for k in keys if k not in NOT_FEATURES]
         if name is None:
-            if self.kind == "npy" and not named:
-                self.name, self.paths = None, files
+            if not keys:  # one array per file: `c.npy`, or `c.pt` holding the tensor itself
+                self.name, self.paths = None, files if self.kind == "npy" else pt
                 return
             if len(features) != 1:
                 raise ValueError(f"{folder}: several arrays per file ({', '.join(keys)}): choose one with --name")
@@ -101,14 +102,9 @@ class FeatureFolder:
         if self.kind == "npy":
             array = np.load(path, mmap_mode="r")
         else:
-            import torch
+            from spidr_fast.extraction.files import read_pt
 
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            if not isinstance(obj, dict) or self.name not in obj:
-                raise ValueError(
-                    f"{path}: no {self.name!r} entry (keys: {sorted(obj) if isinstance(obj, dict) else '-'})"
-                )
-            array = obj[self.name].float().numpy()
+            array = read_pt(path, self.name, mmap=True).float().numpy()
         if array.ndim != 2:
             raise ValueError(f"{path}: features must be (frames, dim), got shape {array.shape}")
         return array
@@ -118,8 +114,10 @@ def _pt_names(path: Path) -> list[str]:
     import torch
 
     obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(obj, torch.Tensor):
+        return []  # the one array extracted
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: not a dict of arrays written by `spidr-fast extract --format pt`")
+        raise ValueError(f"{path}: neither a tensor nor a dict of arrays written by `spidr-fast extract --format pt`")
     return sorted(obj)
 
 

@@ -3,7 +3,7 @@
 `KMeans(k, ...)` fits centroids to (frames, dim) features with k-means++ seeding and Lloyd
 iterations, each a `spidr_fast.kernels.codebook_assign_accumulate` on CUDA (the fused Triton
 kernels), and on the CPU (or in fp64) the same arithmetic in plain PyTorch: one GEMM for the
-distances, a `scatter_add_` for the sums (`assign_accumulate`). Features are one tensor or a
+distances, a `scatter_add_` or a CSR product for the sums (`assign_accumulate`). Features are one tensor or a
 re-iterable of per-file arrays (a list of memory-mapped `np.load(..., mmap_mode="r")` arrays, say):
 they are read in fixed-size chunks of the concatenated frames, so memory is bounded by a chunk and
 a tensor and the same frames split into files give the same centroids, bit for bit. Per pass,
@@ -25,6 +25,7 @@ a centroid update, iterations stop early at a fixed point (the centroids do not 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 
 from spidr_fast import kernels
-from spidr_fast.kernels._dispatch import use_triton
+from spidr_fast.kernels import _dispatch
 
 # precision -> (tl.dot input precision of the kernels, working dtype); fp64 runs the references
 PRECISIONS: dict[str, tuple[str, torch.dtype]] = {
@@ -244,7 +245,7 @@ class KMeans:
 
 
 def _fused(x: Tensor) -> bool:
-    return x.dtype != torch.float64 and use_triton(x, "codebook")
+    return x.dtype != torch.float64 and _dispatch.use_fused(x.device, "codebook")
 
 
 def assign(x: Tensor, centers: Tensor, precision: str = "fp32") -> Tensor:
@@ -265,16 +266,37 @@ def assign_accumulate(x: Tensor, centers: Tensor, precision: str = "fp32") -> tu
     """Labels (n,), counts (K,) and per-centroid sums (K, D) of x (n, D) for one Lloyd step.
 
     CUDA: `kernels.codebook_assign_accumulate` (fused assignment, reproducible segment sums).
-    Elsewhere: `assign`, then a `scatter_add_` (the codebook reference's one-hot GEMM, kept there for
-    bitwise parity with the `spidr` package, costs 210 ms for 8k x 768 frames, K = 500; this 16 ms).
+    Elsewhere: `assign`, then a `scatter_add_` on one thread, `segment_sums` (a CSR product, the same
+    bits) on several (the codebook reference's one-hot GEMM, kept there for bitwise parity with the
+    `spidr` package, costs 210 ms for 8k x 768 frames, K = 500; these 6-66 ms).
     """
     if _fused(x):
         ones = torch.ones(centers.shape[0], device=x.device, dtype=x.dtype)
         return kernels.codebook_assign_accumulate(x, centers, ones, precision=PRECISIONS[precision][0])
     labels = assign(x, centers, precision)
     counts = torch.bincount(labels, minlength=centers.shape[0])
-    sums = torch.zeros_like(centers).scatter_add_(0, labels[:, None].expand(-1, x.shape[1]), x)
-    return labels, counts, sums
+    if torch.get_num_threads() == 1:  # the fastest there (the same bits either way)
+        return labels, counts, torch.zeros_like(centers).scatter_add_(0, labels[:, None].expand(-1, x.shape[1]), x)
+    return labels, counts, segment_sums(x, labels, counts)
+
+
+def segment_sums(x: Tensor, labels: Tensor, counts: Tensor) -> Tensor:
+    """Per-label sums (K, D) of x (n, D) on the CPU: a CSR (K, n) 0/1 matrix, rows listing their frames
+    in order (a stable sort), times x; each sum adds its frames in frame order, as a `scatter_add_`
+    does (the same bits). On 2 loaded CPU threads, 8k x 768 frames, K = 500, its slow calls take
+    66-92 ms (p90, max) where `scatter_add_` and `index_add_` take 250-336 ms (their OpenMP threads
+    wait on each other): Lloyd iterations 0.198-0.249 it/s against 0.171-0.230 (4 interleaved runs
+    each). On 1 thread `scatter_add_` ran the faster (0.397-0.416 against 0.375-0.380 it/s), so
+    `assign_accumulate` keeps it there (`bench/results/kmeans_throughput_cpu.md`)."""
+    order = torch.sort(labels, stable=True).indices
+    rows = torch.zeros(counts.shape[0] + 1, dtype=torch.int64, device=x.device)
+    rows[1:] = counts.cumsum(0)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product is all this uses
+        warnings.simplefilter("ignore", UserWarning)
+        onehot = torch.sparse_csr_tensor(
+            rows, order, torch.ones_like(order, dtype=x.dtype), (counts.shape[0], x.shape[0])
+        )
+        return onehot @ x
 
 
 def kmeans_plusplus(x: Tensor, k: int, generator: torch.Generator, trials: int | None = None) -> Tensor:

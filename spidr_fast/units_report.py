@@ -1,7 +1,7 @@
 """Report how phonetic discrete units are, against frame-level phone alignments.
 
 UNITS_DIR holds units written by `spidr-fast extract --units ...` (searched recursively):
-`c.units.npy`, `c.npy` holding a 1-D array (--units-only), or `c.pt` dicts with a "units" entry;
+`c.units.npy`, `c.npy` or `c.pt` holding a 1-D array (--units-only), or `c.pt` dicts with "units";
 50 units per second (merged runs from `--dedup` are expanded with their durations). ALIGNMENTS is
 an `alignments.jsonl` (one {"fileid", "phones": [one label per 10 ms]} per line, as the built-in
 corpus's; a corpus folder works too). A units file matches the
@@ -52,7 +52,9 @@ def read_units(folder: Path) -> dict[str, np.ndarray]:
             import torch
 
             obj = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(obj, dict) and "units" in obj:
+            if isinstance(obj, torch.Tensor) and obj.ndim == 1:  # --units-only --format pt: the units themselves
+                out[key] = obj.numpy()
+            elif isinstance(obj, dict) and "units" in obj:
                 out[key] = obj["units"].numpy()
                 if "durations" in obj:  # extract --dedup: runs back to frames
                     out[key] = expand_runs(out[key], obj["durations"].numpy())
@@ -104,6 +106,40 @@ def plot_cooccurrence(counts: np.ndarray, phones: list[str], units: list[int], p
     plt.close(fig)
 
 
+# (row label, UnitMetrics field) of the report, also the demo's closing table (`format_columns`)
+REPORT_ROWS = (
+    ("frames (label rate)", "num_frames"),
+    ("PNMI", "pnmi"),
+    ("phone purity", "phone_purity"),
+    ("cluster purity", "cluster_purity"),
+    ("unit perplexity", "perplexity"),
+    ("active units", "active_codewords"),
+    ("bitrate (bits/s)", "bitrate"),
+    ("mean run length (frames)", "mean_run_length"),
+)
+
+
+def report_rows(metrics: object) -> dict[str, float | int]:
+    """Row label -> value of a `spidr_fast.metrics.UnitMetrics`, in the report's order."""
+    return {label: getattr(metrics, field) for label, field in REPORT_ROWS}
+
+
+def _cell(value: float | int, width: int) -> str:
+    return f"{value + 0.0:{width}.4f}" if isinstance(value, float) else f"{value:{width}d}"  # + 0.0: no "-0.0000"
+
+
+def format_columns(columns: dict[str, object]) -> list[str]:
+    """The report's rows with one column per set of units (heading -> UnitMetrics): a markdown table."""
+    rows = {heading: report_rows(m) for heading, m in columns.items()}
+    widths = [max(len(h), 10) for h in columns]
+    lines = ["| " + " | ".join([f"{'':26s}", *(f"{h:>{w}s}" for h, w in zip(columns, widths))]) + " |"]
+    lines.append("|" + "|".join(["-" * 28, *("-" * (w + 1) + ":" for w in widths)]) + "|")
+    for label, _ in REPORT_ROWS:
+        cells = [_cell(rows[h][label], w) for h, w in zip(columns, widths)]
+        lines.append("| " + " | ".join([f"{label:26s}", *cells]) + " |")
+    return lines
+
+
 def main(args: argparse.Namespace) -> int:
     """Print the report; exit status 2 on bad input."""
     try:
@@ -129,17 +165,7 @@ def _run(args: argparse.Namespace) -> int:
     counts, phones, ids = contingency(u[keep], y[keep])
     png = args.png or args.units_dir / "units-report.png"
     plot_cooccurrence(counts, phones, ids, png)
-    rows = {
-        "files": len(units),
-        "frames (label rate)": metrics.num_frames,
-        "PNMI": metrics.pnmi,
-        "phone purity": metrics.phone_purity,
-        "cluster purity": metrics.cluster_purity,
-        "unit perplexity": metrics.perplexity,
-        "active units": metrics.active_codewords,
-        "bitrate (bits/s)": metrics.bitrate,
-        "mean run length (frames)": metrics.mean_run_length,
-    }
+    rows = {"files": len(units), **report_rows(metrics)}
     print(f"units-report: {args.units_dir} against {args.alignments}" + (f" (ignoring {ignore})" if ignore else ""))
     for name, value in rows.items():
         print(f"  {name:26s} {value:.4f}" if isinstance(value, float) else f"  {name:26s} {value}")

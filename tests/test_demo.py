@@ -31,6 +31,15 @@ def test_demo_runs_and_prints_results(tmp_path):
         assert {int(n) for n in got} <= {1, 2}, got
     assert re.search(r"best layer: \d+ / \d+", out) and re.search(r"heads: layer \d+ / \d+", out)
     assert (tmp_path / "runs" / "spidr" / "demo" / "spidr_demo.pt").is_file()
+    # It ends with the units report: units-report's rows, codebook and k-means units, init and trained side by side.
+    table = out[out.index("units report (held-out") :].splitlines()
+    header = table[1]
+    for column in ("codebook, init", "codebook, trained", "k-means, init", "k-means, trained"):
+        assert column in header, header
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in table[3:] if line.strip().startswith("|")}
+    for name in ("PNMI", "phone purity", "cluster purity", "unit perplexity", "bitrate (bits/s)"):
+        assert len(rows[name]) == 4 and all(float(v) >= 0 for v in rows[name]), rows
+    assert "mean run length (frames)" in rows and all(float(v) >= 1 for v in rows["mean run length (frames)"])
 
 
 def test_target_codewords_are_the_training_objectives_own() -> None:

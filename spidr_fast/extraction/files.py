@@ -5,7 +5,9 @@
   its output path without suffix: the path relative to the folder (`a/b/c.flac` -> `a/b/c`), the
   manifest's fileid, or the file's stem.
 - Outputs: `OUTPUT_DIR/key.npy` when one array is extracted, `OUTPUT_DIR/key.<name>.npy` per
-  array (`layer6`, `units`, ...) when several, or `OUTPUT_DIR/key.pt` holding {name: tensor}.
+  array (`layer6`, `units`, ...) when several; in the pt format `OUTPUT_DIR/key.pt` holds the
+  tensor itself when one array is extracted (what fastabx's default `torch.load` reads), else a
+  {name: tensor} dict. `flat_inputs` names each output by its file id alone (`a/b/c` -> `c`).
   Every file is written to a temporary name in its folder and renamed (`os.replace`): a path
   that exists is complete. `is_complete` also checks sizes and contents, so a partial or foreign
   file is redone, and `remove_stale_temps` clears what a killed run left.
@@ -78,6 +80,12 @@ def split_shared_keys(inputs: Sequence[Input]) -> tuple[list[Input], list[tuple[
             others = ", ".join(o.name for o in group if o is not item)
             shared.append((item.name, f"its output name {key!r} is also that of {others}: rename one of them"))
     return unique, shared
+
+
+def flat_inputs(inputs: Sequence[Input]) -> list[Input]:
+    """The inputs keyed by their file id, the last part of the key (`a/b/c` -> `c`): one flat output folder.
+    Two inputs with one file id share an output name: `split_shared_keys` reports both as failures."""
+    return [Input(key=item.key.rsplit("/", 1)[-1], entry=item.entry) for item in inputs]
 
 
 def _file_entry(path: Path) -> ManifestEntry:
@@ -185,7 +193,7 @@ def resample_audio(x: np.ndarray, orig: int, new: int, *, zeros: int = 16, rollo
 
 # ---------------------------------------------------------------- outputs
 def output_paths(out_dir: Path, key: str, names: Sequence[str], fmt: str) -> dict[str, Path]:
-    """name -> output file ({"*": key.pt} in the pt format)."""
+    """name -> output file ({"*": key.pt} in the pt format: the tensor of the one name, else a dict)."""
     if fmt == "pt":
         return {"*": out_dir / f"{key}.pt"}
     if len(names) == 1:
@@ -199,7 +207,10 @@ def is_complete(paths: dict[str, Path], names: Sequence[str]) -> bool:
         for name, path in paths.items():
             if name == "*":
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                if not isinstance(obj, dict) or sorted(obj) != sorted(names):
+                if len(names) == 1:
+                    if not isinstance(obj, torch.Tensor) or (obj.ndim == 1) != (names[0] in INTEGER_OUTPUTS):
+                        return False
+                elif not isinstance(obj, dict) or sorted(obj) != sorted(names):
                     return False
             elif not _npy_whole(path, name):
                 return False
@@ -223,10 +234,22 @@ def save_outputs(result: dict[str, torch.Tensor], paths: dict[str, Path], save_d
     arrays = {k: (v if k in INTEGER_OUTPUTS else v.to(save_dtype)).contiguous() for k, v in result.items()}
     for name, path in paths.items():
         if name == "*":
-            atomic_write(path, lambda tmp: torch.save(arrays, tmp))
+            obj = next(iter(arrays.values())) if len(arrays) == 1 else arrays  # one array: the plain tensor
+            atomic_write(path, lambda tmp, o=obj: torch.save(o, tmp))
         else:
             array = arrays[name].numpy()
             atomic_write(path, lambda tmp, a=array: _save_npy(tmp, a))
+
+
+def read_pt(path: Path, name: str | None = None, *, mmap: bool = False) -> torch.Tensor:
+    """The array `name` of an `extract --format pt` file: its tensor (one array per file) or its dict's entry."""
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if not isinstance(obj, dict) or name not in obj:
+        keys = ", ".join(sorted(obj)) if isinstance(obj, dict) else "none"
+        raise ValueError(f"{path}: no {name!r} array (it holds: {keys}); not from `spidr-fast extract --format pt`?")
+    return obj[name]
 
 
 def _save_npy(tmp: str, array: np.ndarray) -> None:

@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from spidr_fast.data.audio import AudioError
 from spidr_fast.extraction.extractor import FeatureExtractor
 from spidr_fast.extraction.files import (
     Input,
+    flat_inputs,
     is_complete,
     list_inputs,
     output_paths,
@@ -49,7 +51,7 @@ from spidr_fast.extraction.settings import (
     read_settings,
     write_settings,
 )
-from spidr_fast.extraction.unit_outputs import dedup_result, write_units_jsonl
+from spidr_fast.extraction.unit_outputs import dedup_result, merge_units_jsonl, rank_units_jsonl, write_units_jsonl
 from spidr_fast.io import write_failures
 
 RELEASED = ("spidr_base", "dinosr_base_reproduced", "dinosr_base_original")
@@ -69,6 +71,21 @@ def load_checkpoint(spec: str, config: Path | None = None) -> torch.nn.Module:
 def rank_and_world() -> tuple[int, int]:
     """(RANK, WORLD_SIZE) from the environment torchrun sets; (0, 1) outside it."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _barrier() -> None:
+    """Wait for every rank (torchrun's environment; gloo: no GPU needed). Ranks finish their shares at
+    different times, hence the long timeout; torchrun stops the others when one fails."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        return
+    dist.init_process_group("gloo", timeout=timedelta(hours=24))
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def default_device() -> str:
@@ -117,6 +134,7 @@ def _settings(args: argparse.Namespace, layers: list[int], units_layer: int | No
         "units": args.units,
         **({"kmeans_sha256": file_sha256(Path(args.units.removeprefix("kmeans:")))} if _is_kmeans(args.units) else {}),
         "dedup": bool(getattr(args, "dedup", False)),
+        **({"flat": True} if getattr(args, "flat", False) else {}),
         "units_layer": units_layer,
         "features": "layer output (after residual)" if args.after_residual else "FFN output (before residual)",
         "dtype": dtype,
@@ -181,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
     if not everything:
         print(f"spidr-fast extract: warning: no audio files found in {args.input}", file=sys.stderr)
     # Files whose outputs would overwrite each other (clip.wav, clip.ogg -> clip) fail; the others go on.
+    if getattr(args, "flat", False):  # outputs named by file id alone; sharding by that name keeps twins together
+        everything = flat_inputs(everything)
     inputs, failures = split_shared_keys(shard(everything, rank, world))
     paths = {i.key: output_paths(out_dir, i.key, names, args.format) for i in inputs}
     remove_stale_temps([p for ps in paths.values() for p in ps.values()])
@@ -267,7 +287,12 @@ def run(args: argparse.Namespace) -> int:
             settle(0)
         bar.close()
     if jsonl:
-        write_units_jsonl(out_dir / ("units.jsonl" if world == 1 else f"units.rank{rank}.jsonl"), inputs, paths, names)
+        share = out_dir / "units.jsonl" if world == 1 else rank_units_jsonl(out_dir, rank)
+        write_units_jsonl(share, inputs, paths, names)
+        if world > 1:
+            _barrier()  # every rank's share written
+            if rank == 0:
+                merge_units_jsonl(out_dir, world, split_shared_keys(everything)[0])
     failures_file = out_dir / ("failures.jsonl" if world == 1 else f"failures.rank{rank}.jsonl")
     write_failures(failures_file, sorted(failures))
     skipped = len(inputs) - len(todo)

@@ -4,6 +4,8 @@ durations sum to the frame count; units.jsonl is complete after a SIGKILL and a 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +134,42 @@ def test_settings_record_dedup_and_the_kmeans_file(corpus, tmp_path, capsys):
     capsys.readouterr()
     assert main(run) == 2
     assert "kmeans_sha256" in capsys.readouterr().err
+
+
+def _torchrun(src: Path, out: Path, *args: str) -> tuple[int, str]:
+    """`python -m torch.distributed.run --standalone --nproc-per-node 2 -m spidr_fast extract ...`, as production
+    launches it (gloo: CPU only), in its own session, killed whole on timeout."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += ["-m", "spidr_fast", "extract", str(src), str(out), *COMMON, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+        output, _ = proc.communicate()
+        pytest.fail(f"2-rank extraction hung (killed after 240 s):\n{output[-3000:]}")
+    return proc.returncode, output
+
+
+def test_units_jsonl_merged_under_torchrun(corpus, tmp_path):
+    """2 ranks: one OUTPUT_DIR/units.jsonl, the same as one process writes, no per-rank file left; resumable."""
+    args = ["--layer", "3", "--units-format", "jsonl", "--dedup", "--num-workers", "1"]
+    single = tmp_path / "single"
+    assert extract(corpus / "wavs", single, *args) == 0
+    out = tmp_path / "two"
+    returncode, output = _torchrun(corpus / "wavs", out, *args)
+    assert returncode == 0, output[-3000:]
+    assert "rank 0/2" in output and "rank 1/2" in output  # both ranks had files
+    assert sorted(p.name for p in out.glob("units*.jsonl")) == ["units.jsonl"]
+    assert (out / "units.jsonl").read_text() == (single / "units.jsonl").read_text()
+    assert len((out / "units.jsonl").read_text().splitlines()) == 8
+    # a lost units.jsonl and a lost output: the rerun redoes that output and merges the whole corpus again
+    (out / "units.jsonl").unlink()
+    next(out.glob("*.units.npy")).unlink()
+    returncode, output = _torchrun(corpus / "wavs", out, *args)
+    assert returncode == 0, output[-3000:]
+    assert (out / "units.jsonl").read_text() == (single / "units.jsonl").read_text()
+    assert sorted(p.name for p in out.glob("units*.jsonl")) == ["units.jsonl"]

@@ -143,3 +143,28 @@ def test_clear_errors(tmp_path):
     torch.save({"a": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"other\.pt: not a k-means file"):
         KMeans.load(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_sums_are_the_scatter_add_bits_on_any_thread_count(dtype):
+    """`segment_sums` (the CSR product used on several CPU threads) gives scatter_add_'s bits, empty clusters
+    included, so a fit's centroids do not depend on the thread count."""
+    from spidr_fast.units import assign_accumulate, segment_sums
+
+    g = torch.Generator().manual_seed(0)
+    x, centers = torch.randn(3000, 24, generator=g, dtype=dtype), torch.randn(40, 24, generator=g, dtype=dtype)
+    labels = torch.randint(0, 40, (3000,), generator=g)
+    labels[labels == 7] = 8  # an empty cluster
+    counts = torch.bincount(labels, minlength=40)
+    want = torch.zeros_like(centers).scatter_add_(0, labels[:, None].expand(-1, 24), x)
+    got = segment_sums(x, labels, counts)
+    assert got.layout == torch.strided and got.dtype == dtype and torch.equal(got, want) and not got[7].any()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = assign_accumulate(x, centers)
+        torch.set_num_threads(2)
+        two = assign_accumulate(x, centers)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
