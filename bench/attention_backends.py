@@ -14,7 +14,6 @@ not installed, no CUDA) is reported with the reason; one that raises is reported
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import statistics
 import sys
@@ -28,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_jsonl, environment, synchronize
 
-attn = importlib.import_module("spidr_fast.kernels.attention")  # the package rebinds `attention` to the function
+from spidr_fast.kernels import attention as attn
 
 
 def padded_inputs(lengths: list[int], heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
@@ -47,7 +46,7 @@ def run_backend(backend: str, q, k, v, mask: torch.Tensor) -> tuple[torch.Tensor
         padding = attn.Padding.from_mask(mask)
         with torch.set_grad_enabled(backward):
             ran = attn.select_backend(padding, q, 0.0)
-            out = attn.attention(q, k, v, padding, dropout_p=0.0)
+            out = attn.self_attention(q, k, v, padding, dropout_p=0.0)
         real = mask[:, None, :, None]
         grads = torch.autograd.grad((out * real).float().square().sum(), (q, k, v)) if backward else ()
     finally:
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     q64, k64, v64 = (
         t.detach().to(torch.float32 if device.type == "cuda" else torch.float64).requires_grad_() for t in (q, k, v)
     )
-    ref_out = attn.attention_ref(q64, k64, v64, attn.Padding(mask))
+    ref_out = attn.self_attention_ref(q64, k64, v64, attn.Padding(mask))
     ref_grads = torch.autograd.grad((ref_out * mask[:, None, :, None]).square().sum(), (q64, k64, v64))
     env = environment(device)
     records = []

@@ -11,7 +11,7 @@ pytest-benchmark, pytest-xdist), so that `bench/gpu_check.py` can skip a stage a
 Kernel resources (`--kernels`, CUDA only): one bf16 training step of the base SpidR (forward,
 backward) launches every fused kernel the model uses at real sizes; each compiled variant is then
 read back from triton's JIT caches: registers, spills, shared memory, warps, stages. The offline
-analysis of `tests/kernels/sm90.py` (kernels at the base shapes, the launchers' configs) is added
+analysis of `bench/sm90.py` (kernels at the base shapes, the launchers' configs) is added
 for this device's compute capability.
 """
 
@@ -169,8 +169,8 @@ def cubin_resources(cubin: bytes | None) -> tuple[int | None, int | None]:
     import re
     import tempfile
 
-    sys.path.insert(0, str(ROOT))
-    from tests.kernels.sm90 import triton_tools
+    sys.path.insert(0, str(ROOT / "bench"))
+    from sm90 import triton_tools
 
     tools = triton_tools()
     if not cubin or isinstance(tools, str):
@@ -261,11 +261,11 @@ def measure_ceilings() -> dict[str, float]:
 
 
 def offline_resources(capability: int) -> list[dict[str, Any]] | str:
-    """tests/kernels/sm90.py's offline compile of the codebook and heads kernels at the base shapes, with
+    """bench/sm90.py's offline compile of the codebook and heads kernels at the base shapes, with
     their launchers' configurations, for `capability` (90 for sm_90): a table, or why it could not run."""
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "bench"))
     try:
-        from tests.kernels import sm90
+        import sm90
 
         os.environ["SM90_CAPABILITY"] = str(capability)
         results = sm90.compile_base_shapes("codebook", "heads_ce")

@@ -117,7 +117,7 @@ def kernel_resources_section(res: dict | None, stages: list[dict]) -> list[str]:
     else:
         lines += [f"Not available: {launched}", ""]
     offline = res.get("offline")
-    lines += ["Offline compile at the base shapes, this device's capability (tests/kernels/sm90.py):", ""]
+    lines += ["Offline compile at the base shapes, this device's capability (bench/sm90.py):", ""]
     if isinstance(offline, list):
         rows = [
             [

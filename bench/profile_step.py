@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, synchronize
 from train_throughput import PRESETS, make_batches, trainer_step
 
-from spidr_fast.kernels._dispatch import OPS, use_triton
+from spidr_fast.kernels._dispatch import OPS, use_fused
 
 CLASS_NOTE = "`bench/roofline.py`'s classes (`classify` on kernel names; CPU ops by `op_class`)"
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": args.config,
         "compiled": args.compiled,
         "steps": args.steps,
-        "fused_ops": [op for op in OPS if use_triton(probe, op)],
+        "fused_ops": [op for op in OPS if use_fused(probe.device, op)],
         "timeline": "device kernels" if device.type == "cuda" else "CPU ops (no GPU)",
         "batches": [{"size": b, "samples": t, "steps": n} for (b, t), n in shapes.items()],
         **summarise(rows, args.steps),

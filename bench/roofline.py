@@ -50,7 +50,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -425,12 +424,10 @@ def _cuda_like_trace(model: nn.Module | None, use_triton: bool) -> Iterator[_Rec
                (torch, "get_autocast_dtype", lambda *a: torch.bfloat16)]  # fmt: skip
     from spidr_fast.kernels import _dispatch
 
-    def on_cuda(x: Tensor, op: str | None = None) -> bool:  # the decision `use_triton` takes on a CUDA tensor
+    def on_cuda(device: torch.device, op: str, *, requested: bool = False) -> bool:  # `use_fused` on CUDA
         return use_triton and _dispatch.forced_backend() != "reference" and op not in _dispatch.reference_ops()
 
-    for mod in [m for n, m in list(sys.modules.items()) if n.startswith("spidr_fast")]:
-        if getattr(mod, "use_triton", None) is _dispatch.use_triton:  # modules that imported it by name
-            patched.append((mod, "use_triton", on_cuda))
+    patched.append((_dispatch, "use_fused", on_cuda))  # every op asks `_dispatch.use_fused`
     saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patched]
     hooks = [module_mod.register_module_forward_pre_hook(pre), module_mod.register_module_forward_hook(post)]
     try:

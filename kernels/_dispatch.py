@@ -1,12 +1,20 @@
-"""Which implementation an op runs: the fused Triton kernels or the plain-PyTorch references.
+"""Which implementation an op runs: its fused path or its plain-PyTorch reference. One rule, `use_fused`.
 
-`SPIDR_FAST_BACKEND=triton|reference` forces one path. Without it, Triton runs on CUDA tensors
-(when triton imports) and the references run on CPU; with `TRITON_INTERPRET=1`,
-`SPIDR_FAST_BACKEND=triton` runs the kernels on CPU tensors (slow: for tests).
-`SPIDR_FAST_REFERENCE_OPS=codebook,heads_ce,conv_frontend` keeps the listed ops on their
-references whatever the backend (for ablations: one fused op at a time); `frontend_layout` keeps the
-fused front-end channels-first instead of channels-last, `residual_dtype` keeps the transformer's
-LayerNorm outputs in fp32 under autocast (see spidr_fast/models/layer_norm.py).
+The ops (`OPS`) and their fused paths: "codebook", "heads_ce", "conv_frontend" are Triton kernels,
+and "frontend_layout" the channels-last layout the conv front-end's blocks hand each other around
+them (`models/feature_extractor.py`); "attention" is the packed varlen backends (flash-attn, nested
+SDPA; `kernels/attention.py`); "targets" the one-pass instance norm of the teacher targets
+(`kernels/targets.py`); "residual_dtype" the transformer's LayerNorm output in the autocast dtype,
+a bf16 residual stream (`models/layer_norm.py`; fused on every device by default).
+
+- `SPIDR_FAST_BACKEND=reference`: every op runs its reference (an all-reference run).
+- `SPIDR_FAST_BACKEND=triton`: every op runs its fused path (the Triton kernels on CPU tensors need
+  `TRITON_INTERPRET=1`: slow, for tests; attention has packed backends on CUDA only).
+- Unset: the fused paths on CUDA tensors (the Triton ones when triton imports), the references on CPU.
+- `SPIDR_FAST_REFERENCE_OPS=codebook,heads_ce,...` keeps the listed ops on their references whatever
+  the backend (for ablations: one fused op at a time).
+An op's own setting may ask for its fused path where the default would not (`SPIDR_FAST_ATTENTION`
+picks attention's backend, on any device); the reference settings above still win.
 """
 
 from __future__ import annotations
@@ -17,11 +25,14 @@ import os
 import torch
 
 BACKENDS = ("triton", "reference")
+TRITON_OPS = ("codebook", "heads_ce", "conv_frontend", "frontend_layout")  # need triton (or the interpreter)
+ANY_DEVICE_OPS = ("residual_dtype",)  # fused by default on CPU too
+OPS = ("attention", "targets", *TRITON_OPS, *ANY_DEVICE_OPS)
 
 
 # find_spec, not import: triton must not be imported before a test sets TRITON_INTERPRET=1
 # (triton.language decorates its own helpers for the compiler or the interpreter at import).
-# A constant, so that torch.compile traces `use_triton` without a cached-function warning.
+# A constant, so that torch.compile traces `use_fused` without a cached-function warning.
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
 
@@ -42,9 +53,6 @@ def forced_backend() -> str | None:
     return backend
 
 
-OPS = ("codebook", "heads_ce", "conv_frontend", "frontend_layout", "residual_dtype")
-
-
 def reference_ops() -> set[str]:
     ops = {op for op in os.environ.get("SPIDR_FAST_REFERENCE_OPS", "").split(",") if op}
     if ops - set(OPS):
@@ -52,20 +60,25 @@ def reference_ops() -> set[str]:
     return ops
 
 
-def use_triton(x: torch.Tensor, op: str | None = None) -> bool:
-    """True when op `op` on `x` should run its Triton kernel.
+def use_fused(device: torch.device, op: str, *, requested: bool = False) -> bool:
+    """True when op `op` on `device` runs its fused path, False for its reference (the module docstring's rule).
 
-    Default: Triton for CUDA tensors when triton imports, the reference otherwise (also on CPU
-    under TRITON_INTERPRET=1, so that the interpreter runs only where a test asks for it).
-    `SPIDR_FAST_BACKEND=triton` forces the kernels (on CPU tensors that needs TRITON_INTERPRET=1).
+    requested: the op's own setting asks for its fused path (as `SPIDR_FAST_BACKEND=triton` does for all).
     """
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; known: {OPS}")
     backend = forced_backend()
-    if backend == "reference" or (op is not None and op in reference_ops()):
+    if backend == "reference" or op in reference_ops():
         return False
-    if backend == "triton":
-        if not (triton_available() and (x.is_cuda or interpreter_on())):
+    forced = requested or backend == "triton"
+    if op in ANY_DEVICE_OPS:
+        return True
+    if op not in TRITON_OPS:
+        return forced or device.type == "cuda"
+    if forced:
+        if not (triton_available() and (device.type == "cuda" or interpreter_on())):
             raise RuntimeError(
                 "SPIDR_FAST_BACKEND=triton needs triton and a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)"
             )
         return True
-    return x.is_cuda and triton_available()
+    return device.type == "cuda" and triton_available()

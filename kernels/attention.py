@@ -24,7 +24,9 @@ The packed backends take `max_seqlen` = T, the padded length (a bound, which is 
 exact value would be a host sync, and a Python int that a compiled layer would specialise on).
 Padded query rows come out as zeros from the packed backends and as attention over real keys from
 "masked"; real rows agree to dtype tolerance. `SPIDR_FAST_ATTENTION` forces a backend (it still
-falls back to "masked" where the forced one cannot run).
+falls back to "masked" where the forced one cannot run). The op "attention" of `_dispatch.use_fused`:
+its fused path is the packed backends, its reference `self_attention_ref` ("masked"), so
+`SPIDR_FAST_BACKEND=reference` (or "attention" in `SPIDR_FAST_REFERENCE_OPS`) runs "masked" only.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from spidr_fast.kernels import _dispatch
 
 BACKENDS = ("flash_attn_4", "flash_attn", "nested", "masked")
 PACKED = BACKENDS[:-1]
@@ -65,12 +69,15 @@ def _compute_capability(device: torch.device) -> tuple[int, int]:
 
 
 def packed_backends(device: torch.device) -> tuple[str, ...]:
-    """The packed backends usable on `device`, in order of preference (`SPIDR_FAST_ATTENTION` forces one)."""
-    forced = os.environ.get("SPIDR_FAST_ATTENTION")
-    if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"SPIDR_FAST_ATTENTION must be one of {BACKENDS}, got {forced!r}")
-        return () if forced == "masked" else (forced,)
+    """The packed backends usable on `device`, in order of preference; none where `_dispatch.use_fused`
+    keeps "attention" on its reference. `SPIDR_FAST_ATTENTION` forces one (on any device)."""
+    forced = os.environ.get("SPIDR_FAST_ATTENTION") or None
+    if forced is not None and forced not in BACKENDS:
+        raise ValueError(f"SPIDR_FAST_ATTENTION must be one of {BACKENDS}, got {forced!r}")
+    if forced == "masked" or not _dispatch.use_fused(device, "attention", requested=forced is not None):
+        return ()
+    if forced is not None:
+        return (forced,)
     if device.type != "cuda":
         return ()
     found = []
@@ -123,7 +130,9 @@ def select_backend(padding: Padding, q: Tensor, dropout_p: float) -> str:
     return "masked"
 
 
-def attention_ref(q: Tensor, k: Tensor, v: Tensor, padding: Padding | None = None, dropout_p: float = 0.0) -> Tensor:
+def self_attention_ref(
+    q: Tensor, k: Tensor, v: Tensor, padding: Padding | None = None, dropout_p: float = 0.0
+) -> Tensor:
     """SDPA with a broadcast (B, 1, 1, T) key mask (no mask at all when nothing is padded)."""
     mask = None if padding is None else padding.mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -175,7 +184,7 @@ def _attention_nested(q: Tensor, k: Tensor, v: Tensor, padding: Padding, dropout
     return padding.unpack(out.transpose(1, 2).values(), batch, seq)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, padding: Padding | None = None, dropout_p: float = 0.0) -> Tensor:
+def self_attention(q: Tensor, k: Tensor, v: Tensor, padding: Padding | None = None, dropout_p: float = 0.0) -> Tensor:
     """Multi-head attention over the real frames of each utterance, with dropout.
 
     Args:
@@ -185,8 +194,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, padding: Padding | None = None, d
     Returns:
         (B, H, T, Dh); padded query rows are zeros (packed backends) or attend to real keys (masked).
     """
-    if padding is None:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    if padding is None:  # nothing padded: plain SDPA, which is also the reference
+        return self_attention_ref(q, k, v, None, dropout_p)
     backend = select_backend(padding, q, dropout_p)
     if backend == "flash_attn_4":
         return _attention_flash_attn_4(q, k, v, padding)
@@ -194,4 +203,4 @@ def attention(q: Tensor, k: Tensor, v: Tensor, padding: Padding | None = None, d
         return _attention_flash_attn(q, k, v, padding, dropout_p)
     if backend == "nested":
         return _attention_nested(q, k, v, padding, dropout_p)
-    return attention_ref(q, k, v, padding, dropout_p)
+    return self_attention_ref(q, k, v, padding, dropout_p)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spidr_fast.kernels._dispatch import use_triton
+from spidr_fast.kernels import _dispatch
 from spidr_fast.kernels._utils import block_size, cdiv, jit_in_place
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +287,7 @@ def codebook_assign(x: Tensor, codebook: Tensor, counts: Tensor, *, precision: s
     """
     flat, (x, codebook, counts) = _batched(x, codebook=(codebook, 2), counts=(counts, 1))
     _check(x, codebook, counts, precision)
-    if x.dtype != torch.float64 and use_triton(x, "codebook"):
+    if x.dtype != torch.float64 and _dispatch.use_fused(x.device, "codebook"):
         labels = _codebook_assign_op(x, codebook, counts, precision)
     else:
         labels = codebook_assign_ref(x, codebook, counts)
@@ -306,7 +306,7 @@ def codebook_accumulate(x: Tensor, labels: Tensor, num_codes: int) -> tuple[Tens
     """
     flat, (x, labels) = _batched(x, labels=(labels, 1))
     _check(x)
-    if x.dtype != torch.float64 and use_triton(x, "codebook"):
+    if x.dtype != torch.float64 and _dispatch.use_fused(x.device, "codebook"):
         counts, sums = _codebook_accumulate_op(x, labels, num_codes)
     else:
         counts, sums = codebook_accumulate_ref(x, labels, num_codes)
@@ -322,7 +322,7 @@ def codebook_assign_accumulate(
     """
     flat, (x, codebook, counts) = _batched(x, codebook=(codebook, 2), counts=(counts, 1))
     _check(x, codebook, counts, precision)
-    if x.dtype != torch.float64 and use_triton(x, "codebook"):
+    if x.dtype != torch.float64 and _dispatch.use_fused(x.device, "codebook"):
         out = _codebook_assign_accumulate_op(x, codebook, counts, precision)
     else:
         out = codebook_assign_accumulate_ref(x, codebook, counts)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spidr_fast.kernels._dispatch import use_triton
+from spidr_fast.kernels import _dispatch
 from spidr_fast.kernels._utils import cdiv, jit_in_place, kernel_out_dtype, next_pow2
 
 MAX_C = 1024  # whole columns live in registers; wider inputs take the reference path
@@ -319,7 +319,7 @@ def channel_layer_norm_gelu(
         raise ValueError(f"x must have shape (B, C, T), got {tuple(x.shape)}")
     if x.shape[1] * x.shape[2] >= 2**31:  # beyond the backward kernel's int32 offsets
         return channel_layer_norm_gelu_ref(x, weight, bias, eps)
-    if use_triton(x, "conv_frontend") and x.shape[1] <= MAX_C:
+    if _dispatch.use_fused(x.device, "conv_frontend") and x.shape[1] <= MAX_C:
         if channels_last is None:
             channels_last = is_channels_last(x)
         return _cln_gelu_op(x, weight, bias, eps, channels_last)[0]

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from spidr_fast.kernels._dispatch import use_triton
+from spidr_fast.kernels import _dispatch
 from spidr_fast.kernels._utils import block_size, cdiv, dot_in_fp32, jit_in_place, kernel_out_dtype, next_pow2
 
 MAX_V = 1024  # whole softmax rows live in registers; wider vocabularies take the reference path
@@ -334,15 +334,12 @@ def heads_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor, labels: Tensor)
         raise ValueError(f"h, weight, bias must be (C,N,H), (C,V,H), (C,V): {h.shape}, {weight.shape}, {bias.shape}")
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-    if use_triton(h, "heads_ce") and weight.shape[1] <= max_vocabulary(dtype):
+    if _dispatch.use_fused(h.device, "heads_ce") and weight.shape[1] <= max_vocabulary(dtype):
         if h.dtype != dtype and h.stride(0) == 0:  # cast the one shared layer, not C copies of it
             h = h.select(0, 0).to(dtype).unsqueeze(0).expand(h.shape)
         loss, _, prob_sums = _heads_ce_op(h.to(dtype), weight.to(dtype), bias.to(dtype), labels)
         return loss, prob_sums.detach()
     return heads_cross_entropy_ref(h, weight, bias, labels)
-
-
-linear_cross_entropy = heads_cross_entropy  # the name for the same op
 
 
 def heads_cross_entropy_ref(h: Tensor, weight: Tensor, bias: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -10,7 +10,7 @@ The reference normalises every frame and then gathers (it writes C x B x T x D f
 fast path takes the per-(utterance, channel) statistics in one reduction, gathers the raw masked
 frames, and normalises only those, writing the (C, B * M, D) result once. The two differ by float
 rounding of the statistics (~1e-7 relative), so the CPU default stays the reference, which is
-bitwise the reference implementation's `F.instance_norm`.
+bitwise the reference implementation's `F.instance_norm`. The op "targets" of `_dispatch.use_fused`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from spidr_fast.kernels import _dispatch
 
 EPS = 1e-5
 
@@ -67,7 +69,7 @@ def instance_norm_targets_fast(layers: list[Tensor], key_mask: Tensor | None, ma
 
 
 def instance_norm_targets(layers: list[Tensor], key_mask: Tensor | None, mask_indices: Tensor) -> Tensor:
-    """(C, B * M, D) fp32 teacher targets; the fast path on CUDA, the reference elsewhere."""
-    if layers[0].is_cuda:
+    """(C, B * M, D) fp32 teacher targets: the fast path where `_dispatch.use_fused` says so, else the reference."""
+    if _dispatch.use_fused(layers[0].device, "targets"):
         return instance_norm_targets_fast(layers, key_mask, mask_indices)
     return instance_norm_targets_ref(layers, key_mask, mask_indices)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from spidr_fast import kernels
-from spidr_fast.kernels._dispatch import use_triton
+from spidr_fast.kernels import _dispatch
 
 # precision -> (tl.dot input precision of the kernels, working dtype); fp64 runs the references
 PRECISIONS: dict[str, tuple[str, torch.dtype]] = {
@@ -245,7 +245,7 @@ class KMeans:
 
 
 def _fused(x: Tensor) -> bool:
-    return x.dtype != torch.float64 and use_triton(x, "codebook")
+    return x.dtype != torch.float64 and _dispatch.use_fused(x.device, "codebook")
 
 
 def assign(x: Tensor, centers: Tensor, precision: str = "fp32") -> Tensor:

@@ -232,7 +232,7 @@ def test_kernel_resources_are_read_from_compiled_kernels(tmp_path: Path) -> None
     """env-kernels reads every compiled variant out of triton's JIT caches (both cache layouts); without a
     driver the registers come from the cubin (a kernel compiled offline for sm_90 here)."""
     pytest.importorskip("triton")
-    from tests.kernels.sm90 import triton_tools
+    from bench.sm90 import triton_tools
 
     if isinstance(triton_tools(), str):
         pytest.skip(triton_tools())

@@ -223,8 +223,9 @@ class FeatureExtractor:
         self.max_batch_samples = int(max_batch_seconds * SAMPLE_RATE)
         self.chunk_frames = max(1, round(chunk_seconds * SAMPLE_RATE / HOP))
         self.overlap_frames = max(0, round(overlap_seconds * SAMPLE_RATE / HOP))
-        if channels_last_frontend is None:
-            channels_last_frontend = self.device.type == "cpu" and model.cfg.extractor_mode == "layer_norm"
+        if channels_last_frontend is None:  # the CPU fast path, off in an all-reference run (SPIDR_FAST_BACKEND)
+            cpu_layer_norm = self.device.type == "cpu" and model.cfg.extractor_mode == "layer_norm"
+            channels_last_frontend = cpu_layer_norm and kernels._dispatch.forced_backend() != "reference"
         self.frontend = ChannelsLastFrontend(model.feature_extractor) if channels_last_frontend else None
         if cpu_workers is not None and cpu_workers < 1:
             raise ValueError(f"cpu_workers must be >= 1, got {cpu_workers}")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spidr_fast.kernels._dispatch import use_triton
+from spidr_fast.kernels import _dispatch
 from spidr_fast.kernels.conv_frontend import channel_layer_norm_gelu
 
 
@@ -106,7 +106,7 @@ class ConvFeatureExtractor(nn.Module):
         # channels-first bf16 conv in two), and the last one is already the contiguous (B, T, C) the projection's
         # LayerNorm reads (channels-first, it would copy it). SPIDR_FAST_REFERENCE_OPS=frontend_layout: off.
         fused = isinstance(self.conv_layers[0].layer_norm, ChannelLayerNorm)
-        channels_last = True if fused and use_triton(waveforms, "frontend_layout") else None
+        channels_last = True if fused and _dispatch.use_fused(waveforms.device, "frontend_layout") else None
         for block in self.conv_layers:
             x = block(x, lengths, channels_last=channels_last)
             lengths = None  # only block 0 can hold a GroupNorm

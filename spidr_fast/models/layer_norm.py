@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from spidr_fast.kernels._dispatch import reference_ops
+from spidr_fast.kernels import _dispatch
 
 
 class LayerNorm(nn.LayerNorm):
@@ -16,7 +16,8 @@ class LayerNorm(nn.LayerNorm):
     each layer's residual adds, dropouts and LayerNorms read and write it at 4 bytes a value, and each Linear
     reading it casts it to bf16 first. Rounded at the LayerNorm, the stream is bf16 end to end (half the
     bytes); the Linears read the same bf16 values as before, only the residual adds see rounded inputs.
-    `SPIDR_FAST_REFERENCE_OPS=residual_dtype` keeps autocast's fp32 outputs (the reference's behaviour).
+    `SPIDR_FAST_REFERENCE_OPS=residual_dtype` (or `SPIDR_FAST_BACKEND=reference`) keeps autocast's fp32
+    outputs (the reference's behaviour).
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -25,4 +26,6 @@ class LayerNorm(nn.LayerNorm):
             return super().forward(x)
         # fp32 math on every device: CUDA autocast's own rule for layer_norm (CPU's keeps the input dtype)
         y = super().forward(x.float())
-        return y if "residual_dtype" in reference_ops() else y.to(torch.get_autocast_dtype(device))
+        if not _dispatch.use_fused(x.device, "residual_dtype"):
+            return y
+        return y.to(torch.get_autocast_dtype(device))

@@ -63,7 +63,7 @@ class SelfAttention(nn.Module):
         batch, seq, dim = x.shape
         # (B, T, 3D) -> (3, B, H, T, Dh)
         q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = kernels.attention(q, k, v, padding, dropout_p=self.dropout if self.training else 0.0)
+        out = kernels.self_attention(q, k, v, padding, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(batch, seq, dim))  # (B, H, T, Dh) -> (B, T, D)
 
 

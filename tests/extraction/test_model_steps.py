@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
@@ -11,6 +9,7 @@ import torch
 import spidr_fast
 from spidr_fast.data.audio import standardize
 from spidr_fast.extraction import FeatureExtractor
+from spidr_fast.kernels import attention as attention_module
 from spidr_fast.models import feature_extractor as conv_module
 from tests.extraction.conftest import tiny_model
 
@@ -90,8 +89,6 @@ def test_compiled_extraction_builds_the_padding_outside_the_compiled_layers(monk
     is built eagerly once per batch and handed in, so the compiled layers trace the varlen backend with
     no graph break (before, the Padding was built inside the compiled region: masked SDPA). Outputs
     equal the eager extractor's."""
-    attention_module = importlib.import_module("spidr_fast.kernels.attention")
-
     monkeypatch.setenv("SPIDR_FAST_ATTENTION", "flash_attn")  # a packed backend, as on CUDA
     fake = lambda q, k, v, cu, _cu, n, _n, dropout_p: _varlen(q, k, v, cu)
     monkeypatch.setattr(attention_module, "_flash_attn_varlen", lambda: fake)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench import sm90
 from spidr_fast import kernels
 from spidr_fast.kernels.codebook import (
     codebook_accumulate_ref,
@@ -12,7 +13,6 @@ from spidr_fast.kernels.codebook import (
     codebook_assign_ref,
     codebook_ema_update_,
 )
-from tests.kernels import sm90
 from tests.kernels.utils import max_diff
 
 LOW = (torch.bfloat16, torch.float16)
@@ -167,7 +167,7 @@ def test_gpu_reduced_precision_labels(triton_backend, precision):
 
 
 # --------------------------------------------------------------------------------------------
-# sm_90 compiler facts (no GPU needed): see tests/kernels/sm90.py, bench/results/sm90_static_analysis.md
+# sm_90 compiler facts (no GPU needed): see bench/sm90.py, bench/results/sm90_static_analysis.md
 # --------------------------------------------------------------------------------------------
 
 

@@ -250,7 +250,7 @@ def test_feature_extractor_channels_last(triton_backend, monkeypatch, layout):
 
 
 def conv_frontend_specs(C: int, dtype: str, affine: bool) -> list[dict]:
-    """Both kernels with the tiles their launchers pick at T = 16000, as `tests/kernels/sm90.py` specs."""
+    """Both kernels with the tiles their launchers pick at T = 16000, as `bench/sm90.py` specs."""
     import inspect
 
     specs = []
@@ -279,8 +279,8 @@ def conv_frontend_specs(C: int, dtype: str, affine: bool) -> list[dict]:
 def test_sm90_cubins_do_not_spill(C, dtype, affine):
     """Compile both kernels for an H100 (no GPU needed: triton's bundled ptxas) and read their register
     use: spills and 255-register kernels are invisible to the interpreter but halve a memory-bound
-    kernel's occupancy. In a child process (tests/kernels/sm90.py): this one runs triton interpreted."""
-    from tests.kernels import sm90
+    kernel's occupancy. In a child process (bench/sm90.py): this one runs triton interpreted."""
+    from bench import sm90
 
     specs = conv_frontend_specs(C, dtype, affine)
     results = sm90.compile_many(specs)

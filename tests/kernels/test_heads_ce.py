@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from bench import sm90
 from spidr_fast import kernels
 from spidr_fast.kernels import heads_ce as hce
 from spidr_fast.kernels.heads_ce import heads_cross_entropy_ref
-from tests.kernels import sm90
 from tests.kernels.utils import assert_close_to_truth
 
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
@@ -206,7 +206,7 @@ def test_gpu_grid(triton_backend, shape, dtype):
 
 
 # --------------------------------------------------------------------------------------------
-# sm_90 compiler facts (no GPU needed): see tests/kernels/sm90.py, bench/results/sm90_static_analysis.md
+# sm_90 compiler facts (no GPU needed): see bench/sm90.py, bench/results/sm90_static_analysis.md
 # --------------------------------------------------------------------------------------------
 
 

@@ -8,7 +8,8 @@ local memory, a 255-register kernel (low occupancy), a bf16 GEMM running on FFMA
 
 The kernel tests run triton in interpreter mode (TRITON_INTERPRET=1 set at collection), under
 which nothing compiles, so the work runs in a child process: `compile_sm90` / `compile_many`
-start `python -m tests.kernels.sm90` with the specs as JSON on stdin and read JSON back.
+start `python bench/sm90.py` with the specs as JSON on stdin and read JSON back. A tool, not a
+test: the kernel tests (tests/kernels/test_*.py, `-k sm90`) and bench/gpu_env.py import it.
 
 A spec names the kernel as "module:function" (or passes the function: its module must import
 cleanly), its runtime arguments and its constexprs:
@@ -21,7 +22,7 @@ cleanly), its runtime arguments and its constexprs:
 Result per spec: {"regs", "stack", "shared", "sass_counts" (opcode -> count over the kernel),
 "loop_counts" (opcode -> count inside loop bodies: between a backward branch and its target)}.
 
-`python -m tests.kernels.sm90 --report` prints the table for the kernels at the base shapes
+`python bench/sm90.py --report` prints the table for the kernels at the base shapes
 (bench/results/sm90_static_analysis.md).
 """
 
@@ -37,7 +38,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 SKIP_EXIT = 3  # the child's exit status when it cannot compile here (no triton, no bundled tools, old API)
 TENSOR_CORE_OPS = ("HMMA", "HGMMA", "IMMA", "IGMMA", "QGMMA", "WGMMA")
 
@@ -66,7 +67,7 @@ def compile_many(specs: list[dict] | dict, timeout: float = 300) -> list[dict] |
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SPIDR_FAST_BACKEND")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.kernels.sm90"],
+        [sys.executable, str(Path(__file__).resolve())],
         input=json.dumps(specs),
         capture_output=True,
         text=True,

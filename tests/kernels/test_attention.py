@@ -6,16 +6,13 @@ the backend choice, not flash-attn); the `gpu` tests at the end run the real lib
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from spidr_fast.kernels.attention import Padding, attention, attention_ref, packed_backends, select_backend
+from spidr_fast.kernels import attention as attn
+from spidr_fast.kernels.attention import Padding, packed_backends, select_backend, self_attention, self_attention_ref
 
-# The module itself (`spidr_fast.kernels.attention` as an attribute is the dispatching function).
-attn = importlib.import_module("spidr_fast.kernels.attention")
 CUDA = torch.device("cuda")
 
 
@@ -105,6 +102,23 @@ def test_forced_backend(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(
+    ("variable", "value"), [("SPIDR_FAST_BACKEND", "reference"), ("SPIDR_FAST_REFERENCE_OPS", "attention")]
+)
+def test_reference_settings_win_over_the_attention_backend(variable, value, fakes, monkeypatch) -> None:
+    """The dispatch rule of every op: attention's reference (masked SDPA) even where a packed backend
+    is available (CUDA) or forced (SPIDR_FAST_ATTENTION, on CPU)."""
+    monkeypatch.setenv(variable, value)
+    monkeypatch.setattr(attn, "_compute_capability", lambda device: (9, 0))
+    monkeypatch.delenv("SPIDR_FAST_ATTENTION", raising=False)
+    assert packed_backends(CUDA) == ()
+    monkeypatch.setenv("SPIDR_FAST_ATTENTION", "nested")
+    padding, mask = make_padding([5, 3])
+    assert padding.backends == () and padding.indices is None
+    q, k, v = qkv(2, 5, torch.float32, grad=False)
+    assert torch.equal(self_attention(q, k, v, padding), self_attention_ref(q, k, v, Padding(mask)))
+
+
+@pytest.mark.parametrize(
     ("dtype", "dropout_p", "grad", "expected"),
     [
         (torch.bfloat16, 0.0, False, "flash_attn_4"),  # teacher / extraction: no dropout, no gradient
@@ -135,7 +149,7 @@ def test_fp32_falls_back_to_sdpa(fakes: dict[str, int], monkeypatch: pytest.Monk
         monkeypatch.setenv("SPIDR_FAST_ATTENTION", name)
         padding, _ = make_padding([5, 3])
         q, k, v = qkv(2, 5, torch.float32, grad=False)
-        assert torch.equal(attention(q, k, v, padding), attention_ref(q, k, v, padding))
+        assert torch.equal(self_attention(q, k, v, padding), self_attention_ref(q, k, v, padding))
     assert fakes == {"flash_attn": 0, "flash_attn_4": 0}
 
 
@@ -144,12 +158,12 @@ def test_padding_built_under_compile_has_no_packed_metadata(fakes, monkeypatch: 
     monkeypatch.setenv("SPIDR_FAST_ATTENTION", "flash_attn")
 
     def forward(q, k, v, mask):
-        return attention(q, k, v, Padding.from_mask(mask))
+        return self_attention(q, k, v, Padding.from_mask(mask))
 
     _, mask = make_padding([6, 2])
     q, k, v = qkv(2, 6, torch.bfloat16, grad=False)
     out = torch.compile(forward, fullgraph=True, backend="eager")(q, k, v, mask)
-    assert torch.equal(out, attention_ref(q, k, v, Padding(mask)))
+    assert torch.equal(out, self_attention_ref(q, k, v, Padding(mask)))
     assert fakes["flash_attn"] == 0
     assert Padding.from_mask(mask).indices is not None  # eagerly, the packed metadata is there
 
@@ -171,8 +185,8 @@ def test_backends_match_reference(backend, fakes, lengths: list[int], dtype: tor
     real = mask[:, None, :, None].expand_as(q)
     grad_fa4 = backend != "flash_attn_4"  # FA4 runs forward-only calls
     with torch.set_grad_enabled(grad_fa4):
-        out = attention(q, k, v, padding)
-    ref = attention_ref(q, k, v, padding)
+        out = self_attention(q, k, v, padding)
+    ref = self_attention_ref(q, k, v, padding)
     assert (out - ref)[real].abs().max() <= tol
     ran = select_backend(padding, q if grad_fa4 else q.detach(), 0.0)
     assert ran == (backend if dtype == torch.bfloat16 or backend in ("masked", "nested") else "masked")
@@ -187,7 +201,7 @@ def test_backends_match_reference(backend, fakes, lengths: list[int], dtype: tor
 
 def test_no_padding_is_plain_sdpa() -> None:
     q, k, v = (torch.randn(2, 2, 9, 8) for _ in range(3))
-    assert torch.equal(attention(q, k, v, None), F.scaled_dot_product_attention(q, k, v))
+    assert torch.equal(self_attention(q, k, v, None), F.scaled_dot_product_attention(q, k, v))
 
 
 def test_padding_bookkeeping(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -214,8 +228,8 @@ def dropout_statistics(backend: str, device: str, dtype: torch.dtype, draws: int
     v = torch.eye(6, 64, dtype=dtype, device=device).expand(2, 2, 6, 64).contiguous()  # out = attention weights
     padding = Padding.from_mask(torch.arange(6, device=device) < torch.tensor([[6], [3]], device=device))
     assert select_backend(padding, q, 0.3) == backend
-    exact = attention(q, k, v, padding).float()
-    stack = torch.stack([attention(q, k, v, padding, dropout_p=0.3).float() for _ in range(draws)])
+    exact = self_attention(q, k, v, padding).float()
+    stack = torch.stack([self_attention(q, k, v, padding, dropout_p=0.3).float() for _ in range(draws)])
     real = padding.mask[:, None, :, None].expand_as(exact)
     assert not torch.equal(stack[0], exact)
     kept = (stack != 0)[:, real & (exact != 0)].float().mean()
@@ -304,11 +318,11 @@ def test_gpu_backend_matches_sdpa(name: str, dtype: torch.dtype, monkeypatch: py
     mask = torch.arange(300, device="cuda") < torch.tensor(lengths, device="cuda")[:, None]
     padding = Padding.from_mask(mask)
     real = mask[:, None, :, None].expand_as(q)
-    ref = attention_ref(*(x.float() for x in (q, k, v)), Padding(mask))
+    ref = self_attention_ref(*(x.float() for x in (q, k, v)), Padding(mask))
     backward = name != "flash_attn_4"
     with torch.set_grad_enabled(backward):
         assert select_backend(padding, q, 0.0) == name
-        out = attention(q, k, v, padding)
+        out = self_attention(q, k, v, padding)
     assert (out.float() - ref)[real].abs().max() <= 1e-2
     assert (out[~real] == 0).all()
     if backward:
@@ -334,4 +348,4 @@ def test_gpu_fp32_padded_batch_falls_back() -> None:
     q, k, v = qkv(2, 8, torch.float32, grad=False, device="cuda")
     assert select_backend(padding, q, 0.0) in ("nested", "masked")
     real = padding.mask[:, None, :, None].expand_as(q)
-    assert (attention(q, k, v, padding) - attention_ref(q, k, v, padding))[real].abs().max() <= 1e-5
+    assert (self_attention(q, k, v, padding) - self_attention_ref(q, k, v, padding))[real].abs().max() <= 1e-5
