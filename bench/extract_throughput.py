@@ -13,10 +13,14 @@ bench/results/extract_throughput.jsonl with the device, torch version and git co
 Other experiments (`--experiment`):
 - `chunking`: chunked vs whole-file extraction of one long file (relative error per frame).
 - `dtype`: bf16 / fp16 vs fp32 features (relative error; CPU autocast runs bf16 only).
+- `units`: features alone vs the same extraction with `units=KMeans` (K = `--k`, fitted in a few
+  Lloyd iterations on the run's own features) and with `units="heads"`: the overhead ratio of each
+  (issue 14: k-means units should cost no more than 5% over features alone).
 
     python bench/extract_throughput.py --smoke                         # CPU, tiny config, < 1 min
     python bench/extract_throughput.py --config base --num-utts 16     # base config (random weights)
     python bench/extract_throughput.py --experiment chunking --config base
+    python bench/extract_throughput.py --experiment units --config base --num-utts 8 --threads 2
 """
 
 from __future__ import annotations
@@ -111,14 +115,33 @@ def layer_list(spec: str, num_layers: int) -> list[int]:
         raise SystemExit(f"--layers: {spec!r} is not a layer number, a comma-separated list or 'all'") from None
 
 
-def throughput(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    ref, ours = models(args.config, device, need_reference=not args.no_reference)
+def waveforms(args: argparse.Namespace, device: torch.device) -> tuple[list[torch.Tensor], float]:
+    """`--num-utts` LibriSpeech-like noise waveforms (capped at `--max-seconds`), their total seconds."""
     lengths = librispeech_like_lengths(args.num_utts, seed=0)
     if args.max_seconds:
         lengths = np.minimum(lengths, int(args.max_seconds * SAMPLE_RATE))
     rng = np.random.default_rng(0)
     waves = [torch.from_numpy(standardize(0.1 * rng.standard_normal(n))).to(device) for n in lengths]
-    audio = float(lengths.sum()) / SAMPLE_RATE
+    return waves, float(lengths.sum()) / SAMPLE_RATE
+
+
+def best_rounds(runs: dict[str, Any], repeats: int, device: torch.device) -> tuple[dict[str, float], dict[str, Any]]:
+    """Interleaved rounds: round 0 warms up and keeps each run's outputs; then the best of `repeats`."""
+    best = {name: float("inf") for name in runs}
+    first: dict[str, Any] = {}
+    for round_ in range(repeats + 1):
+        for name, fn in runs.items():
+            wall, outputs = timed(fn, device)
+            if round_ == 0:
+                first[name] = outputs
+            else:
+                best[name] = min(best[name], wall)
+    return best, first
+
+
+def throughput(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    ref, ours = models(args.config, device, need_reference=not args.no_reference)
+    waves, audio = waveforms(args, device)
     records = []
     for spec in args.layers:
         layers = layer_list(spec, len(ours.student.layers))
@@ -137,20 +160,13 @@ def throughput_one(args, device, ref, ours, waves, audio, layers, spec, dtype_na
         extractor = FeatureExtractor(ours, layers=layers, device=device, dtype=dtype_name, max_batch_seconds=seconds)
         name = "spidr_fast batch=1" if seconds < 1 else f"spidr_fast max_batch_seconds={seconds:g}"
         runs[name] = lambda e=extractor: [[r[f"layer{layer}"] for layer in layers] for r in e(waves)]
-    best = {name: float("inf") for name in runs}
-    errors: dict[str, float] = {}
-    expected = None
-    for round_ in range(args.repeats + 1):  # round 0 warms up and checks outputs
-        for name, fn in runs.items():
-            wall, outputs = timed(fn, device)
-            if round_ == 0:
-                if expected is None and name == next(iter(runs)):  # the reference one at a time, when there
-                    expected = [[y.float().cpu() for y in o] for o in outputs]
-                errors[name] = max(
-                    (a.float().cpu() - e).abs().max().item() for o, eo in zip(outputs, expected) for a, e in zip(o, eo)
-                )
-                continue
-            best[name] = min(best[name], wall)
+    best, first = best_rounds(runs, args.repeats, device)
+    # Every output against the first run's (the reference one at a time, when there).
+    expected = [[y.float().cpu() for y in o] for o in next(iter(first.values()))]
+    errors = {
+        name: max((a.float().cpu() - e).abs().max().item() for o, eo in zip(outs, expected) for a, e in zip(o, eo))
+        for name, outs in first.items()
+    }
     baseline = next(iter(runs))
     ref_single = best[baseline] if baseline.startswith("reference") else float("nan")
     ref_times = [v for k, v in best.items() if k.startswith("reference")]
@@ -251,9 +267,59 @@ def dtypes(args: argparse.Namespace, device: torch.device) -> list[dict]:
     return records
 
 
+def units(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Features alone vs features + k-means units vs features + head units, same pass, same waveforms."""
+    from spidr_fast.units import KMeans
+
+    _, ours = models(args.config, device, need_reference=False)
+    waves, audio = waveforms(args, device)
+    layer, key = args.layer, f"layer{args.layer}"
+    common = {"layers": [layer], "device": device, "max_batch_seconds": args.batch_seconds[0]}
+    features = FeatureExtractor(ours, **common)
+    frames = torch.cat([r[key] for r in features(waves)])
+    if frames.shape[0] < args.k:
+        raise SystemExit(f"--k {args.k}: the waveforms give only {frames.shape[0]} frames; raise --num-utts")
+    # A quick fit: K frames as initial centroids, a few Lloyd iterations on (a subsample of) the frames.
+    init = frames[torch.randperm(frames.shape[0], generator=torch.Generator().manual_seed(0))[: args.k]]
+    kmeans = KMeans(args.k, iters=args.kmeans_iters, init=init, device=device, max_frames=50_000).fit(frames)
+    runs = {
+        "features": features,
+        "features+kmeans": FeatureExtractor(ours, units=kmeans, **common),
+        "features+heads": FeatureExtractor(ours, units="heads", **common),
+    }
+    best, first = best_rounds({name: lambda e=e: e(waves) for name, e in runs.items()}, args.repeats, device)
+    for name, outputs in first.items():  # units change nothing in the features, and give one per frame
+        for got, ref in zip(outputs, first["features"]):
+            if not torch.equal(got[key], ref[key]):
+                raise AssertionError(f"{name}: its layer {layer} features differ from features alone")
+            if name != "features" and got["units"].shape != ref[key].shape[:1]:
+                raise AssertionError(
+                    f"{name}: units of shape {tuple(got['units'].shape)} for {ref[key].shape[0]} frames"
+                )
+    env = environment(device)
+    return [
+        {
+            "benchmark": "extract_units",
+            "impl": name,
+            "config": args.config,
+            "layer": layer,
+            "k": args.k if name == "features+kmeans" else None,
+            "num_utts": args.num_utts,
+            "audio_seconds": round(audio, 2),
+            "max_batch_seconds": args.batch_seconds[0],
+            "wall_seconds": round(wall, 4),
+            "audio_seconds_per_second": round(audio / wall, 2),
+            "overhead_vs_features": round(wall / best["features"], 4),
+            "repeats": args.repeats,
+            **env,
+        }
+        for name, wall in best.items()
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment", choices=["throughput", "chunking", "dtype"], default="throughput")
+    parser.add_argument("--experiment", choices=["throughput", "chunking", "dtype", "units"], default="throughput")
     parser.add_argument("--smoke", action="store_true", help="tiny config, short files: a CPU check in < 1 min")
     parser.add_argument("--config", choices=["base", "tiny"], default="base")
     parser.add_argument("--layer", type=int, default=6, help="layer of the chunking and dtype experiments")
@@ -285,6 +351,8 @@ def main(argv: list[str] | None = None) -> None:
         default=[(60.0, 5.0), (30.0, 5.0), (20.0, 2.0), (60.0, 0.0)],
         help="chunk:overlap seconds",
     )
+    parser.add_argument("--k", type=int, default=500, help="units: k-means centroids")
+    parser.add_argument("--kmeans-iters", type=int, default=3, help="units: Lloyd iterations of the quick fit")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "extract_throughput.jsonl")
@@ -296,11 +364,14 @@ def main(argv: list[str] | None = None) -> None:
         args.batch_seconds = args.batch_seconds or [4.0, 16.0]
         args.ref_batches, args.repeats, args.long_seconds = [1, 4], 1, 30.0
         args.chunk_settings = [(5.0, 1.0)]
+        args.k = min(args.k, 64)
     device = torch.device(args.device)
     if args.batch_seconds is None:
         args.batch_seconds = [20.0, 60.0, 200.0] if device.type == "cuda" else [5.0, 20.0]
     args.layers = args.layers or [str(args.layer)]
-    records = {"throughput": throughput, "chunking": chunking, "dtype": dtypes}[args.experiment](args, device)
+    records = {"throughput": throughput, "chunking": chunking, "dtype": dtypes, "units": units}[args.experiment](
+        args, device
+    )
     if args.experiment != "throughput":  # throughput appends per configuration as it goes
         append_jsonl(args.out, records)
     for r in records:

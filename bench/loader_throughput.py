@@ -32,12 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, append_jsonl, environment
 
-from spidr_fast.config import DataConfig
+from spidr_fast.config import SAMPLE_RATE, DataConfig
 from spidr_fast.data.batching import BucketBatchSampler, Collator
 from spidr_fast.data.dataset import SpeechDataset
 from spidr_fast.data.manifest import ManifestEntry
-
-SAMPLE_RATE = 16_000
 
 
 def write_corpus(root: Path, seconds: float, fmt: str, seed: int = 0) -> list[ManifestEntry]:

@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.out / f"extract_{tag}.jsonl"),
             ]
         )
+        units = ["--experiment", "units", "--out", str(args.out / f"extract_units_{tag}.jsonl")]
+        steps.append([sys.executable, str(BENCH / "extract_throughput.py"), *smoke, *units])
     failed = []
     for cmd in steps:
         print("+", " ".join(cmd), flush=True)

@@ -36,4 +36,7 @@ def test_bench_smoke_writes_results_and_report(tmp_path: Path) -> None:
     extraction = [json.loads(line) for line in (tmp_path / "extract_smoke.jsonl").read_text().splitlines()]
     assert {r["benchmark"] for r in extraction} == {"extract_throughput"}
     assert any(r["impl"].startswith("spidr_fast") for r in extraction)
+    units = [json.loads(line) for line in (tmp_path / "extract_units_smoke.jsonl").read_text().splitlines()]
+    assert {r["impl"] for r in units} == {"features", "features+kmeans", "features+heads"}
+    assert all(r["overhead_vs_features"] > 0 and r["commit"] for r in units)
     assert "## Extraction throughput" in report and "| reference batch=1 | " in report
