@@ -18,6 +18,7 @@ from torch import nn
 
 from spidr_fast.config import DataConfig, MaskingConfig
 from spidr_fast.data.dataset import SpeechDataset
+from spidr_fast.framing import RECEPTIVE_FIELD
 from spidr_fast.train.data import SkippedFiles, build_loader
 from spidr_fast.train.env import all_ranks
 from spidr_fast.train.step import autocast
@@ -38,11 +39,15 @@ def extract_units(
     mine: dict[str, list[np.ndarray]] = {}
     for i in range(rank, math.ceil(len(dataset) / world) * world, world):
         item = dataset[min(i, len(dataset) - 1)]
-        if item.waveform is None:
+        usable = item.waveform is not None
+        if not usable and world == 1:
             continue
+        # An unusable file (skip_bad) still costs its rank a forward, on one frame of silence whose
+        # units are dropped: every rank must run as many forwards as the others (FSDP2's gathers).
+        waveform = item.waveform if usable else torch.zeros(RECEPTIVE_FIELD)
         with autocast(device, dtype):
-            probs = core.get_codebooks(item.waveform[None].to(device))
-        if i < len(dataset):
+            probs = core.get_codebooks(waveform[None].to(device))
+        if usable and i < len(dataset):
             heads = [p for p in probs if p is not None]
             mine[dataset.entries[i].fileid] = [p.reshape(-1, p.shape[-1]).argmax(-1).cpu().numpy() for p in heads]
     if world == 1:
