@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from spidr_fast.config import DataConfig, MaskingConfig
-from spidr_fast.data.audio import standardize_int16, standardize_on_device
+from spidr_fast.data.audio import standardize_on_device
 from spidr_fast.data.dataset import Utterance
 from spidr_fast.data.masks import compute_mask_indices
 from spidr_fast.framing import num_frames
@@ -191,7 +191,7 @@ class Collator:
         if all(u.stats is not None for u in good):  # int16: standardised on the device
             stats = torch.tensor([u.stats for u in good], dtype=torch.float32)
         else:  # a mix: standardise the int16 ones here
-            waves = [w if u.stats is None else standardize_int16(w, *u.stats) for u, w in zip(good, waves)]
+            waves = [u.standardized() for u in good]
         size = min(min(w.shape[0] for w in waves), self.data.max_sample_size)
         crops = []
         for w in waves:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from spidr_fast.data.audio import AudioError, IntAudio, load_audio, read_archive_member
+from spidr_fast.data.audio import AudioError, IntAudio, load_audio, read_archive_member, standardize_int16
 from spidr_fast.data.manifest import ManifestEntry, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,10 @@ class Utterance(NamedTuple):
     waveform: torch.Tensor | None
     error: str | None = None  # "NAME: REASON" of a skipped file
     stats: tuple[float, float] | None = None  # (mean, scale) of an int16 waveform
+
+    def standardized(self) -> torch.Tensor:
+        """The waveform as the model takes it: float32 (T,) standardised (int16 ones converted here, on the host)."""
+        return self.waveform if self.stats is None else standardize_int16(self.waveform, *self.stats)
 
 
 def load_entry(

@@ -44,7 +44,7 @@ def extract_units(
             continue
         # An unusable file (skip_bad) still costs its rank a forward, on one frame of silence whose
         # units are dropped: every rank must run as many forwards as the others (FSDP2's gathers).
-        waveform = item.waveform if usable else torch.zeros(RECEPTIVE_FIELD)
+        waveform = item.standardized() if usable else torch.zeros(RECEPTIVE_FIELD)
         with autocast(device, dtype):
             probs = core.get_codebooks(waveform[None].to(device))
         if usable and i < len(dataset):

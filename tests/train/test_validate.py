@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from spidr_fast.data.dataset import Utterance
 from spidr_fast.train import validate
 
 
@@ -21,8 +22,12 @@ class _Dataset:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, i: int) -> SimpleNamespace:
-        return SimpleNamespace(waveform=None if i == 1 else torch.randn(800 + 320 * i))
+    def __getitem__(self, i: int) -> Utterance:
+        if i == 1:
+            return Utterance(i, 0, None, error="f1: unusable")
+        if i == 3:  # a PCM16 file, as the trainer's loader gives it (int16 with its statistics)
+            return Utterance(i, 0, torch.arange(800 + 320 * i, dtype=torch.int16) % 300, stats=(150.0, 0.01))
+        return Utterance(i, 0, torch.randn(800 + 320 * i))
 
 
 class _Core:
@@ -30,6 +35,7 @@ class _Core:
         self.forwards = 0
 
     def get_codebooks(self, waveforms: torch.Tensor) -> list[torch.Tensor]:
+        assert waveforms.dtype == torch.float32  # int16 audio is standardised first (conv1d refuses int16)
         self.forwards += 1
         frames = (waveforms.shape[-1] - 400) // 320 + 1
         return [torch.rand(1, frames, 4)]
