@@ -148,11 +148,7 @@ def unit_metrics(
     common = sorted(set(units) & set(alignments))
     if not common:
         raise ValueError("no fileid is in both `units` and `alignments`")
-    aligned = [align(units[f], alignments[f], unit_rate, label_rate) for f in common]
-    all_units = np.concatenate([u for u, _ in aligned])
-    all_labels = np.concatenate([y for _, y in aligned])
-    keep = ~np.isin(all_labels, list(ignore))
-    counts, _, _ = contingency(all_units[keep], all_labels[keep])
+    counts, _, _ = phone_unit_counts(units, alignments, unit_rate=unit_rate, label_rate=label_rate, ignore=ignore)
     raw = [np.asarray(units[f]) for f in common]
     return UnitMetrics(
         pnmi=pnmi(counts),
@@ -161,9 +157,26 @@ def unit_metrics(
         perplexity=perplexity(np.concatenate(raw)),
         active_codewords=int(np.unique(np.concatenate(raw)).size),
         bitrate=bitrate(raw, unit_rate),
-        num_frames=int(keep.sum()),
+        num_frames=int(counts.sum()),
         mean_run_length=mean_run_length(raw),
     )
+
+
+def phone_unit_counts(
+    units: Mapping[str, np.ndarray],
+    alignments: Mapping[str, Sequence[str]],
+    *,
+    unit_rate: float = 50,
+    label_rate: float = 100,
+    ignore: Sequence[str] = (),
+) -> tuple[np.ndarray, list[str], list[int]]:
+    """The (phones, units) `contingency` table over the utterances in both `units` and `alignments`,
+    phone labels in `ignore` left out."""
+    aligned = [align(units[f], alignments[f], unit_rate, label_rate) for f in sorted(set(units) & set(alignments))]
+    all_units = np.concatenate([u for u, _ in aligned])
+    all_labels = np.concatenate([y for _, y in aligned])
+    keep = ~np.isin(all_labels, list(ignore))
+    return contingency(all_units[keep], all_labels[keep])
 
 
 def mean_run_length(sequences: Sequence[np.ndarray]) -> float:

@@ -151,7 +151,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from spidr_fast.data.corpus import read_alignments
-    from spidr_fast.metrics import align, contingency, unit_metrics
+    from spidr_fast.metrics import phone_unit_counts, unit_metrics
 
     alignments = read_alignments(args.alignments)
     units = match(read_units(args.units_dir), set(alignments))
@@ -159,10 +159,9 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"no units file of {args.units_dir} matches a fileid of {args.alignments}")
     ignore = args.ignore or []
     metrics = unit_metrics(units, alignments, unit_rate=args.unit_rate, label_rate=args.label_rate, ignore=ignore)
-    pairs = [align(units[f], alignments[f], args.unit_rate, args.label_rate) for f in sorted(units)]
-    u, y = np.concatenate([a for a, _ in pairs]), np.concatenate([b for _, b in pairs])
-    keep = ~np.isin(y, ignore)
-    counts, phones, ids = contingency(u[keep], y[keep])
+    counts, phones, ids = phone_unit_counts(
+        units, alignments, unit_rate=args.unit_rate, label_rate=args.label_rate, ignore=ignore
+    )
     png = args.png or args.units_dir / "units-report.png"
     plot_cooccurrence(counts, phones, ids, png)
     rows = {"files": len(units), **report_rows(metrics)}
