@@ -37,7 +37,7 @@ bench: $(SETUP)
 bench-smoke: $(SETUP)
 	$(PYTHON) bench/run.py --smoke --out $${TMPDIR:-/tmp}/spidr_fast_bench_smoke
 
-# Everything a GPU session must measure, each step under its own time limit, <= 8 min on one H100:
+# Everything a GPU session must measure, each step under its own time limit, ~8.5 min (510 s of step limits) on one H100:
 # results + REPORT.md in OUT (bench/gpu_check.py; GPU steps are skipped, saying why, without CUDA).
 OUT ?= gpu-check-results
 gpu-check: $(SETUP)
