@@ -67,8 +67,8 @@ LIMITS = {
     "extract": 35,
     "attention": 10,
 }
-# The microbenchmarks gpu-check runs (bench/test_bench_*.py, GPU shapes): bf16 conv front-end only.
-KERNEL_SELECTION = "not (conv_frontend and fp32)"
+# The microbenchmarks gpu-check runs (bench/test_bench_*.py, GPU shapes): bf16 conv front-end (both ops) only.
+KERNEL_SELECTION = "not ((conv_frontend or conv0) and fp32)"
 
 
 @dataclasses.dataclass

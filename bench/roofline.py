@@ -821,6 +821,7 @@ def report(variants: list[str], config: Any = "base", batch: int = 16, seconds: 
 LEVERS = (
     ("channels-last front-end (kernels/conv_frontend.py)", "frontend_layout"),
     ("bf16 residual stream (spidr_fast/models/layer_norm.py)", "residual_dtype"),
+    ("first conv + LayerNorm + GELU fused (kernels/conv0.py)", "conv0"),
 )
 
 

@@ -80,6 +80,8 @@ def test_tiny_step_gemm_and_conv_flops_equal_a_real_cpu_step() -> None:
         losses, _ = model(torch.randn(2, 16000), mask_indices=torch.zeros(2, int(0.526 * frames), dtype=torch.long))
         losses.sum().backward()
     cpu = {str(k).removeprefix("aten."): v for k, v in counter.flop_counts["Global"].items()}
+    meta["convolution"] += meta["spidr_fast::conv0_layer_norm_gelu"]  # the first conv, fused with its norm on CUDA
+    meta["convolution_backward"] += meta["spidr_fast::conv0_layer_norm_gelu_backward"]
     for name in ("mm", "addmm", "convolution", "convolution_backward"):
         assert meta[name] == cpu[name] > 0, name
     assert tr.model_flops > sum(cpu[n] for n in ("mm", "addmm", "convolution", "convolution_backward"))
@@ -142,7 +144,9 @@ def test_channels_last_front_end_has_no_layout_transposes() -> None:
 def test_levers_table_switches_each_built_lever() -> None:
     rows = [r for r in roofline.levers_table("tiny", batch=1, seconds=1.0).splitlines() if r.startswith("| ")][1:]
     assert len(rows) == 2 * (1 + len(roofline.LEVERS))
-    assert [r.split(" | ")[1] for r in rows] == ["no"] * 3 + ["yes"] * 3
+    assert [r.split(" | ")[1] for r in rows] == ["no"] * (1 + len(roofline.LEVERS)) + ["yes"] * (
+        1 + len(roofline.LEVERS)
+    )
     assert {r.split(" | ")[0] for r in rows} == {"| all built levers off", *(f"| + {t}" for t, _ in roofline.LEVERS)}
 
 
@@ -157,3 +161,27 @@ def test_whole_model_compile_and_efficiency_what_ifs(tmp_path: Path, monkeypatch
     assert whole["gflop"] == per_layer["gflop"] and whole["gb"] < per_layer["gb"]  # more fused, less traffic
     with pytest.raises(SystemExit, match="--eff 'gemmm=1'"):
         roofline.main(["--config", "tiny", "--eff", "gemmm=1"])
+
+
+def test_fused_first_conv_block() -> None:
+    """The first conv block as one op (kernels/conv0.py): the conv's FLOPs, in the class its kernels classify as,
+    moving the waveform and y once each way instead of the conv output four times (SPIDR_FAST_REFERENCE_OPS=conv0:
+    the conv + LayerNorm/GELU ops again)."""
+    from spidr_fast.kernels import conv0
+
+    def first_block(variant: str) -> list:
+        tr = roofline.trace(variant, "tiny", batch=2, seconds=1.0)
+        block = [op for op in tr.ops if op.label.startswith("feature_extractor.conv_layers.0")]
+        return [op for op in block if op.name.startswith(("spidr_fast::", "convolution"))]  # not the grad accumulation
+
+    fused, unfused = first_block("spidr_fast"), first_block("spidr_fast:ref_ops=conv0")
+    assert [op.name for op in fused] == [
+        "spidr_fast::conv0_layer_norm_gelu",
+        "spidr_fast::conv0_layer_norm_gelu_backward",
+    ]
+    assert {op.name for op in unfused} >= {"convolution", "convolution_backward"}
+    conv_flops = {op.phase: op.flops for op in unfused if op.name.startswith("convolution")}
+    assert {op.phase: op.flops for op in fused} == conv_flops and conv_flops["fwd"] > 0
+    assert sum(op.bytes for op in fused) < 0.5 * sum(op.bytes for op in unfused)
+    for kernel in [k for k in conv0.KERNELS if k.endswith("_kernel")]:  # the launched ones, as a profile names them
+        assert roofline.classify(kernel) == fused[0].cls == fused[1].cls == "norm/elementwise"
