@@ -20,9 +20,10 @@ FLOPs per output value, pure memory traffic: here u and du live only in register
 
 Fused path (Triton), math in fp32 for every input dtype (bf16/fp16 converted after the load):
   * the conv: a (BLOCK_C, BLOCK_T) tile of u (whole columns) is one tl.dot of the taps (BLOCK_C, KP) by the waveform
-    patches X (KP, BLOCK_T), X[j, t] = x[stride t + j], K padded to KP >= 16 with zeros. TF32 on tensor cores where
-    `torch.backends.cudnn.allow_tf32` (PyTorch's default, under which cuDNN runs the fp32 conv in TF32 too), else
-    IEEE fp32 (the interpreter's dot is always exact fp32).
+    patches X (KP, BLOCK_T), X[j, t] = x[stride t + j], K padded to KP >= 16 with zeros. TF32 on tensor cores when
+    y is bf16/fp16 (under autocast the two-op path runs the conv in bf16, coarser than TF32) or where cuDNN would
+    run an fp32 conv in TF32 (`conv_uses_tf32`, PyTorch's default); else IEEE fp32 on FFMA (fp32 training: the
+    trainer turns TF32 off, `train/env.py`). The interpreter's dot is always exact fp32.
   * forward: grid (T blocks, B). A program computes its u tile, then the LayerNorm + GELU (`conv_frontend._ln_gelu`:
     two-pass column statistics in registers) and stores y (out_dtype) and the (B, T) statistics.
   * backward: grid (T-block groups, B). A program loops over consecutive T blocks; in each it recomputes u (the
@@ -32,8 +33,9 @@ Fused path (Triton), math in fp32 for every input dtype (bf16/fp16 converted aft
     weight's gradient du @ X^T (one tl.dot per block, precision as above: cuDNN's weight gradient reads a bf16 du
     under autocast). Each program writes one partial row per gradient; torch sums the rows in a fixed order: no
     float atomics, so the gradients are bitwise reproducible.
-  * registers (sm_90, `tests/kernels/test_conv0.py -k sm90`): the forward 57, no spills; the backward's (512, 16)
-    tiles at 16 warps reach the 128-register cap and spill ~128 B a thread (L1-resident): to time on a GPU.
+  * sm_90 (`tests/kernels/test_conv0.py -k sm90`, static SASS): the forward 57 registers (TF32) / 64 (IEEE), no
+    spills, ~68 / 84 instructions per output value; the backward's (512, 16) tiles at 16 warps reach the
+    128-register cap and spill ~130 B a thread (L1-resident), ~96 / 115 instructions per value: to time on a GPU.
   * out_dtype: the autocast dtype under autocast (what the conv would output), else x's dtype. The two-op path runs
     the conv in bf16 under autocast (x and w rounded to bf16, u rounded); here only y is rounded.
 The waveform gets no gradient: where it requires one (or C > MAX_C, or the dtypes are not the conv's), the public
@@ -184,9 +186,26 @@ def _blocks(C: int, tile: int, per_thread: int) -> tuple[int, int, int]:
     return block_c, block_t, max(1, min(16, block_c * block_t // (32 * per_thread)))
 
 
-def _dot_args(K: int, device: torch.device) -> dict:
-    """KP: the taps padded for tl.dot; TF32 where cuDNN's convs would use it (`torch.backends.cudnn.allow_tf32`)."""
-    tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
+def conv_uses_tf32() -> bool:
+    """torch's fp32 conv setting for cuDNN (TF32 or IEEE), on torch 2.8-2.13 (as `heads_ce.fp32_matmul_uses_tf32`):
+    `torch.backends.cudnn.conv.fp32_precision` ("none": inherit cudnn's, then the global one), else the legacy
+    `allow_tf32` (whose read raises on some torch versions once the new API has set TF32)."""
+    cudnn = torch.backends.cudnn
+    for holder in (getattr(cudnn, "conv", None), cudnn, torch.backends):
+        precision = getattr(holder, "fp32_precision", None)
+        if precision not in (None, "none"):
+            return precision == "tf32"
+    try:
+        return bool(cudnn.allow_tf32)
+    except RuntimeError:
+        return False
+
+
+def _dot_args(K: int, device: torch.device, out_dtype: torch.dtype) -> dict:
+    """KP: the taps padded for tl.dot; TF32 on CUDA where the output is bf16/fp16 (autocast: the two-op path's conv
+    runs in bf16, coarser than TF32, and y's own rounding dwarfs TF32's) or where cuDNN's fp32 convs would run TF32
+    (`conv_uses_tf32`: PyTorch's default; the trainer turns it off, `train/env.py`); else IEEE fp32 (FFMA)."""
+    tf32 = device.type == "cuda" and (out_dtype != torch.float32 or conv_uses_tf32())
     return {"KP": max(16, next_pow2(K)), "DOT_PRECISION": "tf32" if tf32 else "ieee"}
 
 
@@ -215,7 +234,7 @@ def _fwd_launch(
             x, conv_weight, conv_bias, ln_weight, ln_bias, y, mean, rstd,
             C, T, x.stride(0), *y.stride(), eps,
             K=K, STRIDE=stride, HAS_CONV_BIAS=conv_bias is not None, HAS_WEIGHT=ln_weight is not None,
-            HAS_BIAS=ln_bias is not None, BLOCK_C=block_c, BLOCK_T=block_t, **_dot_args(K, x.device),
+            HAS_BIAS=ln_bias is not None, BLOCK_C=block_c, BLOCK_T=block_t, **_dot_args(K, x.device, out_dtype),
             num_warps=num_warps,
         )  # fmt: skip
     return y.to(out_dtype), mean, rstd
@@ -258,7 +277,7 @@ def _bwd_launch(
             x, conv_weight, conv_bias, ln_weight, ln_bias, grad_y, mean, rstd, dcw_part, dcb_part, dw_part, db_part,
             C, T, iters, x.stride(0), *grad_y.stride(),
             K=K, STRIDE=stride, HAS_CONV_BIAS=conv_bias is not None, HAS_WEIGHT=ln_weight is not None,
-            HAS_BIAS=ln_bias is not None, BLOCK_C=block_c, BLOCK_T=block_t, **_dot_args(K, x.device),
+            HAS_BIAS=ln_bias is not None, BLOCK_C=block_c, BLOCK_T=block_t, **_dot_args(K, x.device, grad_y.dtype),
             num_warps=num_warps,
         )  # fmt: skip
 

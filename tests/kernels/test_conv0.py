@@ -11,6 +11,14 @@ from spidr_fast.kernels.conv_frontend import is_channels_last
 from tests.kernels.utils import assert_close_to_truth
 
 NAMES = ("y", "grad_conv_weight", "grad_conv_bias", "grad_ln_weight", "grad_ln_bias")
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def no_tf32(monkeypatch):
+    """fp32 convs in IEEE fp32 on both sides (on CUDA the fused dots and cuDNN's would otherwise run TF32)."""
+    monkeypatch.setattr(c0, "conv_uses_tf32", lambda: False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
 def make_inputs(B, S, C, K, conv_bias, affine, dtype, device):
@@ -216,12 +224,12 @@ def test_feature_extractor_group_norm_mode(triton_backend, monkeypatch):
     assert_same(_extractor_step(fe, wav), got)
 
 
-def conv0_specs(C: int = 512, T: int = 47_999, S: int = 240_000) -> list[dict]:
+def conv0_specs(precision: str, C: int = 512, T: int = 47_999, S: int = 240_000) -> list[dict]:
     """Both kernels at the base shape (16 x 15 s, C = 512, no conv bias, affine LayerNorm, bf16 y and dy, both
-    channels-last, TF32 dots) with the launchers' tiles, as `bench/sm90.py` specs; strides of 1 specialise, as at
-    a launch."""
+    channels-last) with the launchers' tiles and dot precision `precision`, as `bench/sm90.py` specs; strides of 1
+    specialise, as at a launch."""
     consts = {"K": 10, "STRIDE": 5, "HAS_CONV_BIAS": False, "HAS_WEIGHT": True, "HAS_BIAS": True}
-    consts.update(c0._dot_args(10, torch.device("cuda")), DOT_PRECISION="tf32", cb_ptr=None)
+    consts.update(c0._dot_args(10, torch.device("cuda"), torch.bfloat16), DOT_PRECISION=precision, cb_ptr=None)
     ptrs = {"x_ptr": "*fp32", "cw_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "mean_ptr": "*fp32"}
     ptrs["rstd_ptr"] = "*fp32"
     block_c, block_t, warps = c0._blocks(C, c0.FWD_TILE, c0.FWD_PER_THREAD)
@@ -243,18 +251,38 @@ def conv0_specs(C: int = 512, T: int = 47_999, S: int = 240_000) -> list[dict]:
     ]
 
 
-def test_sm90_registers():
-    """Compiled for an H100 (no GPU needed, bench/sm90.py): the forward fits in 128 registers without spilling;
-    both run their dots on tensor cores. The backward holds a (512, 16) tile per T block plus the conv weight's
-    (512, 16) accumulator at 16 warps: it spills ~144 B a thread (L1-resident; to time on a GPU): bounded here."""
+@pytest.mark.parametrize("precision", ["tf32", "ieee"])
+def test_sm90_registers(precision):
+    """Compiled for an H100 (no GPU needed, bench/sm90.py), with TF32 dots (autocast, or torch's default) and IEEE
+    ones (fp32 training): the forward fits in 128 registers without spilling; TF32 runs both dots on tensor cores. The
+    backward holds a (512, 16) tile per T block plus the conv weight's (512, 16) accumulator at 16 warps: it spills
+    ~130 B a thread (L1-resident; to time on a GPU): bounded here."""
     from bench import sm90
 
-    specs = conv0_specs()
+    specs = conv0_specs(precision)
     results = sm90.compile_many(specs)
     if isinstance(results, str):
         pytest.skip(f"cannot compile for sm_90 here: {results}")
     fwd, bwd = results
     sm90.assert_fits("fwd", fwd, max_regs=128)
-    assert sm90.tensor_core_ops(fwd["sass_counts"]) > 0 and sm90.tensor_core_ops(bwd["sass_counts"]) > 0
+    tensor_core = [sm90.tensor_core_ops(r["sass_counts"]) > 0 for r in results]
+    assert tensor_core == [precision == "tf32"] * 2
     print("bwd", {k: bwd[k] for k in ("regs", "stack", "shared")})
     assert bwd["regs"] <= 128 and bwd["stack"] <= 256, bwd
+
+
+def test_tf32_setting_followed(monkeypatch):
+    """The dots follow torch's fp32 conv setting (legacy flag or the fp32_precision API) for an fp32 y, and run TF32
+    for a bf16 one (autocast, where the two-op path's conv is bf16); on CUDA only."""
+    monkeypatch.undo()  # this test reads the real setting
+    cudnn = torch.backends.cudnn
+    saved = cudnn.allow_tf32
+    try:
+        for tf32 in (True, False):
+            cudnn.allow_tf32 = tf32
+            assert c0.conv_uses_tf32() is tf32
+            precision = {dtype: c0._dot_args(10, torch.device("cuda"), dtype)["DOT_PRECISION"] for dtype in DTYPES}
+            assert precision == {torch.float32: "tf32" if tf32 else "ieee", torch.bfloat16: "tf32"}  # bf16: autocast
+            assert c0._dot_args(10, torch.device("cpu"), torch.bfloat16)["DOT_PRECISION"] == "ieee"
+    finally:
+        cudnn.allow_tf32 = saved
