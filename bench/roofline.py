@@ -82,6 +82,7 @@ EFFICIENCY: dict[str, tuple[float, str]] = {
     "gemm_fp32": (0.70, "assumed: fp32 FFMA GEMMs (codebook distances, 'ieee'); uncalibrated"),
     "conv": (0.50, "assumed: cuDNN implicit GEMM, k 2-10, stride 2-5, 512 ch (PERF-MODEL.md); uncalibrated"),
     "conv_grouped": (0.15, "assumed: the grouped pos-conv, 48 ch/group, k=19 (PERF-MODEL.md); uncalibrated"),
+    "conv_pos_triton": (0.25, "assumed: Triton pos-conv, tl.dot per tap, 48/64 padded ch (56% of MMA); uncalibrated"),
     "attention": (0.40, "assumed: FA2-class flash SDPA with dropout, head dim 64 (PERF-MODEL.md); uncalibrated"),
     "attention_bias": (0.22, "assumed: memory-efficient SDPA with a bias (a mask passed); uncalibrated"),
     "memory": (0.80, "assumed: elementwise/reduction kernels reach 80% of HBM bandwidth (PERF-MODEL.md)"),
@@ -114,6 +115,8 @@ def op_class(name: str) -> str:
     """Class of an aten / spidr_fast op (its overload packet name; custom ops as `spidr_fast::name`)."""
     if name.startswith("spidr_fast::"):
         op = name.split("::")[1]
+        if op.startswith("pos_conv"):
+            return "conv"  # the fused positional conv layer (its LayerNorm + GELU ride along)
         return (
             "heads/CE" if op.startswith("heads") else "codebook" if op.startswith("codebook") else "norm/elementwise"
         )
@@ -394,6 +397,8 @@ class _Recorder(TorchDispatchMode):
             for t in args[:2]:  # dY and X made contiguous
                 if not t.is_contiguous():
                     extra, kernels = extra + 2 * _ubytes(t), kernels + 1
+        elif name == "spidr_fast::pos_conv_backward":  # dz = LN-GELU backward: written, read by grad_x and grad_w
+            extra, kernels = 3 * _ubytes(args[1]), 3
         elif "attention_backward" in name:
             kernels = 3  # preprocess, the backward kernel, dq conversion
         elif op_class(name) == "optimizer/EMA":
@@ -681,6 +686,8 @@ def _fused_costs(tr: Trace) -> tuple[list[float], list[float], list[float]]:
 
 def efficiency(op: Op) -> float:
     """Fraction of the compute peak this op reaches (from `EFFICIENCY`)."""
+    if op.name.startswith("spidr_fast::pos_conv"):
+        return EFFICIENCY["conv_pos_triton"][0]
     if op.cls == "conv":
         return EFFICIENCY["conv_grouped" if op.groups > 1 else "conv"][0]
     if op.cls == "attention":
@@ -821,6 +828,7 @@ def report(variants: list[str], config: Any = "base", batch: int = 16, seconds: 
 LEVERS = (
     ("channels-last front-end (kernels/conv_frontend.py)", "frontend_layout"),
     ("bf16 residual stream (spidr_fast/models/layer_norm.py)", "residual_dtype"),
+    ("fused positional conv layer (kernels/pos_conv.py)", "pos_conv"),
 )
 
 

@@ -27,7 +27,7 @@ Fused path (Triton):
     cancellation). After a block barrier a second loop over the groups re-reads the program's own u tile
     (just written: L2-resident), normalises, applies GELU and keep, and writes y.
   * backward: three launches.
-    1. `_ln_gelu_bwd_kernel`: dz = keep * LayerNorm-GELU backward of dy at u (whole frames of D channels).
+    1. `_pos_conv_ln_gelu_bwd_kernel`: dz = keep * LayerNorm-GELU backward of dy at u (whole frames of D channels).
     2. `_pos_conv_kernel` (not NORM) on dz with the transposed, tap-flipped weight: input frame s gets
        sum_j W_j^T dz[s - j + k//2] = sum_j' W'_j' dz[s + j' - (k - 1 - k//2)], the forward's form with
        the offset k - 1 - k//2 (k//2 for odd k, k/2 - 1 for even k); times keep: grad_x.
@@ -74,7 +74,7 @@ BWD_TILE, BWD_PER_THREAD = 4096, 8  # LayerNorm-GELU backward: BLOCK_T x next_po
 # --------------------------------------------------------------------------------------------
 
 # Plain functions here, `triton.jit`-decorated at the first launch (see `_utils.jit_in_place`).
-KERNELS = ("_pos_conv_kernel", "_ln_gelu_bwd_kernel", "_pos_conv_dw_kernel")
+KERNELS = ("_pos_conv_kernel", "_pos_conv_ln_gelu_bwd_kernel", "_pos_conv_dw_kernel")
 
 if TYPE_CHECKING:
     import triton.language as tl
@@ -154,7 +154,7 @@ def _pos_conv_kernel(
         tl.store(rstd_ptr + b * T + ts, rstd, mask=tmask)
 
 
-def _ln_gelu_bwd_kernel(
+def _pos_conv_ln_gelu_bwd_kernel(
     dy_ptr, u_ptr, mean_ptr, rstd_ptr, keep_ptr, dz_ptr, T, D,
     HAS_KEEP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -294,7 +294,7 @@ def _bwd_launch(
         block_d = next_pow2(D)
         block_t = max(1, min(64, BWD_TILE // block_d, next_pow2(T)))
         num_warps = max(1, min(16, block_t * block_d // (32 * BWD_PER_THREAD)))
-        _ln_gelu_bwd_kernel[(cdiv(T, block_t), B)](
+        _pos_conv_ln_gelu_bwd_kernel[(cdiv(T, block_t), B)](
             grad_y, u, mean, rstd, keep, dz, T, D,
             HAS_KEEP=keep is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
         )  # fmt: skip

@@ -201,6 +201,19 @@ def test_module_fullgraph_compile(triton_backend, monkeypatch, padded):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
+def test_trainer_flop_count(triton_backend):
+    """The trainer's counter (spidr_fast/train/flops.py) sees the opaque fused op as the conv it is: 2 B T D Cg k
+    forward, twice that backward (grad_x and grad_weight), as it counts the reference's convs."""
+    from spidr_fast.train.flops import step_flop_counter
+
+    B, T, D, groups, k = 2, 13, 24, 2, 5
+    leaves, mask, grad_y = make_inputs(B, T, D, groups, k, "padded", torch.float32, triton_backend)
+    counter = step_flop_counter()
+    with counter:
+        run(pos_conv_layer, leaves, mask, groups, grad_y)
+    assert counter.get_total_flops() == 3 * 2 * B * T * D * (D // groups) * k
+
+
 def pos_conv_specs(dtype: str) -> list[dict]:
     """The three kernels with the tiles their launchers pick at the base shapes (D=768, 16 groups, k=19,
     T=749), as `bench/sm90.py` specs."""
@@ -212,7 +225,7 @@ def pos_conv_specs(dtype: str) -> list[dict]:
     cases = [
         ("fwd", pc._pos_conv_kernel, dict(conv, PAD=K // 2, NORM=True, HAS_BIAS=True), pc.NUM_WARPS_CONV),
         ("dx", pc._pos_conv_kernel, dict(conv, PAD=K - 1 - K // 2, NORM=False, HAS_BIAS=False), pc.NUM_WARPS_CONV),
-        ("ln_bwd", pc._ln_gelu_bwd_kernel, {"HAS_KEEP": True, "BLOCK_T": 4, "BLOCK_D": 1024}, 16),
+        ("ln_bwd", pc._pos_conv_ln_gelu_bwd_kernel, {"HAS_KEEP": True, "BLOCK_T": 4, "BLOCK_D": 1024}, 16),
         (
             "dw",
             pc._pos_conv_dw_kernel,
