@@ -36,6 +36,7 @@ KERNEL_CLASSES: list[tuple[str, str]] = [
     ("fused: codebook", r"_assign_kernel|_segment_sum_kernel|codebook"),
     ("fused: heads + CE", r"_heads_ce_"),
     ("fused: conv LN+GELU", r"_cln_gelu_"),
+    ("fused: pos-conv layer", r"_pos_conv_"),
     ("attention", r"flash|fmha|attention|sdpa|_efficient_attention|cutlass.*attn"),
     ("inductor triton", r"^triton_|^triton\."),
     ("optimizer", r"multi_tensor_apply|adam|foreach|fused_adam"),

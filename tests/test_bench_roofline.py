@@ -115,6 +115,7 @@ def test_predict_and_classify_share_the_classes() -> None:
         "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>": "attention",
         "triton_poi_fused_add_native_dropout_0": "norm/elementwise",
         "_heads_ce_bwd_kernel": "heads/CE",
+        "_pos_conv_ln_gelu_bwd_kernel": "conv",  # the fused pos-conv op is priced as one conv
         "_assign_kernel": "codebook",
         "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer/EMA",
         "Memcpy HtoD (Pageable -> Device)": "other",

@@ -148,6 +148,7 @@ def test_a_step_past_its_limit_is_stopped_and_reported(tmp_path: Path) -> None:
         ("_assign_kernel", "fused: codebook"),
         ("_heads_ce_bwd_kernel", "fused: heads + CE"),
         ("_cln_gelu_fwd_kernel", "fused: conv LN+GELU"),
+        ("_pos_conv_ln_gelu_bwd_kernel", "fused: pos-conv layer"),
         ("flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
         ("triton_per_fused_native_layer_norm_0", "inductor triton"),
         ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "GEMM"),
