@@ -197,8 +197,8 @@ def test_module_fullgraph_compile(triton_backend, monkeypatch, padded):
         y = f(x, mask)
         results.append([y, *torch.autograd.grad((y * y.detach().cos()).sum(), params)])
     for got in results[:2]:
-        for g, w in zip(got, results[2]):
-            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        for g, w in zip(got, results[2]):  # parameter gradients up to ~30: fp32 rounding of the reference ~1e-5
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5)
 
 
 def test_trainer_flop_count(triton_backend):
