@@ -269,7 +269,7 @@ def _fwd_launch(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     jit_in_place(globals(), KERNELS)
     D, CG, K = weight.shape
-    wk = weight.view(D // CG, CG, CG, K).permute(0, 3, 2, 1).contiguous()  # (G, K, Cg_in, Cg_out)
+    wk = weight.view(D // CG, CG, CG, K).permute(0, 3, 2, 1).to(x.dtype).contiguous()  # (G, K, Cg_in, Cg_out)
     return _conv_launch(x.contiguous(), _as_uint8(keep), wk, bias, K // 2, eps, norm=True, mask_in=True)
 
 
@@ -305,7 +305,7 @@ def _bwd_launch(
             **_dot_config(x),
         )  # fmt: skip
     # grad_x: the forward's conv of dz with W^T, taps flipped, offset k - 1 - k // 2; times keep
-    wt = weight.view(G, CG, CG, K).flip(3).permute(0, 3, 1, 2).contiguous()  # (G, K, Cg_out -> in, Cg_in -> out)
+    wt = weight.view(G, CG, CG, K).flip(3).permute(0, 3, 1, 2).to(x.dtype).contiguous()  # (G, K, Cg_o, Cg_i)
     grad_x = _conv_launch(dz.to(x.dtype), keep, wt, None, K - 1 - K // 2, 0.0, norm=False, mask_in=False)[0]
     # fixed-order sums of the partials (deterministic); (G, K, Cg_out, Cg_in) -> (D, Cg, K)
     grad_w = dw_part.sum(0).permute(0, 2, 3, 1).reshape(D, CG, K).to(weight.dtype)
