@@ -61,18 +61,24 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry, shape_wrapper
 
+from spidr_fast.devices import lookup as lookup_device
 from spidr_fast.train.flops import FLOP_FORMULAS
 
 # ------------------------------------------------------------------------------------------------
 # Devices and efficiencies: the one table the predictions come from
 # ------------------------------------------------------------------------------------------------
 
-# Dense peaks (datasheets, SXM parts): bf16 tensor-core and fp32 (no TF32) FLOP/s, HBM bytes/s.
-DEVICES = {
-    "A100": {"bf16": 312e12, "fp32": 19.5e12, "hbm": 2.039e12},  # A100 SXM4 80 GB
-    "H100": {"bf16": 989e12, "fp32": 67e12, "hbm": 3.35e12},  # H100 SXM5
-    "H200": {"bf16": 989e12, "fp32": 67e12, "hbm": 4.8e12},  # H200 SXM: H100's SMs, faster HBM3e
-}
+# Dense peaks: bf16 tensor-core and fp32 (no TF32) FLOP/s, HBM bytes/s, from spidr_fast/devices.py (its
+# sources there). The default devices, by their short names (the SXM parts); `device_peaks` also takes any
+# name that table knows ("H100 PCIe", "NVIDIA H100 PCIe", "GH200", ...).
+def device_peaks(device: str) -> dict[str, float]:
+    d = lookup_device(device)
+    if d is None:
+        raise ValueError(f"device {device!r}: one of {sorted(DEVICES)} or a device spidr_fast/devices.py knows")
+    return {"bf16": d.bf16, "fp32": d.fp32, "hbm": d.hbm}
+
+
+DEVICES = {alias: device_peaks(alias) for alias in ("A100", "H100", "H200")}
 # (value, where it came from). Fractions of the peak that kernels of this kind reach at these shapes.
 # None is measured on spidr_fast yet: `make gpu-check` writes measured per-class times beside the
 # predicted ones; replace a value by the calibrated one and say which run it came from.
@@ -692,9 +698,7 @@ def efficiency(op: Op) -> float:
 
 def summarize(tr: Trace, device: str = "H100") -> dict[str, Any]:
     """Per-class and per-region FLOPs, bytes, kernels and predicted ms; the step's ms and MFU."""
-    if device not in DEVICES:
-        raise ValueError(f"device {device!r}: one of {sorted(DEVICES)}")
-    hw = DEVICES[device]
+    hw = device_peaks(device)
     bw = hw["hbm"] * EFFICIENCY["memory"][0]
     nbytes, extra, kernels = _fused_costs(tr)
     rows = {c: collections.Counter() for c in CLASSES}
@@ -726,7 +730,7 @@ def summarize(tr: Trace, device: str = "H100") -> dict[str, Any]:
 
 
 def mfu(model_flops: float, ms: float, device: str) -> float:
-    return model_flops / (ms / 1e3) / DEVICES[device]["bf16"]
+    return model_flops / (ms / 1e3) / device_peaks(device)["bf16"]
 
 
 def predict(config: Any = "base", device: str = "H100", variant: Variant | str = "spidr_fast", batch: int = 16,
