@@ -130,7 +130,7 @@ def build_loader(
     """`log_skipped=False`: the dataset does not log skipped files (the caller does, from `Batch.skipped`)."""
     if not cfg.manifest:
         raise ValueError("data.manifest is not set")
-    # PCM16 audio stays int16 up to the device, where `train_step` / `Batch.device_waveforms` standardise it.
+    # PCM16 audio stays int16 up to the device, where `Batch.device_waveforms` standardises it.
     dataset = SpeechDataset(
         cfg.manifest, normalize=cfg.normalize, skip_bad=cfg.skip_bad, log_skipped=log_skipped, integer=True
     )

@@ -143,7 +143,7 @@ def train(cfg: TrainConfig, *, progress: Callable[..., Any] = tqdm) -> dict[str,
                     state["batch_in_epoch"] += 1
                     continue
                 step, steps_in_epoch = state["step"] + 1, steps_in_epoch + 1
-                out = train_step(ctx, batch.waveforms, batch.mask_indices, step, mean=batch.mean, scale=batch.scale)
+                out = train_step(ctx, batch.device_waveforms(env.device), batch.mask_indices, step)
                 state["step"], state["batch_in_epoch"] = step, state["batch_in_epoch"] + 1
                 meters.update(out, step)
                 tput.update(
