@@ -20,7 +20,6 @@ from spidr_fast.config import DataConfig, MaskingConfig
 from spidr_fast.data.dataset import SpeechDataset
 from spidr_fast.framing import RECEPTIVE_FIELD
 from spidr_fast.train.data import SkippedFiles, build_loader
-from spidr_fast.train.env import all_ranks
 from spidr_fast.train.step import autocast
 
 if TYPE_CHECKING:
@@ -93,10 +92,7 @@ def validate(
     used = 0  # batches with audio (skip_bad: a batch whose files were all unusable is skipped on every rank)
     try:
         for batch in loader:
-            usable = skipped.note(batch)
-            if cfg.skip_bad and world > 1:
-                usable = all_ranks(usable, device)
-            if not usable:
+            if not skipped.usable(batch, device, skip_bad=cfg.skip_bad, world_size=world):
                 continue
             used += 1
             with autocast(device, dtype):
