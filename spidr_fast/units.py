@@ -36,6 +36,7 @@ from torch import Tensor
 
 from spidr_fast import kernels
 from spidr_fast.kernels import _dispatch
+from spidr_fast.metrics import run_starts
 
 # precision -> (tl.dot input precision of the kernels, working dtype); fp64 runs the references
 PRECISIONS: dict[str, tuple[str, torch.dtype]] = {
@@ -486,9 +487,7 @@ def merge_runs(units: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     u = np.asarray(units.cpu() if isinstance(units, Tensor) else units)
     if u.ndim != 1:
         raise ValueError(f"units must be 1-D (frames,), got shape {u.shape}")
-    if u.size == 0:
-        return u.astype(np.int64), np.zeros(0, dtype=np.int64)
-    starts = np.flatnonzero(np.concatenate([[True], u[1:] != u[:-1]]))
+    starts = run_starts(u)
     durations = np.diff(np.append(starts, u.size))
     return u[starts].astype(np.int64), durations.astype(np.int64)
 
