@@ -139,7 +139,8 @@ class FeatureExtractor:
             Results do not depend on it.
         channels_last_frontend: run the conv front-end as channels-last GEMMs
             (`extraction.frontend`, faster on the CPU, equal to 1e-6); default: on the CPU in
-            layer_norm mode. It snapshots the conv weights: build the extractor after loading them.
+            layer_norm mode, unless `SPIDR_FAST_BACKEND=reference` or `SPIDR_FAST_REFERENCE_OPS` lists
+            `frontend_layout`. It snapshots the conv weights: build the extractor after loading them.
 
     Calling it on a list of waveforms returns, per waveform, {"layer{l}": (frames, D) float32 on the
     CPU, ..., "units": (frames,) int64}; on one waveform (a 1-D array or tensor), that one dict.
@@ -223,9 +224,9 @@ class FeatureExtractor:
         self.max_batch_samples = int(max_batch_seconds * SAMPLE_RATE)
         self.chunk_frames = max(1, round(chunk_seconds * SAMPLE_RATE / HOP))
         self.overlap_frames = max(0, round(overlap_seconds * SAMPLE_RATE / HOP))
-        if channels_last_frontend is None:  # the CPU fast path, off in an all-reference run (SPIDR_FAST_BACKEND)
+        if channels_last_frontend is None:  # the CPU fast path, off in an all-reference run or by frontend_layout
             cpu_layer_norm = self.device.type == "cpu" and model.cfg.extractor_mode == "layer_norm"
-            channels_last_frontend = cpu_layer_norm and kernels._dispatch.forced_backend() != "reference"
+            channels_last_frontend = cpu_layer_norm and not kernels._dispatch.reference_requested("frontend_layout")
         self.frontend = ChannelsLastFrontend(model.feature_extractor) if channels_last_frontend else None
         if cpu_workers is not None and cpu_workers < 1:
             raise ValueError(f"cpu_workers must be >= 1, got {cpu_workers}")
