@@ -122,7 +122,7 @@ def trainer_step(fields: dict[str, Any], device: torch.device, dtype: torch.dtyp
     optimizer, scheduler = build_optimizer(model, cfg)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     ctx = StepContext(called, model, optimizer, scheduler, params, cfg.max_norm, device, dtype, grad_scale)
-    return lambda b, n: train_step(ctx, b.device_waveforms(device), b.mask_indices, n)
+    return lambda b, n: train_step(ctx, b.waveforms, b.mask_indices, n)
 
 
 def reference_step(
