@@ -67,7 +67,8 @@ LIMITS = {
     "extract": 35,
     "attention": 10,
 }
-# The microbenchmarks gpu-check runs (bench/test_bench_*.py, GPU shapes): bf16 conv front-end (both ops) only.
+# The microbenchmarks gpu-check runs (bench/test_bench_*.py, GPU shapes): bf16 conv front-end (both ops) only
+# (test_bench_pos_conv.py has bf16 GPU cases only).
 KERNEL_SELECTION = "not ((conv_frontend or conv0) and fp32)"
 
 

@@ -1,7 +1,7 @@
 """Which implementation an op runs: its fused path or its plain-PyTorch reference. One rule, `use_fused`.
 
 The ops (`OPS`) and their fused paths: "codebook", "heads_ce", "conv_frontend" (channel LayerNorm +
-GELU) and "conv0" (the front-end's first conv fused with its LayerNorm + GELU) are Triton kernels,
+GELU), "conv0" (the front-end's first conv fused with its LayerNorm + GELU), "pos_conv" are Triton kernels,
 and "frontend_layout" the channels-last layout the conv front-end's blocks hand each other around
 them (`models/feature_extractor.py`); "attention" is the packed varlen backends (flash-attn, nested
 SDPA; `kernels/attention.py`); "targets" the one-pass instance norm of the teacher targets
@@ -12,7 +12,7 @@ a bf16 residual stream (`models/layer_norm.py`; fused on every device by default
 - `SPIDR_FAST_BACKEND=triton`: every op runs its fused path (the Triton kernels on CPU tensors need
   `TRITON_INTERPRET=1`: slow, for tests; attention has packed backends on CUDA only).
 - Unset: the fused paths on CUDA tensors (the Triton ones when triton imports), the references on CPU.
-- `SPIDR_FAST_REFERENCE_OPS=codebook,heads_ce,...` keeps the listed ops on their references whatever
+- `SPIDR_FAST_REFERENCE_OPS=codebook,heads_ce,pos_conv,...` keeps the listed ops on their references whatever
   the backend (for ablations: one fused op at a time).
 An op's own setting may ask for its fused path where the default would not (`SPIDR_FAST_ATTENTION`
 picks attention's backend, on any device); the reference settings above still win.
@@ -26,7 +26,8 @@ import os
 import torch
 
 BACKENDS = ("triton", "reference")
-TRITON_OPS = ("codebook", "heads_ce", "conv_frontend", "conv0", "frontend_layout")  # need triton (or the interpreter)
+# need triton (or the interpreter)
+TRITON_OPS = ("codebook", "heads_ce", "conv_frontend", "conv0", "frontend_layout", "pos_conv")
 ANY_DEVICE_OPS = ("residual_dtype",)  # fused by default on CPU too
 OPS = ("attention", "targets", *TRITON_OPS, *ANY_DEVICE_OPS)
 
@@ -61,16 +62,24 @@ def reference_ops() -> set[str]:
     return ops
 
 
+def reference_requested(op: str) -> bool:
+    """True when the settings ask op `op` for its reference: `SPIDR_FAST_BACKEND=reference`, or `op` listed
+    in `SPIDR_FAST_REFERENCE_OPS`. These win over every other setting: in `use_fused`, and for a fused path
+    on by default where `use_fused` is not asked (the extractor's CPU channels-last front-end,
+    `extraction/frontend.py`, is "frontend_layout")."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; known: {OPS}")
+    return forced_backend() == "reference" or op in reference_ops()
+
+
 def use_fused(device: torch.device, op: str, *, requested: bool = False) -> bool:
     """True when op `op` on `device` runs its fused path, False for its reference (the module docstring's rule).
 
     requested: the op's own setting asks for its fused path (as `SPIDR_FAST_BACKEND=triton` does for all).
     """
-    if op not in OPS:
-        raise ValueError(f"unknown op {op!r}; known: {OPS}")
-    backend = forced_backend()
-    if backend == "reference" or op in reference_ops():
+    if reference_requested(op):
         return False
+    backend = forced_backend()
     forced = requested or backend == "triton"
     if op in ANY_DEVICE_OPS:
         return True
