@@ -20,7 +20,8 @@ cleanly), its runtime arguments and its constexprs:
   * `constexprs`: parameter -> value (None for an absent optional pointer).
   * `num_warps`, `num_stages`.
 Result per spec: {"regs", "stack", "shared", "sass_counts" (opcode -> count over the kernel),
-"loop_counts" (opcode -> count inside loop bodies: between a backward branch and its target)}.
+"loop_counts" (opcode -> count inside loop bodies: between a backward branch and its target),
+"instructions" (the listing's length), "loops" ((first, last) instruction indices of each loop body)}.
 
 `python bench/sm90.py --report` prints the table for the kernels at the base shapes
 (bench/results/sm90_static_analysis.md).
@@ -135,18 +136,31 @@ _INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(
 
 def _sass_counts(sass: str) -> tuple[Counter, Counter]:
     """Opcode counts over the kernel and inside its loops (a backward BRA closes a loop body)."""
-    insns = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in _INSN.finditer(sass)]
+    insns = _instructions(sass)
     total = Counter(op.split(".")[0] for _, op, _ in insns)
     in_loop = [False] * len(insns)
+    for first, last in sass_loops(sass):
+        in_loop[first : last + 1] = [True] * (last + 1 - first)
+    loop = Counter(op.split(".")[0] for (_, op, _), inside in zip(insns, in_loop) if inside)
+    return total, loop
+
+
+def _instructions(sass: str) -> list[tuple[int, str, str]]:
+    return [(int(m.group(1), 16), m.group(2), m.group(3)) for m in _INSN.finditer(sass)]
+
+
+def sass_loops(sass: str) -> list[tuple[int, int]]:
+    """The loops of a SASS listing as (first, last) instruction indices, in the listing's order of their
+    backward branches: a BRA at index `last` whose target is at or before it opens the body at `first`."""
+    insns = _instructions(sass)
+    index = {addr: i for i, (addr, _, _) in enumerate(insns)}
+    loops = []
     for i, (addr, op, rest) in enumerate(insns):
         target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
         if target and int(target.group(1), 16) <= addr:
             lo = int(target.group(1), 16)
-            for j, (a, _, _) in enumerate(insns[: i + 1]):
-                if a >= lo:
-                    in_loop[j] = True
-    loop = Counter(op.split(".")[0] for (_, op, _), inside in zip(insns, in_loop) if inside)
-    return total, loop
+            loops.append((index.get(lo, min((j for a, j in index.items() if a >= lo), default=i)), i))
+    return loops
 
 
 def cuobjdump(cubin: bytes, tools: dict[str, str], *flags: str, check: bool = True) -> list[str]:
@@ -209,6 +223,8 @@ def _compile_one(spec: dict, tools: dict) -> dict:
         raise RuntimeError(f"{spec['fn']}: no resource usage in cuobjdump's output:\n{usage[-2000:]}")
     total, loop = _sass_counts(sass)
     return {
+        "instructions": len(_instructions(sass)),
+        "loops": sass_loops(sass),
         "regs": fields["REG"],
         "stack": fields["STACK"],
         "shared": kernel.metadata.shared,

@@ -16,6 +16,17 @@ Sources:
 - L40S: NVIDIA L40S datasheet (2023): bf16 362 T, TF32 183 T, fp32 91.6 T, 864 GB/s.
 - B200: NVIDIA HGX B200 datasheet (2024), per GPU: bf16 2.25 P, TF32 1.1 P, fp32 75 T, 8 TB/s.
 
+Streaming multiprocessors and boost clock (the instruction-issue bound of `bench/roofline.py`: each SM issues
+one warp-instruction per clock on each of its `SCHEDULERS_PER_SM` warp schedulers, Volta to Blackwell):
+- A100: NVIDIA A100 Tensor Core GPU Architecture whitepaper (2020): 108 SMs, boost 1,410 MHz (SXM4 and PCIe).
+- H100: NVIDIA H100 Tensor Core GPU Architecture whitepaper (2022): SXM5 132 SMs, PCIe 114 SMs; boost 1,980 MHz
+  (SXM5), 1,755 MHz (PCIe), 1,785 MHz (NVL, 132 SMs), as TechPowerUp's GPU database lists them.
+- H200 / GH200: the H100 SXM5's die and clocks (132 SMs, 1,980 MHz); H200 NVL as H100 NVL.
+- L40S: NVIDIA Ada Lovelace architecture whitepaper (AD102): 142 SMs; boost 2,520 MHz (L40S datasheet).
+- B200: 148 SMs, boost 1,965 MHz (TechPowerUp's GPU database; NVIDIA publishes no per-GPU clock).
+Each clock agrees with its datasheet's fp32 peak within 1%: SMs x fp32 lanes per SM (64 on A100, 128 on
+Hopper, Ada and Blackwell) x 2 x clock (tests/test_devices.py checks it).
+
 `lookup(name)` takes what `torch.cuda.get_device_name` returns ("NVIDIA H100 80GB HBM3", "NVIDIA H100
 PCIe", "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe", "NVIDIA GH200 480GB", ...), a key of `DEVICES`,
 or a short alias (`ALIASES`: "A100", "H100", "H200" name the SXM parts). An unknown name gives None: the
@@ -34,23 +45,32 @@ class Device:
     tf32: float  # dense TF32 tensor-core FLOP/s
     fp32: float  # fp32 CUDA-core FLOP/s (no TF32)
     hbm: float  # HBM bytes/s
+    sms: int  # streaming multiprocessors
+    clock: float  # boost clock, Hz
+
+    @property
+    def issue_rate(self) -> float:
+        """Thread-instructions issued per second at most: SMs x schedulers x clock x 32 lanes."""
+        return self.sms * SCHEDULERS_PER_SM * self.clock * WARP_SIZE
 
 
-T, G = 1e12, 1e9
+SCHEDULERS_PER_SM = 4  # warp schedulers per SM, each issuing one warp-instruction per clock (sm_70 to sm_100)
+WARP_SIZE = 32
+T, G, MHZ = 1e12, 1e9, 1e6
 DEVICES: dict[str, Device] = {
     d.name: d
     for d in (
-        Device("A100 SXM", 312 * T, 156 * T, 19.5 * T, 2039 * G),
-        Device("A100 PCIe", 312 * T, 156 * T, 19.5 * T, 1935 * G),
-        Device("A100 40GB", 312 * T, 156 * T, 19.5 * T, 1555 * G),
-        Device("H100 SXM", 989 * T, 494 * T, 67 * T, 3350 * G),
-        Device("H100 PCIe", 756 * T, 378 * T, 51 * T, 2000 * G),
-        Device("H100 NVL", 835 * T, 418 * T, 60 * T, 3900 * G),
-        Device("H200", 989 * T, 494 * T, 67 * T, 4800 * G),
-        Device("H200 NVL", 835 * T, 418 * T, 60 * T, 4800 * G),
-        Device("GH200", 989 * T, 494 * T, 67 * T, 4000 * G),
-        Device("L40S", 362 * T, 183 * T, 91.6 * T, 864 * G),
-        Device("B200", 2250 * T, 1100 * T, 75 * T, 8000 * G),
+        Device("A100 SXM", 312 * T, 156 * T, 19.5 * T, 2039 * G, 108, 1410 * MHZ),
+        Device("A100 PCIe", 312 * T, 156 * T, 19.5 * T, 1935 * G, 108, 1410 * MHZ),
+        Device("A100 40GB", 312 * T, 156 * T, 19.5 * T, 1555 * G, 108, 1410 * MHZ),
+        Device("H100 SXM", 989 * T, 494 * T, 67 * T, 3350 * G, 132, 1980 * MHZ),
+        Device("H100 PCIe", 756 * T, 378 * T, 51 * T, 2000 * G, 114, 1755 * MHZ),
+        Device("H100 NVL", 835 * T, 418 * T, 60 * T, 3900 * G, 132, 1785 * MHZ),
+        Device("H200", 989 * T, 494 * T, 67 * T, 4800 * G, 132, 1980 * MHZ),
+        Device("H200 NVL", 835 * T, 418 * T, 60 * T, 4800 * G, 132, 1785 * MHZ),
+        Device("GH200", 989 * T, 494 * T, 67 * T, 4000 * G, 132, 1980 * MHZ),
+        Device("L40S", 362 * T, 183 * T, 91.6 * T, 864 * G, 142, 2520 * MHZ),
+        Device("B200", 2250 * T, 1100 * T, 75 * T, 8000 * G, 148, 1965 * MHZ),
     )
 }
 ALIASES = {"A100": "A100 SXM", "H100": "H100 SXM", "H200": "H200"}
