@@ -220,8 +220,10 @@ def _dense_installed(name: str, capability: tuple[int, int]) -> bool:
 
 def _dense_runs(name: str, device: torch.device, dtype: torch.dtype, dropout_p: float, grad: bool) -> bool:
     """Whether dense backend `name` takes this call."""
-    if name == "sdpa" or (name == "sdpa_flash" and device.type == "cpu"):  # SDPA's CPU flash takes fp32 too
+    if name == "sdpa":
         return True
+    if name == "sdpa_flash" and device.type == "cpu":  # SDPA's CPU flash kernel: fp32 too, but no dropout
+        return dropout_p == 0.0
     if dtype not in FLASH_DTYPES:
         return False
     if name in FORWARD_ONLY:

@@ -19,6 +19,8 @@ import gpu_check  # noqa: E402
 import gpu_report  # noqa: E402
 from profile_step import kernel_class  # noqa: E402
 
+from spidr_fast.kernels import attention as attn  # noqa: E402
+
 RECORD = {
     "device": "NVIDIA H100 80GB HBM3",
     "config": "base",
@@ -93,11 +95,27 @@ def test_smoke_runs_the_stage_scripts_on_cpu(tmp_path: Path) -> None:
     assert cmp["roofline_device"] == "H100" and "not in bench/roofline.py's DEVICES" in cmp["note"]
     assert all(r["predicted_ms"] >= 0 for r in cmp["by_class"]) and cmp["total"]["predicted_ms"] > 0
     attention = [json.loads(line) for line in (tmp_path / "attention.jsonl").read_text().splitlines()]
-    by_backend = {r["backend"]: r for r in attention}
+    by_backend = {r["backend"]: r for r in attention if r["benchmark"] == "attention_backend"}
     assert by_backend["masked"]["status"] == "ok" and by_backend["masked"]["grad_rel_err"] < 1e-5
     assert all(r["status"] == "skipped" and r["reason"] for b, r in by_backend.items() if b != "masked")
+    dense = {(r["mode"], r["backend"]): r for r in attention if r["benchmark"] == "attention_dense"}
+    assert {mode for mode, _ in dense} == {"train", "fwd+bwd", "fwd"}  # every backend in every mode
+    assert {backend for _, backend in dense} == set(attn.DENSE_BACKENDS)
+    ran = {key for key, r in dense.items() if r["status"] == "ok"}  # on CPU: SDPA, and its flash kernel
+    assert ran == {
+        ("train", "sdpa"),
+        ("fwd+bwd", "sdpa"),
+        ("fwd+bwd", "sdpa_flash"),
+        ("fwd", "sdpa"),
+        ("fwd", "sdpa_flash"),
+    }
+    assert all(dense[key]["out_rel_err"] < 1e-5 for key in ran) and dense["train", "sdpa"]["grad_rel_err"] < 1e-5
+    assert all(r["status"] == "skipped" and r["reason"] for key, r in dense.items() if key not in ran)
+    choices = [r for r in attention if r["benchmark"] == "attention_dense_choice"]
+    assert [r["mode"] for r in choices] == ["train", "fwd+bwd", "fwd"] and {r["default"] for r in choices} == {"sdpa"}
     report = (tmp_path / "REPORT.md").read_text()
     assert "--smoke run" in report and "| masked | float32 | ok |" in report and "per kernel class" in report
+    assert "| train (default) | sdpa | ok |" in report and "- fwd (dropout 0): fastest" in report
     assert "Predicted (bench/roofline.py) beside measured" in report and "**Note:**" in report
 
 

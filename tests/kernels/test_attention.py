@@ -390,7 +390,8 @@ def test_reference_settings_and_forced_dense_backend(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("SPIDR_FAST_DENSE_ATTENTION", "sdpa_cudnn")
     assert choose(CUDA, BF16, 0.1, True) == "sdpa_cudnn" and choose(torch.device("cpu"), BF16, 0.1, True) == "sdpa"
     monkeypatch.setenv("SPIDR_FAST_DENSE_ATTENTION", "sdpa_flash")
-    assert choose(torch.device("cpu"), torch.float32, 0.1, True) == "sdpa_flash"  # SDPA's CPU flash kernel
+    assert choose(torch.device("cpu"), torch.float32, 0.0, True) == "sdpa_flash"  # SDPA's CPU flash kernel,
+    assert choose(torch.device("cpu"), torch.float32, 0.1, True) == "sdpa"  # which has no dropout
     monkeypatch.setenv("SPIDR_FAST_DENSE_ATTENTION", "sdpa")
     assert choose(CUDA, BF16, 0.1, True) == "sdpa"
     monkeypatch.setenv("SPIDR_FAST_DENSE_ATTENTION", "cudnn")
