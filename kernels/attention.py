@@ -218,6 +218,14 @@ def _dense_installed(name: str, capability: tuple[int, int]) -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result
+def _installed_dense_order(device: torch.device) -> tuple[str, ...]:
+    """The device's `DENSE_ORDER` row less the backends not installed. Run eagerly even inside a compiled
+    layer (its result a constant): dynamo cannot trace the import of a package that is not there."""
+    capability = _compute_capability(device)
+    return tuple(name for name in dense_order(capability) if _dense_installed(name, capability))
+
+
 def _dense_runs(name: str, device: torch.device, dtype: torch.dtype, dropout_p: float, grad: bool) -> bool:
     """Whether dense backend `name` takes this call."""
     if name == "sdpa":
@@ -243,9 +251,8 @@ def choose_dense_backend(device: torch.device, dtype: torch.dtype, dropout_p: fl
         return forced if _dense_runs(forced, device, dtype, dropout_p, grad) else "sdpa"
     if device.type != "cuda":
         return "sdpa"
-    capability = _compute_capability(device)
-    for name in dense_order(capability):
-        if _dense_installed(name, capability) and _dense_runs(name, device, dtype, dropout_p, grad):
+    for name in _installed_dense_order(device):
+        if _dense_runs(name, device, dtype, dropout_p, grad):
             return name
     return "sdpa"
 

@@ -370,6 +370,25 @@ def test_dense_backend_choice(capability, dtype, dropout_p, grad, packages, expe
     assert attn.dense_backend(q, dropout_p) == "sdpa"
 
 
+def test_dense_choice_on_cuda_traces_without_importing_missing_packages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside a compiled layer the package probes run eagerly: dynamo cannot trace an import that fails
+    (FlashAttention-3 is not installed here), which would break every fullgraph layer on a Hopper without it."""
+    import importlib.util
+
+    for package in ("flash_attn_interface", "flash_attn"):
+        if importlib.util.find_spec(package) is not None:
+            pytest.skip(f"{package} is installed here: its probe would not fail")
+    monkeypatch.setattr(attn, "_compute_capability", lambda device: (9, 0))
+    monkeypatch.delenv("SPIDR_FAST_DENSE_ATTENTION", raising=False)
+    torch._dynamo.reset()
+
+    def chosen_length(x: torch.Tensor) -> torch.Tensor:  # inference on Hopper: FA3 first, if it imported
+        return x + len(attn.choose_dense_backend(CUDA, BF16, 0.0, False))
+
+    out = torch.compile(chosen_length, fullgraph=True, backend="eager")(torch.zeros(1))
+    assert out.item() == len("sdpa_cudnn")
+
+
 def test_dense_order_is_one_table_from_newest_to_oldest() -> None:
     minimums = [minimum for minimum, _ in attn.DENSE_ORDER]
     assert minimums == sorted(minimums, reverse=True) and minimums[-1] == (0, 0)  # every device has a row
