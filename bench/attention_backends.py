@@ -8,7 +8,8 @@ forward + backward is timed (median of `--repeats`).
 
 Dense (nothing padded: the training case, every utterance of a batch cropped to one length): each
 dense backend (`attention.DENSE_BACKENDS`, run alone: an SDPA backend without SDPA's fallbacks) on
-a base-shaped batch (16 x 12 heads x ~750 frames x 64) in three modes: "train" (dropout 0.1, forward
+a base-shaped batch (16 x 12 heads x ~750 frames x 64, q, k, v the model's strided views of one qkv
+projection) in three modes: "train" (dropout 0.1, forward
 + backward: the student), "fwd+bwd" (dropout 0) and "fwd" (dropout 0, no gradient: the teacher and
 extraction, where the forward-only FlashAttention-3/4 compete). Errors against fp32 SDPA are taken
 at dropout 0 (dropout draws differ between kernels). Per mode, an `attention_dense_choice` record
@@ -101,25 +102,25 @@ def why_not_dense(backend: str, device: torch.device, dropout_p: float, backward
     return None
 
 
-def run_dense(backend: str, q, k, v, dropout_p: float, grad_out: torch.Tensor | None):
-    """(output, input gradients for `grad_out`; none without it) of dense backend `backend`, run alone."""
+def run_dense(backend: str, qkv: torch.Tensor, dropout_p: float, grad_out: torch.Tensor | None):
+    """(output, the gradient of the (B, T, 3, H, Dh) `qkv` for `grad_out`, None without it) of dense backend
+    `backend`, run alone on q, k, v laid out as the model's attention hands them over (views of one qkv
+    projection, permuted to (B, H, T, Dh): not contiguous)."""
     with torch.set_grad_enabled(grad_out is not None):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
         out = attn.dense_attention(q, k, v, dropout_p, backend, strict=True)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out) if grad_out is not None else ()
-    return out, list(grads)
+    grad = torch.autograd.grad(out, qkv, grad_out)[0] if grad_out is not None else None
+    return out, grad
 
 
 def dense_records(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, env: dict) -> list[dict]:
     """Every dense backend in every mode, then per mode the fastest beside the default table's choice."""
     batch, heads, frames, head_dim = args.dense_shape
     torch.manual_seed(0)
-    q, k, v = (torch.randn(batch, heads, frames, head_dim, device=device, dtype=dtype) for _ in range(3))
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    qkv = torch.randn(batch, frames, 3, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
     ref_dtype = torch.float32 if device.type == "cuda" else torch.float64
-    q64, k64, v64 = (t.detach().to(ref_dtype).requires_grad_() for t in (q, k, v))
-    grad_out = torch.randn_like(q)
-    ref_out = attn.self_attention_ref(q64, k64, v64)
-    ref_grads = torch.autograd.grad(ref_out, (q64, k64, v64), grad_out.to(ref_dtype))
+    grad_out = torch.randn(batch, heads, frames, head_dim, device=device, dtype=dtype)
+    ref_out, ref_grad = run_dense("sdpa", qkv.detach().to(ref_dtype).requires_grad_(), 0.0, grad_out.to(ref_dtype))
     flops = 4 * batch * heads * frames * frames * head_dim
     saved = os.environ.pop("SPIDR_FAST_DENSE_ATTENTION", None)  # the table's own choice
     records = []
@@ -136,16 +137,16 @@ def dense_records(args: argparse.Namespace, device: torch.device, dtype: torch.d
                     records.append(record)
                     continue
                 try:
-                    g = grad_out if backward else None
-                    out, grads = run_dense(backend, q, k, v, 0.0, g)  # errors at dropout 0
+                    dout = grad_out if backward else None
+                    out, grad = run_dense(backend, qkv, 0.0, dout)  # errors at dropout 0
                     record["out_rel_err"] = rel_err(out, ref_out)
-                    if grads:
-                        record["grad_rel_err"] = max(rel_err(g, r) for g, r in zip(grads, ref_grads))
+                    if grad is not None:
+                        record["grad_rel_err"] = rel_err(grad, ref_grad)
                     times = []
                     for _ in range(args.repeats):
                         synchronize(device)
                         start = time.perf_counter()
-                        run_dense(backend, q, k, v, dropout_p, g)
+                        run_dense(backend, qkv, dropout_p, dout)
                         synchronize(device)
                         times.append(time.perf_counter() - start)
                     ms = statistics.median(times) * 1e3
