@@ -150,6 +150,20 @@ def test_predicted_beside_measured_from_a_synthetic_profile(tmp_path: Path) -> N
     assert "**Note:**" not in report
 
 
+@pytest.mark.parametrize("smoke", [False, True])
+def test_attention_is_timed_once(smoke: bool) -> None:
+    """The kernels step's microbenchmark selection leaves attention out: the attention step times every backend
+    (bench/attention_backends.py, with its errors against fp32), and only it."""
+    ctx = gpu_check.Context(out=ROOT, python=sys.executable, smoke=smoke, env={}, child_env={})
+    cmd = gpu_check._kernels(ctx)
+    selection = cmd[cmd.index("-k") : cmd.index("-k") + 2] + (["-m", "gpu"] if "gpu" in cmd else [])
+    args = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "bench", *selection]
+    run = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=NO_CUDA)
+    collected = [line for line in run.stdout.splitlines() if "::" in line]
+    assert collected and not [t for t in collected if "attention" in t], run.stdout[-2000:]
+    assert "attention" in {s.name for s in gpu_check.STEPS}
+
+
 def test_a_step_past_its_limit_is_stopped_and_reported(tmp_path: Path) -> None:
     log = tmp_path / "step.log"
     status, _, reason = gpu_check.run_step(
