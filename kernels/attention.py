@@ -218,7 +218,15 @@ def _dense_installed(name: str, capability: tuple[int, int]) -> bool:
     return True
 
 
-@torch.compiler.assume_constant_result
+def _constant_result(fn):
+    """`torch.compiler.assume_constant_result` (dynamo calls `fn` eagerly while tracing and bakes in its result)
+    without importing torch._dynamo here: that imports triton, which must not come before a test sets
+    TRITON_INTERPRET=1 (tests/kernels/conftest.py). The decorator sets this mark and nothing else."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_result
 def _installed_dense_order(device: torch.device) -> tuple[str, ...]:
     """The device's `DENSE_ORDER` row less the backends not installed. Run eagerly even inside a compiled
     layer (its result a constant): dynamo cannot trace the import of a package that is not there."""

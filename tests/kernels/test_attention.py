@@ -389,6 +389,19 @@ def test_dense_choice_on_cuda_traces_without_importing_missing_packages(monkeypa
     assert out.item() == len("sdpa_cudnn")
 
 
+def test_importing_attention_imports_neither_dynamo_nor_triton() -> None:
+    """`_constant_result` is `torch.compiler.assume_constant_result`'s mark, set without importing torch._dynamo
+    (which imports triton: the kernel tests must set TRITON_INTERPRET=1 first)."""
+    import subprocess
+    import sys
+
+    code = "import sys, spidr_fast.kernels.attention; print(sorted({'torch._dynamo', 'triton'} & set(sys.modules)))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"
+    marked = torch.compiler.assume_constant_result(lambda: None)
+    assert vars(marked) == vars(attn._constant_result(lambda: None)) == {"_dynamo_marked_constant": True}
+
+
 def test_dense_order_is_one_table_from_newest_to_oldest() -> None:
     minimums = [minimum for minimum, _ in attn.DENSE_ORDER]
     assert minimums == sorted(minimums, reverse=True) and minimums[-1] == (0, 0)  # every device has a row
