@@ -68,8 +68,9 @@ LIMITS = {
     "extract": 35,
     "attention": 20,  # every padded and dense attention backend, timed here only (not in "kernels")
 }
-# The microbenchmarks gpu-check runs (bench/test_bench_*.py, GPU shapes): bf16 conv front-end only, and no
-# attention (step "attention" times every attention backend, with its errors against fp32: timed once).
+# The microbenchmarks gpu-check runs (bench/test_bench_*.py, GPU shapes): bf16 conv front-end only
+# (test_bench_pos_conv.py has bf16 GPU cases only), and no attention (step "attention" times every
+# attention backend, with its errors against fp32: timed once).
 KERNEL_SELECTION = "not (conv_frontend and fp32) and not attention"
 
 

@@ -50,6 +50,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -61,18 +62,25 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry, shape_wrapper
 
+from spidr_fast.devices import lookup as lookup_device
 from spidr_fast.train.flops import FLOP_FORMULAS
 
 # ------------------------------------------------------------------------------------------------
 # Devices and efficiencies: the one table the predictions come from
 # ------------------------------------------------------------------------------------------------
 
-# Dense peaks (datasheets, SXM parts): bf16 tensor-core and fp32 (no TF32) FLOP/s, HBM bytes/s.
-DEVICES = {
-    "A100": {"bf16": 312e12, "fp32": 19.5e12, "hbm": 2.039e12},  # A100 SXM4 80 GB
-    "H100": {"bf16": 989e12, "fp32": 67e12, "hbm": 3.35e12},  # H100 SXM5
-    "H200": {"bf16": 989e12, "fp32": 67e12, "hbm": 4.8e12},  # H200 SXM: H100's SMs, faster HBM3e
-}
+
+# Dense peaks: bf16 tensor-core and fp32 (no TF32) FLOP/s, HBM bytes/s, from spidr_fast/devices.py (its
+# sources there). The default devices, by their short names (the SXM parts); `device_peaks` also takes any
+# name that table knows ("H100 PCIe", "NVIDIA H100 PCIe", "GH200", ...).
+def device_peaks(device: str) -> dict[str, float]:
+    d = lookup_device(device)
+    if d is None:
+        raise ValueError(f"device {device!r}: one of {sorted(DEVICES)} or a device spidr_fast/devices.py knows")
+    return {"bf16": d.bf16, "fp32": d.fp32, "hbm": d.hbm}
+
+
+DEVICES = {alias: device_peaks(alias) for alias in ("A100", "H100", "H200")}
 # (value, where it came from). Fractions of the peak that kernels of this kind reach at these shapes.
 # None is measured on spidr_fast yet: `make gpu-check` writes measured per-class times beside the
 # predicted ones; replace a value by the calibrated one and say which run it came from.
@@ -82,6 +90,7 @@ EFFICIENCY: dict[str, tuple[float, str]] = {
     "gemm_fp32": (0.70, "assumed: fp32 FFMA GEMMs (codebook distances, 'ieee'); uncalibrated"),
     "conv": (0.50, "assumed: cuDNN implicit GEMM, k 2-10, stride 2-5, 512 ch (PERF-MODEL.md); uncalibrated"),
     "conv_grouped": (0.15, "assumed: the grouped pos-conv, 48 ch/group, k=19 (PERF-MODEL.md); uncalibrated"),
+    "conv_pos_triton": (0.25, "assumed: Triton pos-conv, tl.dot per tap, 48/64 padded ch (56% of MMA); uncalibrated"),
     "attention": (0.40, "assumed: FA2-class flash SDPA with dropout, head dim 64 (PERF-MODEL.md); uncalibrated"),
     "attention_cudnn": (
         0.55,
@@ -119,6 +128,8 @@ def op_class(name: str) -> str:
     """Class of an aten / spidr_fast op (its overload packet name; custom ops as `spidr_fast::name`)."""
     if name.startswith("spidr_fast::"):
         op = name.split("::")[1]
+        if op.startswith("pos_conv"):
+            return "conv"  # the fused positional conv layer (its LayerNorm + GELU ride along)
         return (
             "heads/CE" if op.startswith("heads") else "codebook" if op.startswith("codebook") else "norm/elementwise"
         )
@@ -135,35 +146,44 @@ def op_class(name: str) -> str:
     return "norm/elementwise"
 
 
-ELEMENTWISE_WORDS = (
-    "triton_", "elementwise", "vectorized", "reduce", "norm", "softmax", "dropout", "copy", "fill", "gelu",
-    "_cln_gelu", "cat", "index", "scatter", "gather", "where",
-)  # fmt: skip
+# CUDA kernels by name, the one classifier of a profile's kernels: (profile class, roofline class, pattern),
+# the first pattern found in the lower-cased name wins. The profile class is the finer one
+# `bench/profile_step.py` reports per kernel; the roofline class (one of `CLASSES`) is what `classify` gives,
+# to set measured times beside `predict`'s. cuDNN conv kernels (and its layout transposes around
+# channels-first convs) come before GEMMs: their names say "implicit_gemm" too; attention before both
+# (cuDNN SDPA, FlashAttention's "convert_dq"); inductor's Triton kernels are named after the aten ops they
+# fuse ("triton_poi_fused_convolution_..." is pointwise glue, not a conv).
+KERNEL_RULES: tuple[tuple[str, str, str], ...] = (
+    ("communication", "other", r"nccl"),
+    ("copy / cast / fill", "other", r"^memcpy|^memset|\[memcpy|\[memset"),
+    ("fused: codebook", "codebook", r"_assign_kernel|_segment_sum_kernel|codebook"),
+    ("fused: heads + CE", "heads/CE", r"_heads_ce_"),
+    ("fused: conv LN+GELU", "norm/elementwise", r"_cln_gelu_"),
+    ("fused: pos-conv", "conv", r"_pos_conv"),
+    ("attention", "attention", r"flash|fmha|attention|sdpa|attn"),
+    ("inductor triton", "gemm", r"^triton_tem_fused_.*mm"),
+    ("inductor triton", "optimizer/EMA", r"^triton_(for_|.*(adam|foreach))"),
+    ("inductor triton", "norm/elementwise", r"^triton_|^triton\."),
+    ("optimizer", "optimizer/EMA", r"multi_tensor_apply|adam|foreach|amp_update_scale|amp_non_finite"),
+    ("convolution", "conv", r"conv(?!ert)|fprop|dgrad|wgrad|winograd|nchwtonhwc|nhwctonchw|cudnn|im2col|col2im"),
+    ("GEMM", "gemm", r"gemm|gemv|cublas|cutlass|nvjet|s16816|splitk|xmma|\bmm\b|matmul|addmm|bmm"),
+    ("normalisation", "norm/elementwise", r"layer_norm|layernorm|group_norm|groupnorm|batch_norm|rms_norm"),
+    ("softmax / loss", "norm/elementwise", r"softmax|nll_loss|cross_entropy"),
+    ("copy / cast / fill", "norm/elementwise", r"copy|cast|fill|cat_|catarray|index|gather|scatter|nonzero"),
+    ("reduction", "norm/elementwise", r"reduce|sum|mean|norm|argmin|argmax|max|min"),
+    ("elementwise", "norm/elementwise", r"elementwise|vectorized|unrolled|pointwise|gelu|dropout|mul|add|div|where"),
+)
+
+
+def kernel_classes(kernel_name: str) -> tuple[str, str]:
+    """(profile class, roofline class) of a CUDA kernel as `torch.profiler` names it (`KERNEL_RULES`)."""
+    k = kernel_name.lower()
+    return next(((fine, cls) for fine, cls, pattern in KERNEL_RULES if re.search(pattern, k)), ("other", "other"))
 
 
 def classify(kernel_name: str) -> str:
     """Class (one of `CLASSES`) of a CUDA kernel as `torch.profiler` names it."""
-    k = kernel_name.lower()
-    if k.startswith(("memcpy", "memset")) or "[memcpy" in k or "[memset" in k:
-        return "other"
-    if any(w in k for w in ("flash", "fmha", "attention", "sdpa", "attn")):
-        return "attention"
-    if "heads_ce" in k:
-        return "heads/CE"
-    if any(w in k for w in ("codebook", "_assign_kernel", "_segment_sum")):
-        return "codebook"
-    if any(w in k for w in ("multi_tensor_apply", "adam", "foreach", "amp_update_scale", "amp_non_finite")):
-        return "optimizer/EMA"
-    # cuDNN conv kernels (and its layout transposes around channels-first convs) before GEMMs: their names
-    # say "implicit_gemm" too.
-    if any(w in k.replace("convert", "") for w in ("conv", "fprop", "dgrad", "wgrad", "winograd", "nchwtonhwc",
-                                                   "nhwctonchw")):  # fmt: skip
-        return "conv"
-    if any(w in k for w in ("gemm", "cublas", "cutlass", "nvjet", "s16816", "splitk", "gemv", "xmma")):
-        return "gemm"
-    if any(w in k for w in ELEMENTWISE_WORDS):
-        return "norm/elementwise"
-    return "other"
+    return kernel_classes(kernel_name)[1]
 
 
 def region_of(label: str, phase: str) -> str:
@@ -399,6 +419,8 @@ class _Recorder(TorchDispatchMode):
             for t in args[:2]:  # dY and X made contiguous
                 if not t.is_contiguous():
                     extra, kernels = extra + 2 * _ubytes(t), kernels + 1
+        elif name == "spidr_fast::pos_conv_backward":  # dz = LN-GELU backward: written, read by grad_x and grad_w
+            extra, kernels = 3 * _ubytes(args[1]), 3
         elif "attention_backward" in name:
             kernels = 3  # preprocess, the backward kernel, dq conversion
         elif op_class(name) == "optimizer/EMA":
@@ -686,20 +708,24 @@ def _fused_costs(tr: Trace) -> tuple[list[float], list[float], list[float]]:
     return nbytes, extra, kernels
 
 
-CAPABILITY = {"A100": (8, 0), "H100": (9, 0), "H200": (9, 0)}  # compute capability of each of DEVICES
+# Compute capability by the family word in a device name: kernels/attention.py's DENSE_ORDER is keyed on it.
+CAPABILITY = {"B200": (10, 0), "H100": (9, 0), "H200": (9, 0), "L40S": (8, 9), "A100": (8, 0)}
 
 
 def dense_attention_key(device: str) -> str:
     """The `EFFICIENCY` key of the dense attention spidr_fast picks on `device`: the first SDPA backend of
-    its `DENSE_ORDER` row (no flash-attn package assumed installed)."""
+    its `DENSE_ORDER` row (no flash-attn package assumed installed); flash SDPA's for an unknown family."""
     from spidr_fast.kernels.attention import dense_order
 
-    sdpa = [b for b in dense_order(CAPABILITY[device]) if b.startswith("sdpa")]
+    capability = next((c for word, c in CAPABILITY.items() if word in device.upper()), (8, 0))
+    sdpa = [b for b in dense_order(capability) if b.startswith("sdpa")]
     return "attention_cudnn" if sdpa[:1] == ["sdpa_cudnn"] else "attention"
 
 
 def efficiency(op: Op, dense_key: str = "attention") -> float:
     """Fraction of the compute peak this op reaches (from `EFFICIENCY`); `dense_key`: that of unmasked SDPA."""
+    if op.name.startswith("spidr_fast::pos_conv"):
+        return EFFICIENCY["conv_pos_triton"][0]
     if op.cls == "conv":
         return EFFICIENCY["conv_grouped" if op.groups > 1 else "conv"][0]
     if op.cls == "attention":
@@ -711,9 +737,7 @@ def efficiency(op: Op, dense_key: str = "attention") -> float:
 
 def summarize(tr: Trace, device: str = "H100") -> dict[str, Any]:
     """Per-class and per-region FLOPs, bytes, kernels and predicted ms; the step's ms and MFU."""
-    if device not in DEVICES:
-        raise ValueError(f"device {device!r}: one of {sorted(DEVICES)}")
-    hw = DEVICES[device]
+    hw = device_peaks(device)
     bw = hw["hbm"] * EFFICIENCY["memory"][0]
     nbytes, extra, kernels = _fused_costs(tr)
     dense_key = dense_attention_key(device) if tr.dense_attention else "attention"
@@ -746,7 +770,7 @@ def summarize(tr: Trace, device: str = "H100") -> dict[str, Any]:
 
 
 def mfu(model_flops: float, ms: float, device: str) -> float:
-    return model_flops / (ms / 1e3) / DEVICES[device]["bf16"]
+    return model_flops / (ms / 1e3) / device_peaks(device)["bf16"]
 
 
 def predict(config: Any = "base", device: str = "H100", variant: Variant | str = "spidr_fast", batch: int = 16,
@@ -841,6 +865,7 @@ def report(variants: list[str], config: Any = "base", batch: int = 16, seconds: 
 LEVERS = (
     ("channels-last front-end (kernels/conv_frontend.py)", "frontend_layout"),
     ("bf16 residual stream (spidr_fast/models/layer_norm.py)", "residual_dtype"),
+    ("fused positional conv layer (kernels/pos_conv.py)", "pos_conv"),
     ("dense attention backend per device (kernels/attention.py DENSE_ORDER)", "attention"),
 )
 

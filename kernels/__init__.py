@@ -18,6 +18,7 @@ from spidr_fast.kernels.codebook import (
     codebook_ema_update_,
 )
 from spidr_fast.kernels.heads_ce import heads_cross_entropy, heads_cross_entropy_ref
+from spidr_fast.kernels.pos_conv import pos_conv_layer, pos_conv_layer_ref
 from spidr_fast.kernels.targets import instance_norm, instance_norm_targets, instance_norm_targets_ref
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "instance_norm",
     "instance_norm_targets",
     "instance_norm_targets_ref",
+    "pos_conv_layer",
+    "pos_conv_layer_ref",
     "self_attention",
     "self_attention_ref",
 ]

@@ -1,6 +1,6 @@
 """Which implementation an op runs: its fused path or its plain-PyTorch reference. One rule, `use_fused`.
 
-The ops (`OPS`) and their fused paths: "codebook", "heads_ce", "conv_frontend" are Triton kernels,
+The ops (`OPS`) and their fused paths: "codebook", "heads_ce", "conv_frontend", "pos_conv" are Triton kernels,
 and "frontend_layout" the channels-last layout the conv front-end's blocks hand each other around
 them (`models/feature_extractor.py`); "attention" is the packed varlen backends (flash-attn, nested
 SDPA) and the per-device choice of a dense backend (cuDNN/flash SDPA, FlashAttention;
@@ -12,7 +12,7 @@ SDPA) and the per-device choice of a dense backend (cuDNN/flash SDPA, FlashAtten
 - `SPIDR_FAST_BACKEND=triton`: every op runs its fused path (the Triton kernels on CPU tensors need
   `TRITON_INTERPRET=1`: slow, for tests; attention has packed backends on CUDA only).
 - Unset: the fused paths on CUDA tensors (the Triton ones when triton imports), the references on CPU.
-- `SPIDR_FAST_REFERENCE_OPS=codebook,heads_ce,...` keeps the listed ops on their references whatever
+- `SPIDR_FAST_REFERENCE_OPS=codebook,heads_ce,pos_conv,...` keeps the listed ops on their references whatever
   the backend (for ablations: one fused op at a time).
 An op's own setting may ask for its fused path where the default would not (`SPIDR_FAST_ATTENTION` and
 `SPIDR_FAST_DENSE_ATTENTION` pick attention's backends, on any device); the reference settings above
@@ -27,7 +27,8 @@ import os
 import torch
 
 BACKENDS = ("triton", "reference")
-TRITON_OPS = ("codebook", "heads_ce", "conv_frontend", "frontend_layout")  # need triton (or the interpreter)
+# need triton (or the interpreter)
+TRITON_OPS = ("codebook", "heads_ce", "conv_frontend", "frontend_layout", "pos_conv")
 ANY_DEVICE_OPS = ("residual_dtype",)  # fused by default on CPU too
 OPS = ("attention", "targets", *TRITON_OPS, *ANY_DEVICE_OPS)
 
@@ -62,16 +63,24 @@ def reference_ops() -> set[str]:
     return ops
 
 
+def reference_requested(op: str) -> bool:
+    """True when the settings ask op `op` for its reference: `SPIDR_FAST_BACKEND=reference`, or `op` listed
+    in `SPIDR_FAST_REFERENCE_OPS`. These win over every other setting: in `use_fused`, and for a fused path
+    on by default where `use_fused` is not asked (the extractor's CPU channels-last front-end,
+    `extraction/frontend.py`, is "frontend_layout")."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; known: {OPS}")
+    return forced_backend() == "reference" or op in reference_ops()
+
+
 def use_fused(device: torch.device, op: str, *, requested: bool = False) -> bool:
     """True when op `op` on `device` runs its fused path, False for its reference (the module docstring's rule).
 
     requested: the op's own setting asks for its fused path (as `SPIDR_FAST_BACKEND=triton` does for all).
     """
-    if op not in OPS:
-        raise ValueError(f"unknown op {op!r}; known: {OPS}")
-    backend = forced_backend()
-    if backend == "reference" or op in reference_ops():
+    if reference_requested(op):
         return False
+    backend = forced_backend()
     forced = requested or backend == "triton"
     if op in ANY_DEVICE_OPS:
         return True

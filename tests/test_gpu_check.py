@@ -92,7 +92,7 @@ def test_smoke_runs_the_stage_scripts_on_cpu(tmp_path: Path) -> None:
     assert profile["by_model_class"]["gemm"] > 0  # CPU ops classed as the predictor classes them
     assert sum(profile["by_model_class"].values()) == pytest.approx(profile["total_ms_per_step"])
     cmp = json.loads((tmp_path / "roofline.json").read_text())
-    assert cmp["roofline_device"] == "H100" and "not in bench/roofline.py's DEVICES" in cmp["note"]
+    assert cmp["roofline_device"] == "H100" and "not in spidr_fast/devices.py" in cmp["note"]
     assert all(r["predicted_ms"] >= 0 for r in cmp["by_class"]) and cmp["total"]["predicted_ms"] > 0
     attention = [json.loads(line) for line in (tmp_path / "attention.jsonl").read_text().splitlines()]
     by_backend = {r["backend"]: r for r in attention if r["benchmark"] == "attention_backend"}
@@ -139,8 +139,9 @@ def test_predicted_beside_measured_from_a_synthetic_profile(tmp_path: Path) -> N
         assert rows[cls]["measured_ms"] == measured[cls]
     assert rows["gemm"]["ratio"] == pytest.approx(3.0 / rows["gemm"]["predicted_ms"])
     assert cmp["total"]["measured_ms"] == pytest.approx(4.75)
-    assert profile_roofline.roofline_device("NVIDIA L40S")[0] == profile_roofline.DEFAULT_DEVICE
-    assert "L40S" in profile_roofline.roofline_device("NVIDIA L40S")[1]
+    assert profile_roofline.roofline_device("NVIDIA H100 PCIe") == ("H100 PCIe", None)
+    assert profile_roofline.roofline_device("NVIDIA RTX A6000")[0] == profile_roofline.DEFAULT_DEVICE
+    assert "RTX A6000" in profile_roofline.roofline_device("NVIDIA RTX A6000")[1]
 
     (tmp_path / "roofline.json").write_text(json.dumps(cmp))
     report = gpu_report.write_report(tmp_path).read_text()
@@ -180,6 +181,7 @@ def test_a_step_past_its_limit_is_stopped_and_reported(tmp_path: Path) -> None:
         ("_assign_kernel", "fused: codebook"),
         ("_heads_ce_bwd_kernel", "fused: heads + CE"),
         ("_cln_gelu_fwd_kernel", "fused: conv LN+GELU"),
+        ("_pos_conv_ln_gelu_bwd_kernel", "fused: pos-conv"),
         ("flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
         ("triton_per_fused_native_layer_norm_0", "inductor triton"),
         ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "GEMM"),

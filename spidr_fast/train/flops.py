@@ -8,7 +8,8 @@ and communication excluded).
 - a grouped conv's weight gradient: torch counts it `groups` times too much (the positional conv,
   groups=16, would add ~5 GFLOP per audio-second, ~10% of the step: MFU would read ~11% high);
 - CPU SDPA (`_scaled_dot_product_flash_attention_for_cpu`, forward and backward): uncounted by torch;
-- spidr_fast's fused custom ops (heads + cross-entropy, codebook assignment): opaque to the counter.
+- spidr_fast's fused custom ops (heads + cross-entropy, codebook assignment, the positional conv layer):
+  opaque to the counter.
 """
 
 from __future__ import annotations
@@ -21,21 +22,27 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_backward_flop_count, sdpa_flop_count
 
 import spidr_fast.kernels  # noqa: F401  (registers the torch.ops.spidr_fast custom ops counted below)
+from spidr_fast import devices
 from spidr_fast.train.step import autocast
 
 logger = logging.getLogger(__name__)
 
-# Dense bf16 peak FLOP/s by GPU name (datasheets); MFU is reported only where one is known.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
-
 
 def peak_flops(device: torch.device, override: float = 0.0) -> float:
+    """Dense bf16 peak FLOP/s for MFU: `override` when set, else the datasheet peak of the GPU
+    (`spidr_fast.devices`); 0 (no MFU reported) on a CPU or an unknown GPU."""
     if override > 0:
         return override
     if device.type != "cuda":
         return 0.0
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+    peaks = devices.lookup(name)
+    if peaks is None:
+        logger.warning(
+            "no datasheet peak for %r in spidr_fast/devices.py: MFU not reported (set run.flops_per_device)", name
+        )
+        return 0.0
+    return peaks.bf16
 
 
 Shape = list[int]
@@ -94,6 +101,17 @@ def codebook_assign_flop(x: Shape, codebook: Shape, *args: object, out_shape: ob
     return 2 * C * N * D * codebook[1]
 
 
+def pos_conv_flop(x: Shape, _keep: object, w: Shape, *args: object, out_shape: object = None, **kwargs: object) -> int:
+    """The grouped conv of (B, T, D) frames with a (D, Cg, k) weight, 2 B T D Cg k (the norm not counted)."""
+    B, T, D = x
+    return 2 * B * T * D * w[1] * w[2]
+
+
+def pos_conv_backward_flop(_g: Shape, x: Shape, _keep: object, w: Shape, *args: object, **kwargs: object) -> int:
+    """grad_x (the forward's conv with the transposed weight) and grad_weight: twice the forward's."""
+    return 2 * pos_conv_flop(x, None, w)
+
+
 _ops = torch.ops.spidr_fast
 FLOP_FORMULAS = {
     torch.ops.aten.convolution_backward: conv_backward_flop,
@@ -103,6 +121,8 @@ FLOP_FORMULAS = {
     _ops.heads_ce_backward: heads_ce_backward_flop,
     _ops.codebook_assign: codebook_assign_flop,
     _ops.codebook_assign_accumulate: codebook_assign_flop,
+    _ops.pos_conv: pos_conv_flop,
+    _ops.pos_conv_backward: pos_conv_backward_flop,
 }  # formulas over shapes (FlopCounterMode's custom_mapping convention)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spidr_fast import DinoSR, DinoSRConfig
-from spidr_fast.kernels import _dispatch, attention, codebook, conv_frontend, heads_ce, targets
+from spidr_fast.kernels import _dispatch, attention, codebook, conv_frontend, heads_ce, pos_conv, targets
 from spidr_fast.kernels._dispatch import ANY_DEVICE_OPS, OPS, TRITON_OPS, use_fused
 from tests.models.test_padding import LENGTHS, TINY, padded_batch
 
@@ -84,6 +84,7 @@ def test_reference_backend_runs_no_fused_path(monkeypatch: pytest.MonkeyPatch) -
         (codebook, "_accumulate_launch"),
         (heads_ce, "_fwd_launch"),
         (conv_frontend, "_fwd_launch"),
+        (pos_conv, "_fwd_launch"),
         (attention, "_attention_nested"),
         (attention, "_attention_flash_attn"),
         (attention, "_attention_flash_attn_4"),
@@ -102,7 +103,8 @@ def test_reference_backend_runs_no_fused_path(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_reference_backend_extracts_without_the_channels_last_frontend(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CPU front-end (extraction/frontend.py) is the extractor's CPU default, off in an all-reference run."""
+    """The CPU front-end (extraction/frontend.py) is the extractor's CPU default, off in an all-reference run
+    and with SPIDR_FAST_REFERENCE_OPS=frontend_layout."""
     from spidr_fast.extraction import FeatureExtractor
 
     model = DinoSR(DinoSRConfig(**TINY, extractor_mode="layer_norm")).eval()
@@ -110,3 +112,10 @@ def test_reference_backend_extracts_without_the_channels_last_frontend(monkeypat
     assert FeatureExtractor(model, layers=[1]).frontend is not None
     monkeypatch.setenv("SPIDR_FAST_BACKEND", "reference")
     assert FeatureExtractor(model, layers=[1]).frontend is None
+    # SPIDR_FAST_REFERENCE_OPS=frontend_layout turns the channels-last layout off here too (not only in training)
+    monkeypatch.delenv("SPIDR_FAST_BACKEND")
+    monkeypatch.setenv("SPIDR_FAST_REFERENCE_OPS", "codebook,frontend_layout")
+    assert FeatureExtractor(model, layers=[1]).frontend is None
+    monkeypatch.setenv("SPIDR_FAST_REFERENCE_OPS", "codebook")
+    assert FeatureExtractor(model, layers=[1]).frontend is not None
+    assert FeatureExtractor(model, layers=[1], channels_last_frontend=False).frontend is None
