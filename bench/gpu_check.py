@@ -68,10 +68,10 @@ LIMITS = {
     "extract": 35,
     "attention": 20,  # every padded and dense attention backend, timed here only (not in "kernels")
 }
-# The microbenchmarks gpu-check runs (bench/test_bench_*.py, GPU shapes): bf16 conv front-end only
+# The microbenchmarks gpu-check runs (bench/test_bench_*.py, GPU shapes): bf16 conv front-end (both ops) only
 # (test_bench_pos_conv.py has bf16 GPU cases only), and no attention (step "attention" times every
 # attention backend, with its errors against fp32: timed once).
-KERNEL_SELECTION = "not (conv_frontend and fp32) and not attention"
+KERNEL_SELECTION = "not ((conv_frontend or conv0) and fp32) and not attention"
 
 
 @dataclasses.dataclass

@@ -159,6 +159,7 @@ KERNEL_RULES: tuple[tuple[str, str, str], ...] = (
     ("fused: codebook", "codebook", r"_assign_kernel|_segment_sum_kernel|codebook"),
     ("fused: heads + CE", "heads/CE", r"_heads_ce_"),
     ("fused: conv LN+GELU", "norm/elementwise", r"_cln_gelu_"),
+    ("fused: first conv block", "norm/elementwise", r"_wave_ln_gelu_"),  # kernels/conv0.py: memory-bound, as LN+GELU
     ("fused: pos-conv", "conv", r"_pos_conv"),
     ("attention", "attention", r"flash|fmha|attention|sdpa|attn"),
     ("inductor triton", "gemm", r"^triton_tem_fused_.*mm"),
@@ -865,6 +866,7 @@ def report(variants: list[str], config: Any = "base", batch: int = 16, seconds: 
 LEVERS = (
     ("channels-last front-end (kernels/conv_frontend.py)", "frontend_layout"),
     ("bf16 residual stream (spidr_fast/models/layer_norm.py)", "residual_dtype"),
+    ("first conv + LayerNorm + GELU fused (kernels/conv0.py)", "conv0"),
     ("fused positional conv layer (kernels/pos_conv.py)", "pos_conv"),
     ("dense attention backend per device (kernels/attention.py DENSE_ORDER)", "attention"),
 )

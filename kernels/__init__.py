@@ -17,6 +17,7 @@ from spidr_fast.kernels.codebook import (
     codebook_assign_ref,
     codebook_ema_update_,
 )
+from spidr_fast.kernels.conv0 import conv0_layer_norm_gelu, conv0_layer_norm_gelu_ref
 from spidr_fast.kernels.heads_ce import heads_cross_entropy, heads_cross_entropy_ref
 from spidr_fast.kernels.pos_conv import pos_conv_layer, pos_conv_layer_ref
 from spidr_fast.kernels.targets import instance_norm, instance_norm_targets, instance_norm_targets_ref
@@ -29,6 +30,8 @@ __all__ = [
     "codebook_assign_accumulate_ref",
     "codebook_assign_ref",
     "codebook_ema_update_",
+    "conv0_layer_norm_gelu",
+    "conv0_layer_norm_gelu_ref",
     "heads_cross_entropy",
     "heads_cross_entropy_ref",
     "instance_norm",

@@ -1,6 +1,7 @@
 """Which implementation an op runs: its fused path or its plain-PyTorch reference. One rule, `use_fused`.
 
-The ops (`OPS`) and their fused paths: "codebook", "heads_ce", "conv_frontend", "pos_conv" are Triton kernels,
+The ops (`OPS`) and their fused paths: "codebook", "heads_ce", "conv_frontend" (channel LayerNorm +
+GELU), "conv0" (the front-end's first conv fused with its LayerNorm + GELU), "pos_conv" are Triton kernels,
 and "frontend_layout" the channels-last layout the conv front-end's blocks hand each other around
 them (`models/feature_extractor.py`); "attention" is the packed varlen backends (flash-attn, nested
 SDPA) and the per-device choice of a dense backend (cuDNN/flash SDPA, FlashAttention;
@@ -28,7 +29,7 @@ import torch
 
 BACKENDS = ("triton", "reference")
 # need triton (or the interpreter)
-TRITON_OPS = ("codebook", "heads_ce", "conv_frontend", "frontend_layout", "pos_conv")
+TRITON_OPS = ("codebook", "heads_ce", "conv_frontend", "conv0", "frontend_layout", "pos_conv")
 ANY_DEVICE_OPS = ("residual_dtype",)  # fused by default on CPU too
 OPS = ("attention", "targets", *TRITON_OPS, *ANY_DEVICE_OPS)
 

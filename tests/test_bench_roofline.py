@@ -70,9 +70,10 @@ def test_tiny_step_gemm_and_conv_flops_equal_a_real_cpu_step() -> None:
     tr = roofline.trace("spidr_fast", cfg, batch=2, seconds=1.0)
     meta = collections.Counter()
     fused = {"spidr_fast::pos_conv": "convolution", "spidr_fast::pos_conv_backward": "convolution_backward"}
+    fused |= {f"spidr_fast::conv0_layer_norm_gelu{s}": f"convolution{s}" for s in ("", "_backward")}  # first block
     for op in tr.ops:
         if op.phase in ("fwd", "bwd"):
-            meta[fused.get(op.name, op.name)] += op.flops  # the CPU step runs the pos-conv's reference convs
+            meta[fused.get(op.name, op.name)] += op.flops  # the CPU step runs the fused ops' reference convs
     torch.manual_seed(0)
     model = SpidR(cfg).train()
     frames = roofline._frames(cfg, 16000)
@@ -185,3 +186,27 @@ def test_whole_model_compile_and_efficiency_what_ifs(tmp_path: Path, monkeypatch
     assert whole["gflop"] == per_layer["gflop"] and whole["gb"] < per_layer["gb"]  # more fused, less traffic
     with pytest.raises(SystemExit, match="--eff 'gemmm=1'"):
         roofline.main(["--config", "tiny", "--eff", "gemmm=1"])
+
+
+def test_fused_first_conv_block() -> None:
+    """The first conv block as one op (kernels/conv0.py): the conv's FLOPs, in the class its kernels classify as,
+    moving the waveform and y once each way instead of the conv output four times (SPIDR_FAST_REFERENCE_OPS=conv0:
+    the conv + LayerNorm/GELU ops again)."""
+    from spidr_fast.kernels import conv0
+
+    def first_block(variant: str) -> list:
+        tr = roofline.trace(variant, "tiny", batch=2, seconds=1.0)
+        block = [op for op in tr.ops if op.label.startswith("feature_extractor.conv_layers.0")]
+        return [op for op in block if op.name.startswith(("spidr_fast::", "convolution"))]  # not the grad accumulation
+
+    fused, unfused = first_block("spidr_fast"), first_block("spidr_fast:ref_ops=conv0")
+    assert [op.name for op in fused] == [
+        "spidr_fast::conv0_layer_norm_gelu",
+        "spidr_fast::conv0_layer_norm_gelu_backward",
+    ]
+    assert {op.name for op in unfused} >= {"convolution", "convolution_backward"}
+    conv_flops = {op.phase: op.flops for op in unfused if op.name.startswith("convolution")}
+    assert {op.phase: op.flops for op in fused} == conv_flops and conv_flops["fwd"] > 0
+    assert sum(op.bytes for op in fused) < 0.5 * sum(op.bytes for op in unfused)
+    for kernel in [k for k in conv0.KERNELS if k.endswith("_kernel")]:  # the launched ones, as a profile names them
+        assert roofline.classify(kernel) == fused[0].cls == fused[1].cls == "norm/elementwise"
