@@ -92,6 +92,11 @@ EFFICIENCY: dict[str, tuple[float, str]] = {
     "conv_grouped": (0.15, "assumed: the grouped pos-conv, 48 ch/group, k=19 (PERF-MODEL.md); uncalibrated"),
     "conv_pos_triton": (0.25, "assumed: Triton pos-conv, tl.dot per tap, 48/64 padded ch (56% of MMA); uncalibrated"),
     "attention": (0.40, "assumed: FA2-class flash SDPA with dropout, head dim 64 (PERF-MODEL.md); uncalibrated"),
+    "attention_cudnn": (
+        0.55,
+        "assumed: cuDNN SDPA, Hopper, dropout, Dh 64 (PyTorch 2.5 notes: up to 1.75x FA2); "
+        "spidr_fast's dense default on sm_90 (kernels/attention.py DENSE_ORDER); uncalibrated",
+    ),
     "attention_bias": (0.22, "assumed: memory-efficient SDPA with a bias (a mask passed); uncalibrated"),
     "memory": (0.80, "assumed: elementwise/reduction kernels reach 80% of HBM bandwidth (PERF-MODEL.md)"),
     "kernel_min_s": (2.5e-6, "assumed: shortest kernel on the GPU, launch overhead hidden (PERF-MODEL.md)"),
@@ -473,6 +478,7 @@ class Trace:
     audio_s: float
     compiled: Callable[[Op], str | None] | None  # the fusion region of an op, None: eager
     model_flops: int  # forward + backward FLOPs, as the trainer counts them
+    dense_attention: bool = False  # spidr_fast's per-device dense attention backend (else PyTorch's flash SDPA)
 
 
 def trace_fn(fn: Callable[[], Any], model: nn.Module | None = None, *, autocast: bool = False) -> list[Op]:
@@ -648,7 +654,8 @@ def trace(
     if variant.compiled:
         compiled = _per_layer if variant.impl == "spidr_fast" and not variant.whole_model else _whole_model
     model_flops = sum(op.flops for op in rec.ops if op.phase in ("fwd", "bwd", "loss"))
-    return Trace(rec.ops, rec.value_bytes, batch * samples / 16000, compiled, model_flops)
+    dense = variant.impl == "spidr_fast" and "attention" not in variant.ref_ops.split(",")
+    return Trace(rec.ops, rec.value_bytes, batch * samples / 16000, compiled, model_flops, dense)
 
 
 def _ema(model: nn.Module) -> None:
@@ -702,14 +709,28 @@ def _fused_costs(tr: Trace) -> tuple[list[float], list[float], list[float]]:
     return nbytes, extra, kernels
 
 
-def efficiency(op: Op) -> float:
-    """Fraction of the compute peak this op reaches (from `EFFICIENCY`)."""
+# Compute capability by the family word in a device name: kernels/attention.py's DENSE_ORDER is keyed on it.
+CAPABILITY = {"B200": (10, 0), "H100": (9, 0), "H200": (9, 0), "L40S": (8, 9), "A100": (8, 0)}
+
+
+def dense_attention_key(device: str) -> str:
+    """The `EFFICIENCY` key of the dense attention spidr_fast picks on `device`: the first SDPA backend of
+    its `DENSE_ORDER` row (no flash-attn package assumed installed); flash SDPA's for an unknown family."""
+    from spidr_fast.kernels.attention import dense_order
+
+    capability = next((c for word, c in CAPABILITY.items() if word in device.upper()), (8, 0))
+    sdpa = [b for b in dense_order(capability) if b.startswith("sdpa")]
+    return "attention_cudnn" if sdpa[:1] == ["sdpa_cudnn"] else "attention"
+
+
+def efficiency(op: Op, dense_key: str = "attention") -> float:
+    """Fraction of the compute peak this op reaches (from `EFFICIENCY`); `dense_key`: that of unmasked SDPA."""
     if op.name.startswith("spidr_fast::pos_conv"):
         return EFFICIENCY["conv_pos_triton"][0]
     if op.cls == "conv":
         return EFFICIENCY["conv_grouped" if op.groups > 1 else "conv"][0]
     if op.cls == "attention":
-        return EFFICIENCY["attention_bias" if "efficient" in op.name else "attention"][0]
+        return EFFICIENCY["attention_bias" if "efficient" in op.name else dense_key][0]
     if not op.low_precision:
         return EFFICIENCY["gemm_fp32"][0]
     return EFFICIENCY["gemm" if op.flops >= 2e9 else "gemm_small"][0]
@@ -720,12 +741,13 @@ def summarize(tr: Trace, device: str = "H100") -> dict[str, Any]:
     hw = device_peaks(device)
     bw = hw["hbm"] * EFFICIENCY["memory"][0]
     nbytes, extra, kernels = _fused_costs(tr)
+    dense_key = dense_attention_key(device) if tr.dense_attention else "attention"
     rows = {c: collections.Counter() for c in CLASSES}
     regions = {r: collections.Counter() for r in REGIONS}
     for op, b, e, k in zip(tr.ops, nbytes, extra, kernels):
         t_compute = 0.0
         if op.flops:
-            t_compute = op.flops / (hw["bf16" if op.low_precision else "fp32"] * efficiency(op))
+            t_compute = op.flops / (hw["bf16" if op.low_precision else "fp32"] * efficiency(op, dense_key))
         t = max(t_compute, b / bw, k * EFFICIENCY["kernel_min_s"][0]) + e / bw
         for row in (rows[op.cls], regions[op.region]):
             row["gflop"] += op.flops / 1e9
@@ -846,6 +868,7 @@ LEVERS = (
     ("bf16 residual stream (spidr_fast/models/layer_norm.py)", "residual_dtype"),
     ("first conv + LayerNorm + GELU fused (kernels/conv0.py)", "conv0"),
     ("fused positional conv layer (kernels/pos_conv.py)", "pos_conv"),
+    ("dense attention backend per device (kernels/attention.py DENSE_ORDER)", "attention"),
 )
 
 

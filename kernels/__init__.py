@@ -2,7 +2,7 @@
 
 The model calls only the functions exported here. Each runs its fused path or its reference by
 one rule (`_dispatch.use_fused`: `SPIDR_FAST_BACKEND=reference` gives an all-reference run).
-Kernels never import the model, trainer or configs. Every Triton kernel (and FlashAttention-4) runs
+Kernels never import the model, trainer or configs. Every Triton kernel (and FlashAttention-3/4) runs
 as a `torch.library.custom_op` (namespace `spidr_fast`) with a fake kernel, so
 `torch.compile(fullgraph=True)` traces through it.
 """

@@ -142,6 +142,31 @@ def test_channels_last_front_end_has_no_layout_transposes() -> None:
     assert conv_transposes("spidr_fast:ncw:ref_ops=frontend_layout") > 0
 
 
+def test_dense_attention_priced_as_the_backend_the_device_table_picks() -> None:
+    """spidr_fast's unmasked attention is priced as the dense backend kernels/attention.py picks on the device
+    (cuDNN SDPA on Hopper), PyTorch's flash SDPA where it picks that or where "attention" is on its reference."""
+    ops = roofline.trace_fn(lambda: torch.nn.functional.scaled_dot_product_attention(*qkv_meta(), dropout_p=0.1))
+    assert [op.name for op in ops] == ["_scaled_dot_product_flash_attention"]
+    ops[0].flops = 10**12  # compute-bound
+
+    def ms(device: str, dense: bool) -> float:
+        trace = roofline.Trace(ops, [], 1.0, None, ops[0].flops, dense)
+        return roofline.summarize(trace, device)["classes"]["attention"]["ms"]
+
+    assert roofline.dense_attention_key("H100") == roofline.dense_attention_key("H200") == "attention_cudnn"
+    assert roofline.dense_attention_key("A100") == "attention"
+    eff = {key: roofline.EFFICIENCY[key][0] for key in ("attention", "attention_cudnn")}
+    assert ms("H100", True) == pytest.approx(ms("H100", False) * eff["attention"] / eff["attention_cudnn"])
+    assert ms("A100", True) == ms("A100", False)
+    step = roofline.trace("spidr_fast", "tiny", 1, 1.0)
+    assert step.dense_attention and not roofline.trace("spidr_fast:ref_ops=attention", "tiny", 1, 1.0).dense_attention
+    assert not roofline.trace("reference", "tiny", 1, 1.0).dense_attention
+
+
+def qkv_meta(b: int = 2, h: int = 4, t: int = 16, d: int = 8) -> list[torch.Tensor]:
+    return [torch.empty(b, h, t, d, device="meta", dtype=torch.bfloat16) for _ in range(3)]
+
+
 def test_levers_table_switches_each_built_lever() -> None:
     rows = [r for r in roofline.levers_table("tiny", batch=1, seconds=1.0).splitlines() if r.startswith("| ")][1:]
     assert len(rows) == 2 * (1 + len(roofline.LEVERS))
