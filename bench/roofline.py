@@ -8,8 +8,11 @@ with its true shapes, dtypes and strides, nothing is computed, and each op is re
   * bytes: distinct input storages read + outputs written (a broadcast dim counted once);
   * its class (the kind of kernel it launches: `CLASSES`) and its region (the module that ran it, carried
     to the backward through the autograd node).
-Time per op = max(FLOPs / (eff x peak), bytes / (eff_mem x HBM bandwidth)), at least `kernel_min_s` per
-kernel, with every efficiency in ONE table, `EFFICIENCY`, each with where it came from.
+Time per op = max(FLOPs / (eff x peak), bytes / (eff_mem x HBM bandwidth), instructions / (eff_issue x issue
+rate)), at least `kernel_min_s` per kernel, with every efficiency in ONE table, `EFFICIENCY`, each with where it
+came from. The issue rate is SMs x 4 schedulers x boost clock x 32 lanes (spidr_fast/devices.py); the instructions
+per element of each Triton kernel and elementwise op come from its sm_90 SASS (`ISSUE_INSTRUCTIONS`,
+bench/sass_per_element.py): an exact-erf GELU or a LayerNorm can take longer to issue than to move its bytes.
 
 What the trace emulates of a CUDA run (the CPU build has no CUDA autocast):
   * bf16 autocast: the GEMM/conv/SDPA family in bf16, LayerNorm/GroupNorm/softmax/sum in fp32, leaf
@@ -77,7 +80,7 @@ def device_peaks(device: str) -> dict[str, float]:
     d = lookup_device(device)
     if d is None:
         raise ValueError(f"device {device!r}: one of {sorted(DEVICES)} or a device spidr_fast/devices.py knows")
-    return {"bf16": d.bf16, "fp32": d.fp32, "hbm": d.hbm}
+    return {"bf16": d.bf16, "fp32": d.fp32, "hbm": d.hbm, "issue": d.issue_rate}
 
 
 DEVICES = {alias: device_peaks(alias) for alias in ("A100", "H100", "H200")}
@@ -100,7 +103,66 @@ EFFICIENCY: dict[str, tuple[float, str]] = {
     "attention_bias": (0.22, "assumed: memory-efficient SDPA with a bias (a mask passed); uncalibrated"),
     "memory": (0.80, "assumed: elementwise/reduction kernels reach 80% of HBM bandwidth (PERF-MODEL.md)"),
     "kernel_min_s": (2.5e-6, "assumed: shortest kernel on the GPU, launch overhead hidden (PERF-MODEL.md)"),
+    "issue": (
+        1.0,
+        "peak: one warp-instruction per scheduler per clock at the boost clock (an upper bound on "
+        "the issue rate, stalls not counted); uncalibrated",
+    ),
 }
+
+# Thread-instructions executed per element of the op's largest tensor (see `issue_instructions`), counted in the
+# sm_90 SASS of the project's Triton kernels at the base shapes and of Triton stand-ins for the Inductor/eager ops
+# (erf GELU, LayerNorm, dropout's Philox, ...), compiled offline: bench/sass_per_element.py (its docstring says
+# how loops and elements are counted). A kernel's time is at least its instructions / the device's issue rate.
+ISSUE_SOURCE = "sm_90 SASS, triton 3.9.0, commit 8a29301: `.venv/bin/python bench/sass_per_element.py`"
+ISSUE_INSTRUCTIONS: dict[str, float] = {
+    "_cln_gelu_fwd_kernel": 73.0,
+    "_cln_gelu_bwd_kernel": 96.1,
+    "_wave_ln_gelu_fwd_kernel": 68.5,
+    "_wave_ln_gelu_bwd_kernel": 97.2,
+    "_pos_conv_kernel": 211.5,
+    "_pos_conv_kernel dx": 147.7,
+    "_pos_conv_ln_gelu_bwd_kernel": 96.0,
+    "_pos_conv_dw_kernel": 342.3,
+    "_assign_kernel": 307.6,
+    "_segment_sum_kernel": 7.3,
+    "_heads_ce_fwd_kernel": 19.6,
+    "_heads_ce_bwd_kernel": 36.7,
+    "copy": 4.0,
+    "_to_copy": 5.0,
+    "add": 7.0,
+    "mul": 7.0,
+    "gelu": 38.0,
+    "gelu_backward": 49.0,
+    "native_dropout": 70.0,
+    "native_dropout_backward": 12.0,
+    "native_layer_norm": 48.0,
+    "native_layer_norm_backward dx": 56.0,
+    "native_layer_norm_backward dw": 15.8,
+    "sum": 24.0,
+}
+# The kernels (ISSUE_INSTRUCTIONS rows) an op runs, each over every element of the op's largest tensor. Other
+# norm/elementwise ops: "copy" for copies and fills, "sum" for reductions, else "add" (a binary pointwise op).
+# GEMM, conv, attention (cuBLAS, cuDNN, flash: their efficiencies carry it) and the multi-tensor optimizer/EMA
+# kernels (memory-bound) have no issue term.
+ISSUE_KERNELS: dict[str, tuple[str, ...]] = {
+    "spidr_fast::channel_layer_norm_gelu": ("_cln_gelu_fwd_kernel",),
+    "spidr_fast::channel_layer_norm_gelu_backward": ("_cln_gelu_bwd_kernel",),
+    "spidr_fast::conv0_layer_norm_gelu": ("_wave_ln_gelu_fwd_kernel",),
+    "spidr_fast::conv0_layer_norm_gelu_backward": ("_wave_ln_gelu_bwd_kernel",),
+    "spidr_fast::pos_conv": ("_pos_conv_kernel",),
+    "spidr_fast::pos_conv_backward": ("_pos_conv_ln_gelu_bwd_kernel", "_pos_conv_dw_kernel", "_pos_conv_kernel dx"),
+    "spidr_fast::codebook_assign": ("_assign_kernel",),
+    "spidr_fast::codebook_accumulate": ("_segment_sum_kernel",),
+    "spidr_fast::codebook_assign_accumulate": ("_assign_kernel", "_segment_sum_kernel"),
+    "spidr_fast::heads_ce": ("_heads_ce_fwd_kernel",),
+    "spidr_fast::heads_ce_backward": ("_heads_ce_bwd_kernel",),
+    "native_layer_norm_backward": ("native_layer_norm_backward dx", "native_layer_norm_backward dw"),
+    "clone": ("copy",), "copy_": ("copy",), "contiguous": ("copy",), "stack": ("copy",), "cat": ("copy",),
+    "zeros": ("copy",), "new_zeros": ("copy",), "zero_": ("copy",), "fill_": ("copy",), "full": ("copy",),
+    "full_like": ("copy",), "ones_like": ("copy",), "zeros_like": ("copy",), "gather": ("copy",),
+    "scatter_add": ("copy",), "scatter_": ("copy",), "index_select": ("copy",),
+}  # fmt: skip
 
 CLASSES = (
     "gemm", "attention", "conv", "norm/elementwise", "codebook", "heads/CE", "optimizer/EMA", "other",
@@ -230,6 +292,7 @@ class Op:
     groups: int
     ins: list[int]  # value ids read
     outs: list[int]  # value ids written
+    elements: int = 0  # of its largest tensor (read or written): the unit of ISSUE_INSTRUCTIONS
 
 
 FORMULAS = {**flop_registry, **{k: shape_wrapper(v) for k, v in FLOP_FORMULAS.items()}}
@@ -427,8 +490,10 @@ class _Recorder(TorchDispatchMode):
         elif op_class(name) == "optimizer/EMA":
             lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], Tensor)]
             kernels = max(1, math.ceil(len(lists[0]) / 48)) if lists else 1  # multi_tensor_apply chunks
+        elements = max((_ubytes(t) // t.element_size() for t in (*distinct_in.values(), *distinct_out.values())),
+                       default=0)  # fmt: skip
         self.ops.append(Op(name, op_class(name), region_of(label, _State.phase), _State.phase, label, flops, low,
-                           nbytes, extra, kernels, groups, in_values, out_values))  # fmt: skip
+                           nbytes, extra, kernels, groups, in_values, out_values, elements))  # fmt: skip
         return out
 
 
@@ -670,15 +735,18 @@ def _ema(model: nn.Module) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _fused_costs(tr: Trace) -> tuple[list[float], list[float], list[float]]:
-    """Per-op (bytes, helper-kernel bytes, kernels) after fusing runs of consecutive fusible ops in one compiled
-    region: a run moves the values entering it and those it produces that are read elsewhere (or never read:
-    results), and has no helper kernels (Inductor generates its own LayerNorm, reading any strides)."""
+def _fused_costs(tr: Trace) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Per-op (bytes, helper-kernel bytes, kernels, issued thread-instructions) after fusing runs of consecutive
+    fusible ops in one compiled region: a run moves the values entering it and those it produces that are read
+    elsewhere (or never read: results), and has no helper kernels (Inductor generates its own LayerNorm, reading
+    any strides). Its instructions: each member's own less a standalone kernel's loads, stores and indexing (a
+    "copy"), plus one such overhead over the run's largest tensor."""
     nbytes = [float(op.bytes) for op in tr.ops]
     extra = [float(op.extra) for op in tr.ops]
     kernels = [float(op.kernels) for op in tr.ops]
+    issued = [issue_instructions(op) for op in tr.ops]
     if tr.compiled is None:
-        return nbytes, extra, kernels
+        return nbytes, extra, kernels, issued
     readers: dict[int, set[int]] = collections.defaultdict(set)
     for i, op in enumerate(tr.ops):
         for v in op.ins:
@@ -695,6 +763,7 @@ def _fused_costs(tr: Trace) -> tuple[list[float], list[float], list[float]]:
             key = k
     if run:
         runs.append(run)
+    overhead = ISSUE_INSTRUCTIONS["copy"]
     for run in runs:
         members = set(run)
         produced = {v for i in run for v in tr.ops[i].outs}
@@ -702,11 +771,30 @@ def _fused_costs(tr: Trace) -> tuple[list[float], list[float], list[float]]:
         leaving = {v for v in produced if not readers[v] or readers[v] - members}
         moved = sum(tr.value_bytes[v] for v in entering | leaving)
         reductions = sum(any(w in tr.ops[i].name for w in REDUCTION_WORDS) for i in run)
+        own = sum(max(0.0, issued[i] - overhead * len(issue_kernels(tr.ops[i])) * tr.ops[i].elements) for i in run)
+        fused_issued = own + overhead * max(tr.ops[i].elements for i in run)
         eager = sum(nbytes[i] for i in run) or 1.0
-        for i in run:  # the run's traffic and kernels, shared in proportion to eager traffic
+        for i in run:  # the run's traffic, kernels and instructions, shared in proportion to eager traffic
             share = nbytes[i] / eager
             nbytes[i], kernels[i], extra[i] = moved * share, max(1, reductions) * share, 0.0
-    return nbytes, extra, kernels
+            issued[i] = fused_issued * share
+    return nbytes, extra, kernels, issued
+
+
+def issue_kernels(op: Op) -> tuple[str, ...]:
+    """The `ISSUE_INSTRUCTIONS` rows of the kernels `op` runs (none for GEMM, conv, attention, optimizer/EMA)."""
+    if op.name in ISSUE_KERNELS:
+        return ISSUE_KERNELS[op.name]
+    if op.name in ISSUE_INSTRUCTIONS:
+        return (op.name,)
+    if op.cls != "norm/elementwise" or op.name.startswith("spidr_fast::"):
+        return ()
+    return ("sum",) if any(w in op.name for w in REDUCTION_WORDS) else ("add",)
+
+
+def issue_instructions(op: Op) -> float:
+    """Thread-instructions `op`'s kernels execute: `ISSUE_INSTRUCTIONS` per element x its largest tensor's elements."""
+    return sum(ISSUE_INSTRUCTIONS[k] for k in issue_kernels(op)) * op.elements
 
 
 # Compute capability by the family word in a device name: kernels/attention.py's DENSE_ORDER is keyed on it.
@@ -740,21 +828,26 @@ def summarize(tr: Trace, device: str = "H100") -> dict[str, Any]:
     """Per-class and per-region FLOPs, bytes, kernels and predicted ms; the step's ms and MFU."""
     hw = device_peaks(device)
     bw = hw["hbm"] * EFFICIENCY["memory"][0]
-    nbytes, extra, kernels = _fused_costs(tr)
+    nbytes, extra, kernels, issued = _fused_costs(tr)
+    issue_rate = hw["issue"] * EFFICIENCY["issue"][0]
     dense_key = dense_attention_key(device) if tr.dense_attention else "attention"
     rows = {c: collections.Counter() for c in CLASSES}
     regions = {r: collections.Counter() for r in REGIONS}
-    for op, b, e, k in zip(tr.ops, nbytes, extra, kernels):
+    for op, b, e, k, n in zip(tr.ops, nbytes, extra, kernels, issued):
         t_compute = 0.0
         if op.flops:
             t_compute = op.flops / (hw["bf16" if op.low_precision else "fp32"] * efficiency(op, dense_key))
-        t = max(t_compute, b / bw, k * EFFICIENCY["kernel_min_s"][0]) + e / bw
+        t_issue = n / issue_rate
+        t = max(t_compute, b / bw, t_issue, k * EFFICIENCY["kernel_min_s"][0]) + e / bw
         for row in (rows[op.cls], regions[op.region]):
             row["gflop"] += op.flops / 1e9
             row["gb"] += (b + e) / 1e9
             row["kernels"] += k
             row["ms"] += t * 1e3
-            row["compute_bound_ms"] += t * 1e3 if t_compute >= b / bw else 0.0
+            row["compute_bound_ms"] += t * 1e3 if t_compute >= max(b / bw, t_issue) else 0.0
+            row["issue_bound_ms"] += t * 1e3 if t_issue > max(t_compute, b / bw) else 0.0
+            row["issue_ms"] += t_issue * 1e3
+            row["memory_ms"] += b / bw * 1e3
     total_ms = sum(r["ms"] for r in rows.values())
     return {
         "device": device,
@@ -767,6 +860,7 @@ def summarize(tr: Trace, device: str = "H100") -> dict[str, Any]:
         "audio_s": tr.audio_s,
         "floor_compute_ms": sum(op.flops / hw["bf16" if op.low_precision else "fp32"] for op in tr.ops) * 1e3,
         "floor_memory_ms": (sum(nbytes) + sum(extra)) / hw["hbm"] * 1e3,
+        "floor_issue_ms": sum(issued) / hw["issue"] * 1e3,
     }
 
 
@@ -853,13 +947,41 @@ def report(variants: list[str], config: Any = "base", batch: int = 16, seconds: 
     lines += ["", f"## By region, {main_device}", "", _table(shown, "regions", REGIONS)]
     lines += [
         "",
+        f"## Bounds by class, {main_device} (instruction issue: ISSUE_INSTRUCTIONS)",
+        "",
+        bounds_table(shown),
+    ]
+    lines += [
+        "",
         "## Efficiencies (EFFICIENCY in bench/roofline.py)",
         "",
         "| key | value | source |",
         "|---|---:|---|",
     ]
     lines += [f"| {k} | {v:g} | {src} |" for k, (v, src) in EFFICIENCY.items()]
+    lines += ["", f"## Instructions per element (ISSUE_INSTRUCTIONS; {ISSUE_SOURCE})", "",
+              "| kernel or op | thread-instructions / element |", "|---|---:|"]  # fmt: skip
+    lines += [f"| {k} | {v:g} |" for k, v in ISSUE_INSTRUCTIONS.items()]
     return "\n".join(lines), out
+
+
+def bounds_table(summaries: dict[str, dict]) -> str:
+    """Per class of each summary: its predicted ms, the memory and issue bounds alone, and the ms of the ops whose
+    instruction issue bounds them (more than their FLOPs and their bytes): the issue-bound classes."""
+    lines = [
+        "| variant | class | ms | memory bound ms | issue bound ms | issue-bound ops ms |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, s in summaries.items():
+        for c, r in s["classes"].items():
+            ms = [r["ms"], r.get("memory_ms", 0), r.get("issue_ms", 0), r.get("issue_bound_ms", 0)]
+            lines.append(f"| {name} | {c} | " + " | ".join(f"{x:.2f}" for x in ms) + " |")
+    bound = sorted({c for s in summaries.values() for c, r in s["classes"].items() if r.get("issue_bound_ms", 0) > 0})
+    lines += [
+        "",
+        f"Issue-bound ops (instructions / issue rate above FLOPs and bytes) in: {', '.join(bound) or 'none'}.",
+    ]
+    return "\n".join(lines)
 
 
 # The levers built so far, each switched off by a SPIDR_FAST_REFERENCE_OPS name; (title, name)

@@ -207,13 +207,13 @@ def stand_in_cases() -> list[Case]:
             "_dropout",
             {"x_ptr": b16, "y_ptr": b16, "keep_ptr": "*i8", "n": n, "seed": "i32", "p": "fp32"},
             "tl.rand (Philox per element), bf16, an int8 mask",
-        ),  # fmt: skip
+        ),
         (
             "native_dropout_backward",
             "_dropout_backward",
             {"dy_ptr": b16, "keep_ptr": "*i8", "dx_ptr": b16, "n": n, "scale": "fp32"},
             "bf16",
-        ),  # fmt: skip
+        ),
     ]
     out = [_stand_in(k, fn, sig, pw, POINTWISE_WARPS, POINTWISE_BLOCK, note=note) for k, fn, sig, note in cases]
     ln = {"x_ptr": b16, "w_ptr": f32, "b_ptr": f32, "y_ptr": b16, "mean_ptr": f32, "rstd_ptr": f32, "D": ROW}
@@ -283,8 +283,9 @@ def kernel_cases() -> list[Case]:
     cases.append(Case("_assign_kernel", assign, c["BLOCK_N"] * D, trips, "x fp32, ieee (FFMA), K=256, D=768"))
     seg = specs["codebook segment_sum x=fp32"]
     rows = N / Kc  # frames per codeword, on average
-    cases.append(Case("_segment_sum_kernel", seg, rows * seg["constexprs"]["BLOCK_D"],
-                      (math.ceil(rows / seg["constexprs"]["BLOCK_R"]),), f"x fp32, {rows:g} frames a codeword"))  # fmt: skip
+    trips = (math.ceil(rows / seg["constexprs"]["BLOCK_R"]),)
+    per_program = rows * seg["constexprs"]["BLOCK_D"]
+    cases.append(Case("_segment_sum_kernel", seg, per_program, trips, f"x fp32, {rows:g} frames a codeword"))
     for direction, loops in (("fwd", 1), ("bwd", 2)):
         spec = specs[sm90.heads_name(direction, "bf16", 256)]
         c = spec["constexprs"]

@@ -59,7 +59,17 @@ def test_every_reader_sees_the_same_peaks(name: str, monkeypatch: pytest.MonkeyP
             "hbm_gbs": d.hbm / 1e9,
         }
     )
-    assert roofline.device_peaks(name) == {"bf16": d.bf16, "fp32": d.fp32, "hbm": d.hbm}
+    assert roofline.device_peaks(name) == {"bf16": d.bf16, "fp32": d.fp32, "hbm": d.hbm, "issue": d.issue_rate}
+
+
+@pytest.mark.parametrize("key", devices.DEVICES)
+def test_sm_count_and_clock_agree_with_the_fp32_peak(key: str) -> None:
+    """SMs x fp32 lanes per SM x 2 (FMA) x boost clock is the datasheet's fp32 peak within 1%: the issue rate
+    bench/roofline.py derives from the SM count and clock stands on the same clock as the peaks."""
+    d = devices.DEVICES[key]
+    lanes = 64 if key.startswith("A100") else 128
+    assert d.sms * lanes * 2 * d.clock == pytest.approx(d.fp32, rel=0.01)
+    assert d.issue_rate == d.sms * devices.SCHEDULERS_PER_SM * d.clock * 32
 
 
 def test_h100_pcie_is_not_an_sxm() -> None:
@@ -72,7 +82,7 @@ def test_roofline_short_names_are_aliases_of_the_sxm_parts() -> None:
     assert set(roofline.DEVICES) == set(devices.ALIASES) == {"A100", "H100", "H200"}
     for alias, key in devices.ALIASES.items():
         d = devices.DEVICES[key]
-        assert roofline.DEVICES[alias] == {"bf16": d.bf16, "fp32": d.fp32, "hbm": d.hbm}
+        assert roofline.DEVICES[alias] == {"bf16": d.bf16, "fp32": d.fp32, "hbm": d.hbm, "issue": d.issue_rate}
         assert devices.lookup(alias) is d
     assert roofline.mfu(989e12 * 0.5, 1000.0, "H100") == pytest.approx(0.5)
 
