@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from spidr_fast import devices
+
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
@@ -102,23 +104,15 @@ def measure(benchmark, fn: Callable[[], object], device: str, *, bytes_moved: fl
         benchmark.extra_info["TFLOP/s"] = flops / median / 1e12
 
 
-# Datasheet peaks (dense; TFLOP/s and GB/s), first matching substring of the device name wins. Leads,
-# not measurements: `bench/gpu_env.py --kernels` measures the achieved bf16 GEMM and copy ceilings too.
-DEVICE_PEAKS: list[tuple[str, dict[str, float]]] = [
-    ("H100 PCIe", {"bf16_tflops": 756, "tf32_tflops": 378, "fp32_tflops": 51, "hbm_gbs": 2000}),
-    ("H100 NVL", {"bf16_tflops": 835, "tf32_tflops": 418, "fp32_tflops": 60, "hbm_gbs": 3900}),
-    ("GH200", {"bf16_tflops": 989, "tf32_tflops": 494, "fp32_tflops": 67, "hbm_gbs": 4000}),
-    ("H200", {"bf16_tflops": 989, "tf32_tflops": 494, "fp32_tflops": 67, "hbm_gbs": 4800}),
-    ("H100", {"bf16_tflops": 989, "tf32_tflops": 494, "fp32_tflops": 67, "hbm_gbs": 3350}),
-    ("A100", {"bf16_tflops": 312, "tf32_tflops": 156, "fp32_tflops": 19.5, "hbm_gbs": 2039}),
-    ("L40S", {"bf16_tflops": 362, "tf32_tflops": 183, "fp32_tflops": 91.6, "hbm_gbs": 864}),
-    ("B200", {"bf16_tflops": 2250, "tf32_tflops": 1100, "fp32_tflops": 75, "hbm_gbs": 8000}),
-]
-
-
 def device_peaks(name: str) -> dict[str, float] | None:
-    """Datasheet peaks for a device name (None when unknown: no %-of-peak is reported then)."""
-    return next((dict(peaks) for key, peaks in DEVICE_PEAKS if key in name), None)
+    """Datasheet peaks (dense; TFLOP/s and GB/s) of a device name, from `spidr_fast.devices` (None when
+    unknown: no %-of-peak is reported then). Leads, not measurements: `bench/gpu_env.py --kernels`
+    measures the achieved bf16 GEMM and copy ceilings too."""
+    d = devices.lookup(name)
+    if d is None:
+        return None
+    return {"bf16_tflops": d.bf16 / 1e12, "tf32_tflops": d.tf32 / 1e12, "fp32_tflops": d.fp32 / 1e12,
+            "hbm_gbs": d.hbm / 1e9}  # fmt: skip
 
 
 def librispeech_like_lengths(num: int, seed: int = 0, sample_rate: int = 16_000) -> np.ndarray:

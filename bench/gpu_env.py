@@ -166,24 +166,14 @@ def compiled_variants(fn: Any) -> list[Any]:
 
 def cubin_resources(cubin: bytes | None) -> tuple[int | None, int | None]:
     """(registers, stack bytes) of a cubin from `cuobjdump --dump-resource-usage`, or (None, None)."""
-    import re
-    import tempfile
-
     sys.path.insert(0, str(ROOT / "bench"))
-    from sm90 import triton_tools
+    from sm90 import cuobjdump, resource_usage, triton_tools
 
     tools = triton_tools()
     if not cubin or isinstance(tools, str):
         return None, None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        usage = subprocess.run([tools["cuobjdump"], "--dump-resource-usage", f.name], capture_output=True, text=True)
-    lines = [ln for ln in usage.stdout.splitlines() if "REG:" in ln]
-    if not lines:
-        return None, None
-    fields = dict(re.findall(r"(\w+):(\d+)", lines[-1]))
-    return int(fields["REG"]), int(fields["STACK"])
+    fields = resource_usage(cuobjdump(cubin, tools, "--dump-resource-usage", check=False)[0])
+    return (fields["REG"], fields["STACK"]) if fields else (None, None)
 
 
 def describe_compiled(kernel: Any) -> dict[str, Any]:

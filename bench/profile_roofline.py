@@ -23,16 +23,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import roofline
 from train_throughput import PRESETS
 
+from spidr_fast.devices import lookup as lookup_device
+
 DEFAULT_DEVICE = "H100"
 
 
 def roofline_device(name: str) -> tuple[str, str | None]:
-    """The `roofline.DEVICES` key for a device name (e.g. "NVIDIA H200"), and a note when it falls back."""
-    for key in roofline.DEVICES:
-        if key.lower() in name.lower():
-            return key, None
+    """The device to predict for, given a profiled device's name (e.g. "NVIDIA H100 PCIe" -> "H100 PCIe", from
+    spidr_fast/devices.py, the table `roofline` reads), and a note when it is unknown and falls back."""
+    known = lookup_device(name)
+    if known is not None:
+        return known.name, None
     return DEFAULT_DEVICE, (
-        f"{name!r} is not in bench/roofline.py's DEVICES ({', '.join(roofline.DEVICES)}): predicted for "
+        f"{name!r} is not in spidr_fast/devices.py (the devices bench/roofline.py predicts for): predicted for "
         f"{DEFAULT_DEVICE}, the default; the ratios then say nothing about the efficiencies"
     )
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import roofline
 from common import environment, synchronize
 from train_throughput import PRESETS, make_batches, trainer_step
 
@@ -31,27 +31,10 @@ from spidr_fast.kernels._dispatch import OPS, use_fused
 
 CLASS_NOTE = "`bench/roofline.py`'s classes (`classify` on kernel names; CPU ops by `op_class`)"
 
-# (class, pattern) in order: the first match wins. Patterns are matched against lower-cased names.
-KERNEL_CLASSES: list[tuple[str, str]] = [
-    ("fused: codebook", r"_assign_kernel|_segment_sum_kernel|codebook"),
-    ("fused: heads + CE", r"_heads_ce_"),
-    ("fused: conv LN+GELU", r"_cln_gelu_"),
-    ("attention", r"flash|fmha|attention|sdpa|_efficient_attention|cutlass.*attn"),
-    ("inductor triton", r"^triton_|^triton\."),
-    ("optimizer", r"multi_tensor_apply|adam|foreach|fused_adam"),
-    ("convolution", r"conv|implicit_gemm|winograd|cudnn|xmma_fprop|xmma_dgrad|xmma_wgrad|im2col|col2im"),
-    ("GEMM", r"gemm|nvjet|cutlass|cublas|sm90_xmma|sm80_xmma|ampere_|hopper_|\bmm\b|matmul|addmm|bmm"),
-    ("normalisation", r"layer_norm|layernorm|group_norm|groupnorm|instance_norm|batch_norm|rms_norm"),
-    ("softmax / loss", r"softmax|nll_loss|cross_entropy|log_softmax"),
-    ("copy / cast / fill", r"memcpy|memset|copy|cast|fill|to_copy|cat_|catarray|index|gather|scatter|nonzero"),
-    ("reduction", r"reduce|sum|mean|norm|argmin|argmax|max|min"),
-    ("elementwise", r"elementwise|vectorized|unrolled|pointwise|gelu|dropout|mul|add|div|where"),
-]
-
 
 def kernel_class(name: str) -> str:
-    lower = name.lower()
-    return next((cls for cls, pattern in KERNEL_CLASSES if re.search(pattern, lower)), "other")
+    """The profile's (finer) class of a kernel: `roofline.KERNEL_RULES`, the rules `roofline.classify` uses."""
+    return roofline.kernel_classes(name)[0]
 
 
 def event_times(prof: torch.profiler.profile, device: str) -> list[tuple[str, float, int]]:
@@ -105,8 +88,6 @@ def summarise(rows: list[tuple[str, float, int]], steps: int, top: int = 25) -> 
 
 def model_class(name: str, timeline_device: str) -> str:
     """The roofline predictor's class (`roofline.CLASSES`) of a profiled kernel (CUDA) or aten op (CPU)."""
-    import roofline
-
     if timeline_device == "cuda":
         return roofline.classify(name)
     return roofline.op_class(name.split("::")[-1]) if name.startswith("aten::") else "other"
@@ -114,8 +95,6 @@ def model_class(name: str, timeline_device: str) -> str:
 
 def by_model_class(rows: list[tuple[str, float, int]], steps: int, timeline_device: str) -> dict[str, float]:
     """Measured ms per step in each of the roofline predictor's classes (all of them, zeros included)."""
-    import roofline
-
     ms = dict.fromkeys(roofline.CLASSES, 0.0)
     for name, us, _ in rows:
         ms[model_class(name, timeline_device)] += us / 1e3 / steps

@@ -64,6 +64,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry, shape_wrapper
 
+from spidr_fast.devices import lookup as lookup_device
 from spidr_fast.train.flops import FLOP_FORMULAS
 from spidr_fast.train.parallelize import COMPILED_REGIONS, LAYER_REGIONS, region_paths
 
@@ -71,12 +72,18 @@ from spidr_fast.train.parallelize import COMPILED_REGIONS, LAYER_REGIONS, region
 # Devices and efficiencies: the one table the predictions come from
 # ------------------------------------------------------------------------------------------------
 
-# Dense peaks (datasheets, SXM parts): bf16 tensor-core and fp32 (no TF32) FLOP/s, HBM bytes/s.
-DEVICES = {
-    "A100": {"bf16": 312e12, "fp32": 19.5e12, "hbm": 2.039e12},  # A100 SXM4 80 GB
-    "H100": {"bf16": 989e12, "fp32": 67e12, "hbm": 3.35e12},  # H100 SXM5
-    "H200": {"bf16": 989e12, "fp32": 67e12, "hbm": 4.8e12},  # H200 SXM: H100's SMs, faster HBM3e
-}
+
+# Dense peaks: bf16 tensor-core and fp32 (no TF32) FLOP/s, HBM bytes/s, from spidr_fast/devices.py (its
+# sources there). The default devices, by their short names (the SXM parts); `device_peaks` also takes any
+# name that table knows ("H100 PCIe", "NVIDIA H100 PCIe", "GH200", ...).
+def device_peaks(device: str) -> dict[str, float]:
+    d = lookup_device(device)
+    if d is None:
+        raise ValueError(f"device {device!r}: one of {sorted(DEVICES)} or a device spidr_fast/devices.py knows")
+    return {"bf16": d.bf16, "fp32": d.fp32, "hbm": d.hbm}
+
+
+DEVICES = {alias: device_peaks(alias) for alias in ("A100", "H100", "H200")}
 # (value, where it came from). Fractions of the peak that kernels of this kind reach at these shapes.
 # None is measured on spidr_fast yet: `make gpu-check` writes measured per-class times beside the
 # predicted ones; replace a value by the calibrated one and say which run it came from.
@@ -134,35 +141,44 @@ def op_class(name: str) -> str:
     return "norm/elementwise"
 
 
-ELEMENTWISE_WORDS = (
-    "triton_", "elementwise", "vectorized", "reduce", "norm", "softmax", "dropout", "copy", "fill", "gelu",
-    "_cln_gelu", "cat", "index", "scatter", "gather", "where",
-)  # fmt: skip
+# CUDA kernels by name, the one classifier of a profile's kernels: (profile class, roofline class, pattern),
+# the first pattern found in the lower-cased name wins. The profile class is the finer one
+# `bench/profile_step.py` reports per kernel; the roofline class (one of `CLASSES`) is what `classify` gives,
+# to set measured times beside `predict`'s. cuDNN conv kernels (and its layout transposes around
+# channels-first convs) come before GEMMs: their names say "implicit_gemm" too; attention before both
+# (cuDNN SDPA, FlashAttention's "convert_dq"); inductor's Triton kernels are named after the aten ops they
+# fuse ("triton_poi_fused_convolution_..." is pointwise glue, not a conv).
+KERNEL_RULES: tuple[tuple[str, str, str], ...] = (
+    ("communication", "other", r"nccl"),
+    ("copy / cast / fill", "other", r"^memcpy|^memset|\[memcpy|\[memset"),
+    ("fused: codebook", "codebook", r"_assign_kernel|_segment_sum_kernel|codebook"),
+    ("fused: heads + CE", "heads/CE", r"_heads_ce_"),
+    ("fused: conv LN+GELU", "norm/elementwise", r"_cln_gelu_"),
+    ("fused: pos-conv", "conv", r"_pos_conv"),
+    ("attention", "attention", r"flash|fmha|attention|sdpa|attn"),
+    ("inductor triton", "gemm", r"^triton_tem_fused_.*mm"),
+    ("inductor triton", "optimizer/EMA", r"^triton_(for_|.*(adam|foreach))"),
+    ("inductor triton", "norm/elementwise", r"^triton_|^triton\."),
+    ("optimizer", "optimizer/EMA", r"multi_tensor_apply|adam|foreach|amp_update_scale|amp_non_finite"),
+    ("convolution", "conv", r"conv(?!ert)|fprop|dgrad|wgrad|winograd|nchwtonhwc|nhwctonchw|cudnn|im2col|col2im"),
+    ("GEMM", "gemm", r"gemm|gemv|cublas|cutlass|nvjet|s16816|splitk|xmma|\bmm\b|matmul|addmm|bmm"),
+    ("normalisation", "norm/elementwise", r"layer_norm|layernorm|group_norm|groupnorm|batch_norm|rms_norm"),
+    ("softmax / loss", "norm/elementwise", r"softmax|nll_loss|cross_entropy"),
+    ("copy / cast / fill", "norm/elementwise", r"copy|cast|fill|cat_|catarray|index|gather|scatter|nonzero"),
+    ("reduction", "norm/elementwise", r"reduce|sum|mean|norm|argmin|argmax|max|min"),
+    ("elementwise", "norm/elementwise", r"elementwise|vectorized|unrolled|pointwise|gelu|dropout|mul|add|div|where"),
+)
+
+
+def kernel_classes(kernel_name: str) -> tuple[str, str]:
+    """(profile class, roofline class) of a CUDA kernel as `torch.profiler` names it (`KERNEL_RULES`)."""
+    k = kernel_name.lower()
+    return next(((fine, cls) for fine, cls, pattern in KERNEL_RULES if re.search(pattern, k)), ("other", "other"))
 
 
 def classify(kernel_name: str) -> str:
     """Class (one of `CLASSES`) of a CUDA kernel as `torch.profiler` names it."""
-    k = kernel_name.lower()
-    if k.startswith(("memcpy", "memset")) or "[memcpy" in k or "[memset" in k:
-        return "other"
-    if any(w in k for w in ("flash", "fmha", "attention", "sdpa", "attn")):
-        return "attention"
-    if "heads_ce" in k:
-        return "heads/CE"
-    if any(w in k for w in ("codebook", "_assign_kernel", "_segment_sum")):
-        return "codebook"
-    if any(w in k for w in ("multi_tensor_apply", "adam", "foreach", "amp_update_scale", "amp_non_finite")):
-        return "optimizer/EMA"
-    # cuDNN conv kernels (and its layout transposes around channels-first convs) before GEMMs: their names
-    # say "implicit_gemm" too.
-    if any(w in k.replace("convert", "") for w in ("conv", "fprop", "dgrad", "wgrad", "winograd", "nchwtonhwc",
-                                                   "nhwctonchw")):  # fmt: skip
-        return "conv"
-    if any(w in k for w in ("gemm", "cublas", "cutlass", "nvjet", "s16816", "splitk", "gemv", "xmma")):
-        return "gemm"
-    if any(w in k for w in ELEMENTWISE_WORDS):
-        return "norm/elementwise"
-    return "other"
+    return kernel_classes(kernel_name)[1]
 
 
 # A compiled method's path and this prefix the labels of the ops it runs: "teacher._embed|teacher.layer_norm".
@@ -738,9 +754,7 @@ def efficiency(op: Op) -> float:
 
 def summarize(tr: Trace, device: str = "H100") -> dict[str, Any]:
     """Per-class and per-region FLOPs, bytes, kernels and predicted ms; the step's ms and MFU."""
-    if device not in DEVICES:
-        raise ValueError(f"device {device!r}: one of {sorted(DEVICES)}")
-    hw = DEVICES[device]
+    hw = device_peaks(device)
     bw = hw["hbm"] * EFFICIENCY["memory"][0]
     nbytes, extra, kernels = _fused_costs(tr)
     rows = {c: collections.Counter() for c in CLASSES}
@@ -772,7 +786,7 @@ def summarize(tr: Trace, device: str = "H100") -> dict[str, Any]:
 
 
 def mfu(model_flops: float, ms: float, device: str) -> float:
-    return model_flops / (ms / 1e3) / DEVICES[device]["bf16"]
+    return model_flops / (ms / 1e3) / device_peaks(device)["bf16"]
 
 
 def predict(config: Any = "base", device: str = "H100", variant: Variant | str = "spidr_fast", batch: int = 16,

@@ -35,6 +35,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -148,9 +149,28 @@ def _sass_counts(sass: str) -> tuple[Counter, Counter]:
     return total, loop
 
 
-def _compile_one(spec: dict, tools: dict) -> dict:
-    import tempfile
+def cuobjdump(cubin: bytes, tools: dict[str, str], *flags: str, check: bool = True) -> list[str]:
+    """The output of triton's bundled `cuobjdump FLAG` on a cubin, one string per flag (with `check=False`,
+    a failed run gives its empty output rather than raising)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        run = [subprocess.run([tools["cuobjdump"], flag, f.name], capture_output=True, text=True) for flag in flags]
+    if check:
+        for r in run:
+            r.check_returncode()
+    return [r.stdout for r in run]
 
+
+def resource_usage(text: str) -> dict[str, int] | None:
+    """The resources of the (last) function in `cuobjdump --dump-resource-usage` output: its line
+    `REG:40 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:412 TEXTURE:0 ...` as {"REG": 40, "STACK": 0, ...}
+    (registers per thread; STACK: local-memory bytes, spills included). None when there is no such line."""
+    lines = [ln for ln in text.splitlines() if "REG:" in ln]
+    return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", lines[-1])} if lines else None
+
+
+def _compile_one(spec: dict, tools: dict) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -183,19 +203,14 @@ def _compile_one(spec: dict, tools: dict) -> dict:
     options = {"num_warps": spec["num_warps"], "num_stages": spec.get("num_stages", 3)}
     capability = int(os.environ.get("SM90_CAPABILITY", "90"))  # `make gpu-check`: the device's own
     kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        usage = subprocess.run(
-            [tools["cuobjdump"], "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
-        ).stdout
-        sass = subprocess.run([tools["cuobjdump"], "--dump-sass", f.name], capture_output=True, text=True, check=True)
-    line = [ln for ln in usage.splitlines() if "REG:" in ln][-1]
-    fields = dict(re.findall(r"(\w+):(\d+)", line))
-    total, loop = _sass_counts(sass.stdout)
+    usage, sass = cuobjdump(kernel.asm["cubin"], tools, "--dump-resource-usage", "--dump-sass")
+    fields = resource_usage(usage)
+    if fields is None:
+        raise RuntimeError(f"{spec['fn']}: no resource usage in cuobjdump's output:\n{usage[-2000:]}")
+    total, loop = _sass_counts(sass)
     return {
-        "regs": int(fields["REG"]),
-        "stack": int(fields["STACK"]),
+        "regs": fields["REG"],
+        "stack": fields["STACK"],
         "shared": kernel.metadata.shared,
         "sass_counts": dict(total),
         "loop_counts": dict(loop),

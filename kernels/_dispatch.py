@@ -60,16 +60,24 @@ def reference_ops() -> set[str]:
     return ops
 
 
+def reference_requested(op: str) -> bool:
+    """True when the settings ask op `op` for its reference: `SPIDR_FAST_BACKEND=reference`, or `op` listed
+    in `SPIDR_FAST_REFERENCE_OPS`. These win over every other setting: in `use_fused`, and for a fused path
+    on by default where `use_fused` is not asked (the extractor's CPU channels-last front-end,
+    `extraction/frontend.py`, is "frontend_layout")."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; known: {OPS}")
+    return forced_backend() == "reference" or op in reference_ops()
+
+
 def use_fused(device: torch.device, op: str, *, requested: bool = False) -> bool:
     """True when op `op` on `device` runs its fused path, False for its reference (the module docstring's rule).
 
     requested: the op's own setting asks for its fused path (as `SPIDR_FAST_BACKEND=triton` does for all).
     """
-    if op not in OPS:
-        raise ValueError(f"unknown op {op!r}; known: {OPS}")
-    backend = forced_backend()
-    if backend == "reference" or op in reference_ops():
+    if reference_requested(op):
         return False
+    backend = forced_backend()
     forced = requested or backend == "triton"
     if op in ANY_DEVICE_OPS:
         return True

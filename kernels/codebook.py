@@ -272,6 +272,14 @@ def _batched(x: Tensor, **others: tuple[Tensor, int]) -> tuple[bool, tuple[Tenso
     return True, (x.unsqueeze(0), *(t.unsqueeze(0) for t, _ in others.values()))
 
 
+def codebook_fused(x: Tensor) -> bool:
+    """Whether the codebook ops on frames `x` run the fused kernels: the dispatch rule
+    (`_dispatch.use_fused(x.device, "codebook")`), except for fp64 frames, which always take the references
+    (the kernels compute in fp32; k-means in fp64 stays exact). The one rule: the three ops here and
+    `spidr_fast.units` (k-means) all ask it."""
+    return x.dtype != torch.float64 and _dispatch.use_fused(x.device, "codebook")
+
+
 def codebook_assign(x: Tensor, codebook: Tensor, counts: Tensor, *, precision: str = "ieee") -> Tensor:
     """Nearest codeword per frame: labels (C, N) int64, ties to the lowest index.
 
@@ -287,7 +295,7 @@ def codebook_assign(x: Tensor, codebook: Tensor, counts: Tensor, *, precision: s
     """
     flat, (x, codebook, counts) = _batched(x, codebook=(codebook, 2), counts=(counts, 1))
     _check(x, codebook, counts, precision)
-    if x.dtype != torch.float64 and _dispatch.use_fused(x.device, "codebook"):
+    if codebook_fused(x):
         labels = _codebook_assign_op(x, codebook, counts, precision)
     else:
         labels = codebook_assign_ref(x, codebook, counts)
@@ -306,7 +314,7 @@ def codebook_accumulate(x: Tensor, labels: Tensor, num_codes: int) -> tuple[Tens
     """
     flat, (x, labels) = _batched(x, labels=(labels, 1))
     _check(x)
-    if x.dtype != torch.float64 and _dispatch.use_fused(x.device, "codebook"):
+    if codebook_fused(x):
         counts, sums = _codebook_accumulate_op(x, labels, num_codes)
     else:
         counts, sums = codebook_accumulate_ref(x, labels, num_codes)
@@ -322,7 +330,7 @@ def codebook_assign_accumulate(
     """
     flat, (x, codebook, counts) = _batched(x, codebook=(codebook, 2), counts=(counts, 1))
     _check(x, codebook, counts, precision)
-    if x.dtype != torch.float64 and _dispatch.use_fused(x.device, "codebook"):
+    if codebook_fused(x):
         out = _codebook_assign_accumulate_op(x, codebook, counts, precision)
     else:
         out = codebook_assign_accumulate_ref(x, codebook, counts)

@@ -122,25 +122,26 @@ def _kmeans_units(fit: dict[str, torch.Tensor], apply: dict[str, torch.Tensor], 
 
 
 def _units_report(
-    model: torch.nn.Module, train: SpeechDataset, dev: SpeechDataset, alignments_path: Path, alignments: dict
+    model: torch.nn.Module, train: SpeechDataset, dev: SpeechDataset, alignments: dict
 ) -> dict[str, Any]:
     import torch
 
-    from spidr_fast.metrics import unit_metrics
-    from spidr_fast.train.validate import extract_units, unit_quality
+    from spidr_fast.train.validate import extract_units, heads_quality
 
     model = model.eval()
-    heads = unit_quality(model, dev, str(alignments_path), torch.device("cpu"), torch.float32)
+    heads, head_metrics = heads_quality(extract_units(model, dev, torch.device("cpu"), torch.float32), alignments)
     fit, apply = _layer_outputs(model, train, KMEANS_FIT_UTTERANCES), _layer_outputs(model, dev)
     layers = [
         _kmeans_units({k: v[layer] for k, v in fit.items()}, {k: v[layer] for k, v in apply.items()}, alignments)
         for layer in range(len(next(iter(apply.values()))))
     ]
     best = max(range(len(layers)), key=lambda i: layers[i]["pnmi"])
-    # the best head's units again, for the closing units report (unit_quality keeps only three numbers)
-    units = extract_units(model, dev, torch.device("cpu"), torch.float32)
-    head_metrics = unit_metrics({k: v[heads["best_head"]] for k, v in units.items()}, alignments)
-    return {"heads": heads, "head_metrics": head_metrics, "kmeans": layers[best], "kmeans_layer": best}
+    return {
+        "heads": heads,
+        "head_metrics": head_metrics[heads["best_head"]],
+        "kmeans": layers[best],
+        "kmeans_layer": best,
+    }
 
 
 def _target_codewords_used(model: torch.nn.Module, dev: SpeechDataset) -> list[tuple[int, float]]:
@@ -204,7 +205,7 @@ def main(args: argparse.Namespace) -> int:
     train_set, dev = SpeechDataset(root / "train.csv"), SpeechDataset(root / "dev.csv")
     torch.manual_seed(cfg.run.random_seed)
     random_init = build_model(cfg.model)
-    initial = _units_report(random_init, train_set, dev, alignments_path, alignments)
+    initial = _units_report(random_init, train_set, dev, alignments)
     initial_used = _target_codewords_used(random_init, dev)
 
     steps = cfg.optimizer.max_steps
@@ -224,7 +225,7 @@ def main(args: argparse.Namespace) -> int:
     print("[3/4] exporting the final checkpoint and extracting units on held-out utterances", flush=True)
     exported = export(find_checkpoints(cfg.run.dir / "checkpoints")[-1], cfg.run.dir / "spidr_demo.pt")
     model = load_model(exported)
-    trained = _units_report(model, train_set, dev, alignments_path, alignments)
+    trained = _units_report(model, train_set, dev, alignments)
     trained_used = _target_codewords_used(model, dev)
     spectrum = _kmeans_units(
         {

@@ -111,6 +111,16 @@ def perplexity(units: Sequence[int] | np.ndarray) -> float:
     return float(2 ** _entropy_bits(counts / counts.sum()))
 
 
+def run_starts(sequence: np.ndarray) -> np.ndarray:
+    """Indices (int64) where a run of equal values starts in a 1-D sequence: 0, then every i with
+    sequence[i] != sequence[i - 1]. Empty for an empty sequence. The one place runs are found
+    (`bitrate`, `mean_run_length`, `item_file`, `spidr_fast.units.merge_runs`)."""
+    s = np.asarray(sequence)
+    if s.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.concatenate([[True], s[1:] != s[:-1]])).astype(np.int64)
+
+
 def bitrate(sequences: Sequence[np.ndarray], frame_rate: float = 50, *, deduplicate: bool = True) -> float:
     """Bits per second: (units per second) x entropy (bits) of the unit distribution.
 
@@ -121,7 +131,7 @@ def bitrate(sequences: Sequence[np.ndarray], frame_rate: float = 50, *, deduplic
     seconds = sum(len(s) for s in sequences) / frame_rate
     tokens = [np.asarray(s) for s in sequences]
     if deduplicate:
-        tokens = [s[np.concatenate([[True], s[1:] != s[:-1]])] if s.size else s for s in tokens]
+        tokens = [s[run_starts(s)] for s in tokens]
     flat = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.int64)
     if flat.size == 0:
         return 0.0
@@ -182,7 +192,7 @@ def phone_unit_counts(
 def mean_run_length(sequences: Sequence[np.ndarray]) -> float:
     """Frames per run of a repeated unit, over all sequences (runs never cross sequences)."""
     frames = sum(len(s) for s in sequences)
-    runs = sum(int(np.count_nonzero(np.asarray(s)[1:] != np.asarray(s)[:-1])) + 1 for s in sequences if len(s))
+    runs = sum(run_starts(s).size for s in sequences)
     return frames / runs if runs else 0.0
 
 
@@ -232,7 +242,7 @@ def item_file(
         labels = np.asarray(alignments[fileid])
         if labels.size == 0:
             continue
-        starts = np.flatnonzero(np.concatenate([[True], labels[1:] != labels[:-1]]))
+        starts = run_starts(labels)
         ends = np.append(starts[1:], labels.size)
         phones = labels[starts]
         speaker = speakers.get(fileid) or re.split(r"[-_]", fileid, maxsplit=1)[0]

@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 
 from spidr_fast import kernels
-from spidr_fast.kernels import _dispatch
+from spidr_fast.kernels import codebook as codebook_kernels
+from spidr_fast.metrics import run_starts
 
 # precision -> (tl.dot input precision of the kernels, working dtype); fp64 runs the references
 PRECISIONS: dict[str, tuple[str, torch.dtype]] = {
@@ -244,10 +245,6 @@ class KMeans:
         return model
 
 
-def _fused(x: Tensor) -> bool:
-    return x.dtype != torch.float64 and _dispatch.use_fused(x.device, "codebook")
-
-
 def assign(x: Tensor, centers: Tensor, precision: str = "fp32") -> Tensor:
     """Nearest centroid of each frame: x (n, D), centers (K, D) -> labels (n,) int64, ties to the lowest index.
 
@@ -256,7 +253,7 @@ def assign(x: Tensor, centers: Tensor, precision: str = "fp32") -> Tensor:
     computes the same distances at twice the cost: 560 vs 275 ms for 8k x 768 frames, K = 500, on 2
     CPU threads).
     """
-    if _fused(x):
+    if codebook_kernels.codebook_fused(x):
         ones = torch.ones(centers.shape[0], device=x.device, dtype=x.dtype)
         return kernels.codebook_assign(x, centers, ones, precision=PRECISIONS[precision][0])
     return torch.addmm(centers.square().sum(1), x, centers.T, alpha=-2).argmin(1)
@@ -270,7 +267,7 @@ def assign_accumulate(x: Tensor, centers: Tensor, precision: str = "fp32") -> tu
     bits) on several (the codebook reference's one-hot GEMM, kept there for bitwise parity with the
     `spidr` package, costs 210 ms for 8k x 768 frames, K = 500; these 6-66 ms).
     """
-    if _fused(x):
+    if codebook_kernels.codebook_fused(x):
         ones = torch.ones(centers.shape[0], device=x.device, dtype=x.dtype)
         return kernels.codebook_assign_accumulate(x, centers, ones, precision=PRECISIONS[precision][0])
     labels = assign(x, centers, precision)
@@ -486,9 +483,7 @@ def merge_runs(units: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     u = np.asarray(units.cpu() if isinstance(units, Tensor) else units)
     if u.ndim != 1:
         raise ValueError(f"units must be 1-D (frames,), got shape {u.shape}")
-    if u.size == 0:
-        return u.astype(np.int64), np.zeros(0, dtype=np.int64)
-    starts = np.flatnonzero(np.concatenate([[True], u[1:] != u[:-1]]))
+    starts = run_starts(u)
     durations = np.diff(np.append(starts, u.size))
     return u[starts].astype(np.int64), durations.astype(np.int64)
 

@@ -63,3 +63,32 @@ def test_target_codewords_are_the_training_objectives_own() -> None:
     assert all(1 <= n <= cfg.codebook_size for n, _ in used)
     expected = torch.tensor([p for _, p in used]).mean()
     torch.testing.assert_close(expected, metrics["target_ppl"], rtol=1e-5, atol=0)
+
+
+def test_units_report_extracts_the_dev_units_once(tmp_path, monkeypatch) -> None:
+    # The head-argmax units of the dev set are extracted once per report, and give what validation's
+    # unit_quality and units-report's unit_metrics give for them (the report's numbers are unchanged).
+    import torch
+
+    from spidr_fast.checkpoint import build_model
+    from spidr_fast.data.corpus import generate_corpus, read_alignments
+    from spidr_fast.data.dataset import SpeechDataset
+    from spidr_fast.demo import _units_report
+    from spidr_fast.metrics import unit_metrics
+    from spidr_fast.train import validate
+    from spidr_fast.train.config import read_config
+
+    corpus = generate_corpus(tmp_path, num_utterances=4, seed=0, max_seconds=2.5)
+    dataset, alignments = SpeechDataset(corpus / "manifest.csv"), read_alignments(corpus / "alignments.jsonl")
+    model = build_model(read_config("tiny").model).eval()
+    extract = validate.extract_units
+    calls = []
+    monkeypatch.setattr(validate, "extract_units", lambda *a: calls.append(a) or extract(*a))
+    report = _units_report(model, dataset, dataset, alignments)
+    assert len(calls) == 1
+    units = extract(model, dataset, torch.device("cpu"), torch.float32)
+    assert report["heads"] == validate.unit_quality(
+        model, dataset, str(corpus / "alignments.jsonl"), torch.device("cpu"), torch.float32
+    )
+    best = unit_metrics({k: v[report["heads"]["best_head"]] for k, v in units.items()}, alignments)
+    assert report["head_metrics"] == best

@@ -90,7 +90,7 @@ def test_smoke_runs_the_stage_scripts_on_cpu(tmp_path: Path) -> None:
     assert profile["by_model_class"]["gemm"] > 0  # CPU ops classed as the predictor classes them
     assert sum(profile["by_model_class"].values()) == pytest.approx(profile["total_ms_per_step"])
     cmp = json.loads((tmp_path / "roofline.json").read_text())
-    assert cmp["roofline_device"] == "H100" and "not in bench/roofline.py's DEVICES" in cmp["note"]
+    assert cmp["roofline_device"] == "H100" and "not in spidr_fast/devices.py" in cmp["note"]
     assert all(r["predicted_ms"] >= 0 for r in cmp["by_class"]) and cmp["total"]["predicted_ms"] > 0
     attention = [json.loads(line) for line in (tmp_path / "attention.jsonl").read_text().splitlines()]
     by_backend = {r["backend"]: r for r in attention}
@@ -121,8 +121,9 @@ def test_predicted_beside_measured_from_a_synthetic_profile(tmp_path: Path) -> N
         assert rows[cls]["measured_ms"] == measured[cls]
     assert rows["gemm"]["ratio"] == pytest.approx(3.0 / rows["gemm"]["predicted_ms"])
     assert cmp["total"]["measured_ms"] == pytest.approx(4.75)
-    assert profile_roofline.roofline_device("NVIDIA L40S")[0] == profile_roofline.DEFAULT_DEVICE
-    assert "L40S" in profile_roofline.roofline_device("NVIDIA L40S")[1]
+    assert profile_roofline.roofline_device("NVIDIA H100 PCIe") == ("H100 PCIe", None)
+    assert profile_roofline.roofline_device("NVIDIA RTX A6000")[0] == profile_roofline.DEFAULT_DEVICE
+    assert "RTX A6000" in profile_roofline.roofline_device("NVIDIA RTX A6000")[1]
 
     (tmp_path / "roofline.json").write_text(json.dumps(cmp))
     report = gpu_report.write_report(tmp_path).read_text()

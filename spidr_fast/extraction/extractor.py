@@ -61,6 +61,48 @@ from spidr_fast.models.padding import masked_instance_norm
 
 UnitsKind = Literal["heads", "codebooks", "codebook-probs"]
 _COMPILED_CALLS = threading.Lock()  # see FeatureExtractor._compiled_call
+_EXACT_FP32 = threading.Lock()  # see exact_fp32
+_exact_fp32_users: list[Callable[[], None]] = []  # one restore per thread inside; the first one's restores
+
+
+@contextmanager
+def exact_fp32() -> Iterator[None]:
+    """fp32 matmuls and convs in full fp32 while inside (no TF32 on CUDA: cuBLAS and cuDNN), as the trainer
+    runs them (`train.env.setup_torch`); torch's global settings are restored when the last thread inside
+    leaves (several threads may extract at once). Ops in bf16/fp16 are unaffected."""
+    with _EXACT_FP32:
+        _exact_fp32_users.append(_set_exact_fp32() if not _exact_fp32_users else _exact_fp32_users[0])
+    try:
+        yield
+    finally:
+        with _EXACT_FP32:
+            restore = _exact_fp32_users.pop()
+            if not _exact_fp32_users:
+                restore()
+
+
+def _set_exact_fp32() -> Callable[[], None]:
+    """Turn TF32 off; returns what puts the settings back. Through the API in use: torch >= 2.9 refuses to
+    read its legacy flags once its `fp32_precision` settings chose TF32 (mixing the two is an error)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    try:
+        saved = matmul.allow_tf32, cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    except RuntimeError:
+        precisions = matmul.fp32_precision, cudnn.conv.fp32_precision
+        matmul.fp32_precision = cudnn.conv.fp32_precision = "ieee"
+
+        def restore_precisions() -> None:
+            matmul.fp32_precision, cudnn.conv.fp32_precision = precisions
+
+        return restore_precisions
+    matmul.allow_tf32 = cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+    def restore_flags() -> None:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
+
+    return restore_flags
 
 
 def _mono_16k(key: Any, waveform: np.ndarray | Tensor, sample_rate: int, downmix: bool) -> np.ndarray:
@@ -139,7 +181,8 @@ class FeatureExtractor:
             Results do not depend on it.
         channels_last_frontend: run the conv front-end as channels-last GEMMs
             (`extraction.frontend`, faster on the CPU, equal to 1e-6); default: on the CPU in
-            layer_norm mode. It snapshots the conv weights: build the extractor after loading them.
+            layer_norm mode, unless `SPIDR_FAST_BACKEND=reference` or `SPIDR_FAST_REFERENCE_OPS` lists
+            `frontend_layout`. It snapshots the conv weights: build the extractor after loading them.
 
     Calling it on a list of waveforms returns, per waveform, {"layer{l}": (frames, D) float32 on the
     CPU, ..., "units": (frames,) int64}; on one waveform (a 1-D array or tensor), that one dict.
@@ -223,9 +266,9 @@ class FeatureExtractor:
         self.max_batch_samples = int(max_batch_seconds * SAMPLE_RATE)
         self.chunk_frames = max(1, round(chunk_seconds * SAMPLE_RATE / HOP))
         self.overlap_frames = max(0, round(overlap_seconds * SAMPLE_RATE / HOP))
-        if channels_last_frontend is None:  # the CPU fast path, off in an all-reference run (SPIDR_FAST_BACKEND)
+        if channels_last_frontend is None:  # the CPU fast path, off in an all-reference run or by frontend_layout
             cpu_layer_norm = self.device.type == "cpu" and model.cfg.extractor_mode == "layer_norm"
-            channels_last_frontend = cpu_layer_norm and kernels._dispatch.forced_backend() != "reference"
+            channels_last_frontend = cpu_layer_norm and not kernels._dispatch.reference_requested("frontend_layout")
         self.frontend = ChannelsLastFrontend(model.feature_extractor) if channels_last_frontend else None
         if cpu_workers is not None and cpu_workers < 1:
             raise ValueError(f"cpu_workers must be >= 1, got {cpu_workers}")
@@ -415,7 +458,7 @@ class FeatureExtractor:
         batch = batch.to(self.device, non_blocking=True)
         sample_lengths = sample_lengths.to(self.device) if padded else None
         autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
-        with autocast, self._compiled_call():
+        with autocast, self._compiled_call(), exact_fp32():
             outputs = self._forward(batch, sample_lengths)
         return [{name: y[i, : int(num_frames(n))] for name, y in outputs.items()} for i, n in enumerate(lengths)]
 
@@ -474,8 +517,11 @@ class FeatureExtractor:
     @torch.inference_mode()
     def units_of(self, x: Tensor) -> Tensor:
         """(T, D) units input of one whole utterance -> (T,) int64 ((T, K) fp32 probabilities for
-        "codebook-probs"), in fp32."""
-        x = x.float()
+        "codebook-probs"), in fp32 (`exact_fp32`)."""
+        with exact_fp32():
+            return self._units_of(x.float())
+
+    def _units_of(self, x: Tensor) -> Tensor:
         if self.kmeans is not None:
             return self.kmeans.predict(x)
         c = self.units_head

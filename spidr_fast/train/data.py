@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 from spidr_fast.config import DataConfig, MaskingConfig
 from spidr_fast.data.batching import Batch, BucketBatchSampler, Collator
 from spidr_fast.data.dataset import SpeechDataset
+from spidr_fast.train.env import all_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,15 @@ class SkippedFiles:
             return True
         self.batches += 1
         return False
+
+    def usable(self, batch: Batch, device: torch.device, *, skip_bad: bool, world_size: int) -> bool:
+        """`note` the batch, then agree across ranks: with `skip_bad` and several ranks, a batch left empty
+        on one rank is skipped on every rank (each forward/backward's collectives need all of them; a
+        one-element all-reduce, a host sync). The trainer and validation both decide here."""
+        usable = self.note(batch)
+        if skip_bad and world_size > 1:
+            usable = all_ranks(usable, device)
+        return usable
 
     def counts(self) -> dict[str, int]:
         return {"skipped_files": len(self.files), "skipped_batches": self.batches}
@@ -130,7 +140,7 @@ def build_loader(
     """`log_skipped=False`: the dataset does not log skipped files (the caller does, from `Batch.skipped`)."""
     if not cfg.manifest:
         raise ValueError("data.manifest is not set")
-    # PCM16 audio stays int16 up to the device, where `train_step` / `Batch.device_waveforms` standardise it.
+    # PCM16 audio stays int16 up to the device, where `Batch.device_waveforms` standardises it.
     dataset = SpeechDataset(
         cfg.manifest, normalize=cfg.normalize, skip_bad=cfg.skip_bad, log_skipped=log_skipped, integer=True
     )

@@ -21,21 +21,27 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_backward_flop_count, sdpa_flop_count
 
 import spidr_fast.kernels  # noqa: F401  (registers the torch.ops.spidr_fast custom ops counted below)
+from spidr_fast import devices
 from spidr_fast.train.step import autocast
 
 logger = logging.getLogger(__name__)
 
-# Dense bf16 peak FLOP/s by GPU name (datasheets); MFU is reported only where one is known.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
-
 
 def peak_flops(device: torch.device, override: float = 0.0) -> float:
+    """Dense bf16 peak FLOP/s for MFU: `override` when set, else the datasheet peak of the GPU
+    (`spidr_fast.devices`); 0 (no MFU reported) on a CPU or an unknown GPU."""
     if override > 0:
         return override
     if device.type != "cuda":
         return 0.0
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+    peaks = devices.lookup(name)
+    if peaks is None:
+        logger.warning(
+            "no datasheet peak for %r in spidr_fast/devices.py: MFU not reported (set run.flops_per_device)", name
+        )
+        return 0.0
+    return peaks.bf16
 
 
 Shape = list[int]

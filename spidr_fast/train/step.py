@@ -15,7 +15,6 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from spidr_fast.data.audio import standardize_on_device
 from spidr_fast.train.optim import grad_norm_and_clip_
 
 
@@ -64,20 +63,22 @@ def train_step(
     waveforms: Tensor,
     mask_indices: Tensor,
     step: int,
-    *,
-    mean: Tensor | None = None,
-    scale: Tensor | None = None,
 ) -> dict[str, Tensor | float]:
     """Forward, backward, clip, optimizer + LR step, teacher EMA. `step` is the step number after this one.
 
-    `waveforms`: float32 (B, T) standardised, or int16 (B, T) with per-row `mean` and `scale` (B,) (a `Batch`
-    of PCM16 audio): moved as int16 and standardised on the device, `(waveforms - mean) * scale`.
+    `waveforms`: float32 (B, T) standardised, moved to the device if not there yet. A `Batch` gives them
+    with `batch.device_waveforms(device)` (the one place an int16 batch of PCM16 audio is standardised).
 
     The loss is the sum of the per-frame losses over the global number of masked frames (an all-reduce
     of the count, overlapped with the forward), times the world size when gradients are averaged: the
     gradient is then that of the global mean whatever the number of ranks.
     """
-    waveforms = standardize_on_device(waveforms, ctx.device, mean, scale)
+    if not waveforms.is_floating_point():
+        raise ValueError(
+            f"train_step: waveforms are {waveforms.dtype}, not standardised float32 "
+            "(pass an int16 batch as batch.device_waveforms(device))"
+        )
+    waveforms = waveforms.to(ctx.device, non_blocking=True)
     mask_indices = mask_indices.to(ctx.device, non_blocking=True)
     num_masked, work = global_count(mask_indices.numel(), ctx.device)
     ctx.core.student.layer_drop_generator = layer_drop_generator(ctx.seed, step)

@@ -24,7 +24,7 @@ from spidr_fast.data.batching import num_frames
 from spidr_fast.train.checkpoint import Checkpointer, step_of
 from spidr_fast.train.config import save_resolved
 from spidr_fast.train.data import SkippedFiles, build_loader, first_usable_batch
-from spidr_fast.train.env import all_ranks, close_env, init_env, seed_everything, setup_torch
+from spidr_fast.train.env import close_env, init_env, seed_everything, setup_torch
 from spidr_fast.train.flops import count_step_flops, peak_flops
 from spidr_fast.train.logs import RunLog, Throughput
 from spidr_fast.train.optim import build_optimizer
@@ -137,14 +137,11 @@ def train(cfg: TrainConfig, *, progress: Callable[..., Any] = tqdm) -> dict[str,
             sampler.set_epoch(state["epoch"], start=state["batch_in_epoch"])
             stop, whole_epoch, steps_in_epoch = False, state["batch_in_epoch"] == 0, 0
             for batch in loader:
-                usable = skipped.note(batch)
-                if cfg.data.skip_bad and env.world_size > 1:
-                    usable = all_ranks(usable, env.device)  # a rank with an empty batch: every rank skips it
-                if not usable:
+                if not skipped.usable(batch, env.device, skip_bad=cfg.data.skip_bad, world_size=env.world_size):
                     state["batch_in_epoch"] += 1
                     continue
                 step, steps_in_epoch = state["step"] + 1, steps_in_epoch + 1
-                out = train_step(ctx, batch.waveforms, batch.mask_indices, step, mean=batch.mean, scale=batch.scale)
+                out = train_step(ctx, batch.device_waveforms(env.device), batch.mask_indices, step)
                 state["step"], state["batch_in_epoch"] = step, state["batch_in_epoch"] + 1
                 meters.update(out, step)
                 tput.update(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,8 +20,10 @@ from spidr_fast.config import DataConfig, MaskingConfig
 from spidr_fast.data.dataset import SpeechDataset
 from spidr_fast.framing import RECEPTIVE_FIELD
 from spidr_fast.train.data import SkippedFiles, build_loader
-from spidr_fast.train.env import all_ranks
 from spidr_fast.train.step import autocast
+
+if TYPE_CHECKING:
+    from spidr_fast.metrics import UnitMetrics
 
 
 def _dist() -> tuple[int, int]:
@@ -90,10 +92,7 @@ def validate(
     used = 0  # batches with audio (skip_bad: a batch whose files were all unusable is skipped on every rank)
     try:
         for batch in loader:
-            usable = skipped.note(batch)
-            if cfg.skip_bad and world > 1:
-                usable = all_ranks(usable, device)
-            if not usable:
+            if not skipped.usable(batch, device, skip_bad=cfg.skip_bad, world_size=world):
                 continue
             used += 1
             with autocast(device, dtype):
@@ -125,17 +124,20 @@ def unit_quality(
 ) -> dict[str, float]:
     """PNMI / phone purity / codebook perplexity of each head's units (and of the best head, by PNMI)."""
     from spidr_fast.data.corpus import read_alignments
-    from spidr_fast.metrics import unit_metrics
 
     units = extract_units(core, dataset, device, dtype)
-    if not units:
-        return {}
-    alignments = read_alignments(alignments_path)
-    out: dict[str, float] = {}
+    return heads_quality(units, read_alignments(alignments_path))[0] if units else {}
+
+
+def heads_quality(units: dict[str, list[np.ndarray]], alignments: dict) -> tuple[dict[str, float], list[UnitMetrics]]:
+    """`unit_quality`'s numbers from units already extracted (`extract_units`), and each head's full metrics."""
+    from spidr_fast.metrics import unit_metrics
+
     num_heads = len(next(iter(units.values())))
-    for h in range(num_heads):
-        m = unit_metrics({k: v[h] for k, v in units.items()}, alignments)
+    metrics = [unit_metrics({k: v[h] for k, v in units.items()}, alignments) for h in range(num_heads)]
+    out: dict[str, float] = {}
+    for h, m in enumerate(metrics):
         out |= {f"head{h}_pnmi": m.pnmi, f"head{h}_phone_purity": m.phone_purity, f"head{h}_unit_ppl": m.perplexity}
     best = max(range(num_heads), key=lambda h: out[f"head{h}_pnmi"])
     out |= {"pnmi": out[f"head{best}_pnmi"], "phone_purity": out[f"head{best}_phone_purity"], "best_head": best}
-    return out
+    return out, metrics

@@ -273,3 +273,60 @@ def test_channels_last_frontend_rejects_bad_tiling() -> None:
         ChannelsLastFrontend(tiny_model().feature_extractor, tile_frames=0)
     with pytest.raises(ValueError, match="tiled_blocks"):
         ChannelsLastFrontend(tiny_model().feature_extractor, tiled_blocks=8)
+
+
+def _tf32_settings() -> tuple[bool, bool, str]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+
+
+@pytest.fixture
+def tf32_on() -> tuple[bool, bool, str]:
+    """TF32 allowed globally (as a user's script may set it); torch's settings put back after the test."""
+    saved = _tf32_settings()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    yield _tf32_settings()
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+    torch.set_float32_matmul_precision(saved[2])
+
+
+def test_fp32_extraction_turns_tf32_off_and_restores_it(tf32_on: tuple[bool, bool, str]) -> None:
+    """The forward and the units run with TF32 off (cuBLAS and cuDNN, as the trainer), the global settings
+    come back after; nested and concurrent users restore once, when the last leaves."""
+    from spidr_fast.extraction.extractor import exact_fp32
+
+    assert tf32_on == (True, True, "high")
+    extractor = FeatureExtractor(tiny_model(), layers=[1], units="heads", units_layer=3, device="cpu")
+    seen = []
+    for name in ("_forward", "_units_of"):
+        inner = getattr(extractor, name)
+        setattr(extractor, name, lambda *a, inner=inner: seen.append(_tf32_settings()) or inner(*a))
+    out = extractor(torch.randn(8_000))
+    assert out["units"].shape[0] == out["layer1"].shape[0] > 0
+    assert seen == [(False, False, "highest")] * 2
+    assert _tf32_settings() == tf32_on
+    with exact_fp32():
+        with exact_fp32():
+            assert _tf32_settings() == (False, False, "highest")
+        assert _tf32_settings() == (False, False, "highest")  # an outer user is still inside
+    assert _tf32_settings() == tf32_on
+
+
+def test_exact_fp32_under_the_fp32_precision_api() -> None:
+    """torch >= 2.9 after `fp32_precision = "tf32"` refuses legacy-flag reads: exact_fp32 uses the new API
+    then (in a subprocess: the mixed-API state would follow the other tests)."""
+    import subprocess
+    import sys
+
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has no fp32_precision API")
+    script = (
+        "import torch\n"
+        "from spidr_fast.extraction.extractor import exact_fp32\n"
+        "m, c = torch.backends.cuda.matmul, torch.backends.cudnn.conv\n"
+        "m.fp32_precision = c.fp32_precision = 'tf32'\n"
+        "with exact_fp32():\n"
+        "    assert (m.fp32_precision, c.fp32_precision) == ('ieee', 'ieee')\n"
+        "assert (m.fp32_precision, c.fp32_precision) == ('tf32', 'tf32')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]

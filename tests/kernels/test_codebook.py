@@ -235,3 +235,25 @@ def test_fp64_runs_the_reference_in_fp64(triton_backend):
     centers = codebook[0] / counts[0, :, None]
     assert torch.equal(labels, ((x[0, :, None] - centers[None]) ** 2).sum(-1).argmin(-1))
     torch.testing.assert_close(sums, torch.zeros(7, 5, dtype=torch.float64).index_add_(0, labels, x[0]))
+
+
+def test_one_rule_picks_the_codebook_path(triton_backend, monkeypatch):
+    """`codebook_fused`: the dispatch rule, except fp64 frames (always the references); the three codebook
+    ops and k-means (`spidr_fast.units`) all ask it."""
+    from spidr_fast import units
+    from spidr_fast.kernels import codebook as cb
+
+    x32 = torch.randn(6, 4, device=triton_backend)
+    assert cb.codebook_fused(x32) and not cb.codebook_fused(x32.double())
+    monkeypatch.setenv("SPIDR_FAST_REFERENCE_OPS", "codebook")
+    assert not cb.codebook_fused(x32)
+    monkeypatch.delenv("SPIDR_FAST_REFERENCE_OPS")
+    asked = []
+    monkeypatch.setattr(cb, "codebook_fused", lambda x: asked.append(x.dtype) or False)
+    centers, counts = x32[:3].clone(), torch.ones(3, device=triton_backend)
+    labels = cb.codebook_assign(x32, centers, counts)
+    cb.codebook_accumulate(x32, labels, 3)
+    cb.codebook_assign_accumulate(x32, centers, counts)
+    units.assign(x32, centers)
+    units.assign_accumulate(x32, centers)  # asks, then its fallback `assign` asks again
+    assert asked == [torch.float32] * 6

@@ -102,7 +102,8 @@ def test_reference_backend_runs_no_fused_path(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_reference_backend_extracts_without_the_channels_last_frontend(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CPU front-end (extraction/frontend.py) is the extractor's CPU default, off in an all-reference run."""
+    """The CPU front-end (extraction/frontend.py) is the extractor's CPU default, off in an all-reference run
+    and with SPIDR_FAST_REFERENCE_OPS=frontend_layout."""
     from spidr_fast.extraction import FeatureExtractor
 
     model = DinoSR(DinoSRConfig(**TINY, extractor_mode="layer_norm")).eval()
@@ -110,3 +111,10 @@ def test_reference_backend_extracts_without_the_channels_last_frontend(monkeypat
     assert FeatureExtractor(model, layers=[1]).frontend is not None
     monkeypatch.setenv("SPIDR_FAST_BACKEND", "reference")
     assert FeatureExtractor(model, layers=[1]).frontend is None
+    # SPIDR_FAST_REFERENCE_OPS=frontend_layout turns the channels-last layout off here too (not only in training)
+    monkeypatch.delenv("SPIDR_FAST_BACKEND")
+    monkeypatch.setenv("SPIDR_FAST_REFERENCE_OPS", "codebook,frontend_layout")
+    assert FeatureExtractor(model, layers=[1]).frontend is None
+    monkeypatch.setenv("SPIDR_FAST_REFERENCE_OPS", "codebook")
+    assert FeatureExtractor(model, layers=[1]).frontend is not None
+    assert FeatureExtractor(model, layers=[1], channels_last_frontend=False).frontend is None

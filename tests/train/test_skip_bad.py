@@ -4,6 +4,7 @@ file once; nothing usable (or 8 kHz audio) stops with a clear error that says wh
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import logging
@@ -18,8 +19,9 @@ import soundfile as sf
 from spidr_fast.data.batching import BucketBatchSampler
 from spidr_fast.data.manifest import read_manifest, write_manifest
 from spidr_fast.train import cli
+from spidr_fast.train import data as train_data
 from spidr_fast.train.config import read_config
-from spidr_fast.train.data import NoUsableDataError
+from spidr_fast.train.data import NoUsableDataError, SkippedFiles
 from spidr_fast.train.trainer import train
 from tests.train.conftest import tiny_overrides
 
@@ -42,7 +44,7 @@ def _batches_of_epoch(manifest: Path, overrides: list[str], epoch: int) -> list[
 
 
 def test_skip_bad_skips_empty_batches_names_each_file_once(
-    corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base = tiny_overrides(corpus, tmp_path, "data.skip_bad=true", "optimizer.max_steps=7", "run.save_interval=0")
     # Every file of epoch 1's first and third batches is bad: the FLOP count's first batch and a batch
@@ -61,8 +63,14 @@ def test_skip_bad_skips_empty_batches_names_each_file_once(
         "validation.dev.max_sample_size=64000",
         "run.validation_interval=3",
     ]
+    decided = collections.Counter()  # SkippedFiles.usable: the one place the trainer and validation decide
+    usable = SkippedFiles.usable
+    monkeypatch.setattr(
+        SkippedFiles, "usable", lambda self, *a, **k: decided.update([self.split]) or usable(self, *a, **k)
+    )
     with caplog.at_level(logging.INFO):
         train(read_config("tiny", overrides))
+    assert decided["train"] >= 7 + 1 and decided["dev"] > 0
     run_dir = tmp_path / "spidr" / "tiny"
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     last = [r for r in records if r["split"] == "train"][-1]
@@ -123,3 +131,24 @@ def test_num_threads_is_set(corpus: Path, tmp_path: Path) -> None:
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match=r"run\.num_threads"):
         read_config("tiny", ["run.num_threads=-1"])
+
+
+def test_ranks_agree_on_skipping_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With skip_bad and several ranks, a batch left empty on one rank is skipped on all (the all-reduce
+    is faked: another rank's batch was empty); without skip_bad or with one rank, no collective runs."""
+    import torch
+
+    from spidr_fast.data.batching import Batch
+
+    calls = []
+    monkeypatch.setattr(train_data, "all_ranks", lambda flag, device: calls.append(flag) or False)
+    full = Batch(torch.zeros(1, 400), torch.zeros(1, 0, dtype=torch.long), torch.tensor([400]))
+    empty = Batch(torch.zeros(0, 0), torch.zeros(0, 0, dtype=torch.long), torch.zeros(0), skipped=("a.wav: bad",))
+    skipped = SkippedFiles("m.csv")
+    cpu = torch.device("cpu")
+    assert skipped.usable(full, cpu, skip_bad=True, world_size=2) is False and calls == [True]
+    assert skipped.usable(empty, cpu, skip_bad=True, world_size=2) is False and calls == [True, False]
+    assert skipped.usable(full, cpu, skip_bad=False, world_size=2) is True
+    assert skipped.usable(full, cpu, skip_bad=True, world_size=1) is True
+    assert skipped.usable(empty, cpu, skip_bad=True, world_size=1) is False
+    assert len(calls) == 2 and skipped.counts() == {"skipped_files": 1, "skipped_batches": 2}

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from spidr_fast import metrics, units
 from spidr_fast.__main__ import main
-from spidr_fast.metrics import ITEM_HEADER, item_file, mean_run_length, unit_metrics
+from spidr_fast.metrics import ITEM_HEADER, bitrate, item_file, mean_run_length, run_starts, unit_metrics
 from spidr_fast.units import expand_runs, merge_runs
 from spidr_fast.units_report import read_units
 from tests.conftest import FIXTURE_DIR
@@ -34,6 +35,28 @@ def test_merge_runs_edges():
         merge_runs(np.zeros((2, 2)))
     with pytest.raises(ValueError, match=">= 1 frame"):
         expand_runs(np.array([1, 2]), np.array([1, 0]))
+
+
+def test_run_starts_is_what_every_run_counter_uses(tmp_path, monkeypatch):
+    assert run_starts(np.array([3, 3, 1, 3])).tolist() == [0, 2, 3]
+    assert run_starts(["sil", "sil", "ah"]).tolist() == [0, 2] and run_starts([5]).tolist() == [0]
+    assert run_starts(np.zeros(0)).dtype == np.int64 and run_starts(np.zeros(0)).size == 0
+    rng = np.random.default_rng(0)
+    frames = np.repeat(rng.integers(0, 4, 40), rng.integers(1, 6, 40))
+    starts = run_starts(frames)
+    u, durations = merge_runs(frames)
+    assert np.array_equal(u, frames[starts]) and np.array_equal(np.cumsum(durations)[:-1], starts[1:])
+    assert mean_run_length([frames, frames[:0]]) == pytest.approx(frames.size / starts.size)
+    deduplicated = bitrate([frames[starts]], deduplicate=False) * starts.size / frames.size
+    assert bitrate([frames]) == pytest.approx(deduplicated)
+    # each of them finds its runs with run_starts
+    calls = []
+    spy = lambda s: calls.append(len(s)) or run_starts(s)
+    monkeypatch.setattr(metrics, "run_starts", spy)
+    monkeypatch.setattr(units, "run_starts", spy)
+    merge_runs(frames), mean_run_length([frames]), bitrate([frames])
+    item_file({"a_1": ["sil", "k", "k", "sil"]}, tmp_path / "x.item")
+    assert calls == [frames.size] * 3 + [4]
 
 
 def test_item_file_rows(tmp_path):
