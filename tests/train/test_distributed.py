@@ -166,10 +166,11 @@ def run_torchrun(overrides: list[str], hook_dir: Path, timeout: float) -> tuple[
     return proc.returncode, output
 
 
-@pytest.mark.parametrize("parallelism", ["fsdp", "ddp"])
-def test_trainer_ranks_hold_one_model(parallelism: str, corpus: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("parallelism", "compile"), [("fsdp", False), ("ddp", False), ("fsdp", True)])
+def test_trainer_ranks_hold_one_model(parallelism: str, compile: bool, corpus: Path, tmp_path: Path) -> None:
     # Layer drop 0.5 over 2 layers: ranks drawing their own drops (as before) skip different layers at the
     # first steps, which desynchronises FSDP2's collectives; seeds of seed + rank built different codebooks.
+    # compile: the trainer's compiled regions (inductor) under FSDP2, as a GPU run has them.
     hook_dir = tmp_path / "hook"
     hook_dir.mkdir()
     (hook_dir / "sitecustomize.py").write_text(DUMP_HOOK)
@@ -181,6 +182,8 @@ def test_trainer_ranks_hold_one_model(parallelism: str, corpus: Path, tmp_path: 
         "model.encoder_layer_drop=0.5",
         "optimizer.max_steps=4",
         "run.save_interval=2",
+        f"run.compile={str(compile).lower()}",
+        "run.compile_backend=inductor",
     )
     returncode, output = run_torchrun(overrides, hook_dir, timeout=240)
     assert returncode == 0, output[-3000:]
