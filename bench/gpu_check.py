@@ -23,7 +23,8 @@ Stages:
     a 20-step profile summarised per kernel class, and bench/roofline.py's predicted per-class
     times for the same batches beside the measured ones (measured / predicted: its calibration);
  5. extraction throughput (layer 6 and all layers, batch 1 and batched, fp32 and bf16) against
-    the reference's get_intermediate_outputs, and a padded batch through each attention backend.
+    the reference's get_intermediate_outputs, and attention: a padded batch through each padded backend,
+    a dense one through each dense backend (the fastest beside the default table's choice).
 
 The reference is the installed `spidr` package unless `--reference-path DIR` (or the variable
 SPIDR_REFERENCE_PATH) names a source checkout, which is then put first on PYTHONPATH; the report
@@ -57,7 +58,7 @@ LIMITS = {
     "env-kernels": 45,  # compiles every Triton kernel once: later steps hit triton's cache
     "tests-kernels": 60,
     "tests-gpu": 25,
-    "kernels": 70,
+    "kernels": 60,
     "train-eager": 40,
     "train-compiled": 60,
     "train-compiled-ref": 65,
@@ -65,10 +66,12 @@ LIMITS = {
     "train-profile": 20,
     "train-roofline": 30,  # CPU only: bench/roofline.py traces each profiled batch shape on meta tensors
     "extract": 35,
-    "attention": 10,
+    "attention": 20,  # every padded and dense attention backend, timed here only (not in "kernels")
 }
-# The microbenchmarks gpu-check runs (bench/test_bench_*.py, GPU shapes): bf16 conv front-end only.
-KERNEL_SELECTION = "not (conv_frontend and fp32)"
+# The microbenchmarks gpu-check runs (bench/test_bench_*.py, GPU shapes): bf16 conv front-end (both ops) only
+# (test_bench_pos_conv.py has bf16 GPU cases only), and no attention (step "attention" times every
+# attention backend, with its errors against fp32: timed once).
+KERNEL_SELECTION = "not ((conv_frontend or conv0) and fp32) and not attention"
 
 
 @dataclasses.dataclass
@@ -115,7 +118,7 @@ def _tests_kernels(ctx: Context) -> list[str]:
 
 
 def _kernels(ctx: Context) -> list[str]:
-    select = ["-k", "smoke"] if ctx.smoke else ["-m", "gpu", "-k", KERNEL_SELECTION]
+    select = ["-k", "smoke and not attention"] if ctx.smoke else ["-m", "gpu", "-k", KERNEL_SELECTION]
     return _pytest(
         ctx,
         "bench",
@@ -220,7 +223,7 @@ STEPS = [
     Step(
         "attention",
         5,
-        "padded batch through each attention backend",
+        "attention: each padded and dense backend",
         lambda c: _py(
             c,
             str(BENCH / "attention_backends.py"),

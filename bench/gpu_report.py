@@ -318,11 +318,14 @@ def roofline_section(cmp: dict | None, stages: list[dict]) -> list[str]:
 
 
 def attention_section(rows: list[dict], stages: list[dict]) -> list[str]:
+    dense = [r for r in rows if r.get("benchmark") == "attention_dense"]
+    choices = [r for r in rows if r.get("benchmark") == "attention_dense_choice"]
+    padded = [r for r in rows if r not in dense and r not in choices]
     lines = ["### Attention backends: one padded batch, forward + backward, vs masked SDPA in fp32", ""]
     lines += ["(`ran`: the backend that ran, after fallbacks; flash_attn_4 runs forward-only calls: ms is fwd)", ""]
     if not rows:
         return [*lines, f"No results: {_stage_status(stages, 'attention')}.", ""]
-    return lines + markdown_table(
+    lines += markdown_table(
         ["backend", "dtype", "status", "ran", "out rel err", "grad rel err", "fwd+bwd ms", "reason"],
         [
             [
@@ -335,9 +338,31 @@ def attention_section(rows: list[dict], stages: list[dict]) -> list[str]:
                 cell(r.get("fwd_bwd_ms", r.get("fwd_ms")), ".3f"),
                 r.get("reason"),
             ]
-            for r in rows
+            for r in padded
         ],
     )
+    if not dense:
+        return lines
+    shape = " x ".join(map(str, dense[0].get("shape", [])))
+    lines += ["", f"### Attention backends: a dense batch (B x H x T x Dh = {shape}), vs SDPA in fp32", ""]
+    lines += ["(each backend alone; errors at dropout 0; `default`: `kernels/attention.py` DENSE_ORDER's choice)", ""]
+    lines += markdown_table(
+        ["mode", "backend", "status", "out rel err", "grad rel err", "ms", "TFLOP/s", "reason"],
+        [
+            [
+                r["mode"] + (" (default)" if r["backend"] == r.get("default") else ""),
+                r["backend"],
+                r["status"],
+                cell(r.get("out_rel_err"), ".1e"),
+                cell(r.get("grad_rel_err"), ".1e"),
+                cell(r.get("ms"), ".3f"),
+                cell(r.get("tflops"), ".0f"),
+                r.get("reason"),
+            ]
+            for r in dense
+        ],
+    )
+    return [*lines, "", *(f"- {r['summary']}" for r in choices), ""]
 
 
 def targets_section(train: list[dict], extract: list[dict], codebook: dict[str, float]) -> list[str]:

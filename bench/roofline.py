@@ -93,7 +93,13 @@ EFFICIENCY: dict[str, tuple[float, str]] = {
     "gemm_fp32": (0.70, "assumed: fp32 FFMA GEMMs (codebook distances, 'ieee'); uncalibrated"),
     "conv": (0.50, "assumed: cuDNN implicit GEMM, k 2-10, stride 2-5, 512 ch (PERF-MODEL.md); uncalibrated"),
     "conv_grouped": (0.15, "assumed: the grouped pos-conv, 48 ch/group, k=19 (PERF-MODEL.md); uncalibrated"),
+    "conv_pos_triton": (0.25, "assumed: Triton pos-conv, tl.dot per tap, 48/64 padded ch (56% of MMA); uncalibrated"),
     "attention": (0.40, "assumed: FA2-class flash SDPA with dropout, head dim 64 (PERF-MODEL.md); uncalibrated"),
+    "attention_cudnn": (
+        0.55,
+        "assumed: cuDNN SDPA, Hopper, dropout, Dh 64 (PyTorch 2.5 notes: up to 1.75x FA2); "
+        "spidr_fast's dense default on sm_90 (kernels/attention.py DENSE_ORDER); uncalibrated",
+    ),
     "attention_bias": (0.22, "assumed: memory-efficient SDPA with a bias (a mask passed); uncalibrated"),
     "memory": (0.80, "assumed: elementwise/reduction kernels reach 80% of HBM bandwidth (PERF-MODEL.md)"),
     "kernel_min_s": (2.5e-6, "assumed: shortest kernel on the GPU, launch overhead hidden (PERF-MODEL.md)"),
@@ -125,6 +131,8 @@ def op_class(name: str) -> str:
     """Class of an aten / spidr_fast op (its overload packet name; custom ops as `spidr_fast::name`)."""
     if name.startswith("spidr_fast::"):
         op = name.split("::")[1]
+        if op.startswith("pos_conv"):
+            return "conv"  # the fused positional conv layer (its LayerNorm + GELU ride along)
         return (
             "heads/CE" if op.startswith("heads") else "codebook" if op.startswith("codebook") else "norm/elementwise"
         )
@@ -154,6 +162,7 @@ KERNEL_RULES: tuple[tuple[str, str, str], ...] = (
     ("fused: codebook", "codebook", r"_assign_kernel|_segment_sum_kernel|codebook"),
     ("fused: heads + CE", "heads/CE", r"_heads_ce_"),
     ("fused: conv LN+GELU", "norm/elementwise", r"_cln_gelu_"),
+    ("fused: first conv block", "norm/elementwise", r"_wave_ln_gelu_"),  # kernels/conv0.py: memory-bound, as LN+GELU
     ("fused: pos-conv", "conv", r"_pos_conv"),
     ("attention", "attention", r"flash|fmha|attention|sdpa|attn"),
     ("inductor triton", "gemm", r"^triton_tem_fused_.*mm"),
@@ -419,6 +428,8 @@ class _Recorder(TorchDispatchMode):
             for t in args[:2]:  # dY and X made contiguous
                 if not t.is_contiguous():
                     extra, kernels = extra + 2 * _ubytes(t), kernels + 1
+        elif name == "spidr_fast::pos_conv_backward":  # dz = LN-GELU backward: written, read by grad_x and grad_w
+            extra, kernels = 3 * _ubytes(args[1]), 3
         elif "attention_backward" in name:
             kernels = 3  # preprocess, the backward kernel, dq conversion
         elif op_class(name) == "optimizer/EMA":
@@ -477,6 +488,7 @@ class Trace:
     audio_s: float
     compiled: Callable[[Op], str | None] | None  # the fusion region of an op, None: eager
     model_flops: int  # forward + backward FLOPs, as the trainer counts them
+    dense_attention: bool = False  # spidr_fast's per-device dense attention backend (else PyTorch's flash SDPA)
 
 
 def trace_fn(fn: Callable[[], Any], model: nn.Module | None = None, *, autocast: bool = False) -> list[Op]:
@@ -687,7 +699,8 @@ def trace(
         per_region = variant.impl == "spidr_fast" and not variant.whole_model
         compiled = _trainer_regions(regions) if per_region else _whole_model
     model_flops = sum(op.flops for op in rec.ops if op.phase in ("fwd", "bwd", "loss"))
-    return Trace(rec.ops, rec.value_bytes, batch * samples / 16000, compiled, model_flops)
+    dense = variant.impl == "spidr_fast" and "attention" not in variant.ref_ops.split(",")
+    return Trace(rec.ops, rec.value_bytes, batch * samples / 16000, compiled, model_flops, dense)
 
 
 def _ema(model: nn.Module) -> None:
@@ -741,12 +754,28 @@ def _fused_costs(tr: Trace) -> tuple[list[float], list[float], list[float]]:
     return nbytes, extra, kernels
 
 
-def efficiency(op: Op) -> float:
-    """Fraction of the compute peak this op reaches (from `EFFICIENCY`)."""
+# Compute capability by the family word in a device name: kernels/attention.py's DENSE_ORDER is keyed on it.
+CAPABILITY = {"B200": (10, 0), "H100": (9, 0), "H200": (9, 0), "L40S": (8, 9), "A100": (8, 0)}
+
+
+def dense_attention_key(device: str) -> str:
+    """The `EFFICIENCY` key of the dense attention spidr_fast picks on `device`: the first SDPA backend of
+    its `DENSE_ORDER` row (no flash-attn package assumed installed); flash SDPA's for an unknown family."""
+    from spidr_fast.kernels.attention import dense_order
+
+    capability = next((c for word, c in CAPABILITY.items() if word in device.upper()), (8, 0))
+    sdpa = [b for b in dense_order(capability) if b.startswith("sdpa")]
+    return "attention_cudnn" if sdpa[:1] == ["sdpa_cudnn"] else "attention"
+
+
+def efficiency(op: Op, dense_key: str = "attention") -> float:
+    """Fraction of the compute peak this op reaches (from `EFFICIENCY`); `dense_key`: that of unmasked SDPA."""
+    if op.name.startswith("spidr_fast::pos_conv"):
+        return EFFICIENCY["conv_pos_triton"][0]
     if op.cls == "conv":
         return EFFICIENCY["conv_grouped" if op.groups > 1 else "conv"][0]
     if op.cls == "attention":
-        return EFFICIENCY["attention_bias" if "efficient" in op.name else "attention"][0]
+        return EFFICIENCY["attention_bias" if "efficient" in op.name else dense_key][0]
     if not op.low_precision:
         return EFFICIENCY["gemm_fp32"][0]
     return EFFICIENCY["gemm" if op.flops >= 2e9 else "gemm_small"][0]
@@ -757,12 +786,13 @@ def summarize(tr: Trace, device: str = "H100") -> dict[str, Any]:
     hw = device_peaks(device)
     bw = hw["hbm"] * EFFICIENCY["memory"][0]
     nbytes, extra, kernels = _fused_costs(tr)
+    dense_key = dense_attention_key(device) if tr.dense_attention else "attention"
     rows = {c: collections.Counter() for c in CLASSES}
     regions = {r: collections.Counter() for r in REGIONS}
     for op, b, e, k in zip(tr.ops, nbytes, extra, kernels):
         t_compute = 0.0
         if op.flops:
-            t_compute = op.flops / (hw["bf16" if op.low_precision else "fp32"] * efficiency(op))
+            t_compute = op.flops / (hw["bf16" if op.low_precision else "fp32"] * efficiency(op, dense_key))
         t = max(t_compute, b / bw, k * EFFICIENCY["kernel_min_s"][0]) + e / bw
         for row in (rows[op.cls], regions[op.region]):
             row["gflop"] += op.flops / 1e9
@@ -883,6 +913,9 @@ COMPILE_GLUE = "compile_glue"
 LEVERS = (
     ("channels-last front-end (kernels/conv_frontend.py)", "frontend_layout"),
     ("bf16 residual stream (spidr_fast/models/layer_norm.py)", "residual_dtype"),
+    ("first conv + LayerNorm + GELU fused (kernels/conv0.py)", "conv0"),
+    ("fused positional conv layer (kernels/pos_conv.py)", "pos_conv"),
+    ("dense attention backend per device (kernels/attention.py DENSE_ORDER)", "attention"),
     ("glue compiled by regions (GLUE_REGIONS, spidr_fast/train/parallelize.py)", COMPILE_GLUE),
 )
 

@@ -12,8 +12,9 @@ GPU shape: a base-size padded batch (12 heads of 64, 8 utterances of 64..1000 fr
 Each record's extra_info holds the device, versions, peak memory and the achieved TFLOP/s
 (4 T_b^2 H Dh per utterance forward, x3.5 with the backward) at the median time.
 Run: `pytest bench/test_bench_attention.py --benchmark-only` (GPU), or with `-k smoke` on CPU
-(tiny shapes, fp32: ref and nested only). Accuracy of every backend: tests/kernels/test_attention.py;
-one padded batch through every backend with errors: bench/attention_backends.py.
+(tiny shapes, fp32: ref and nested only). Accuracy of every backend: tests/kernels/test_attention.py.
+`make gpu-check` does not run this file: it times attention once, in bench/attention_backends.py
+(every padded and dense backend, each with its errors against fp32 SDPA).
 """
 
 from __future__ import annotations

@@ -225,7 +225,8 @@ def run(impl: str, compile_model: bool, args: argparse.Namespace, batches: list[
 ABLATION: list[tuple[str, str, bool, dict[str, str]]] = [
     ("reference", "reference", False, {}),
     ("+ no-mask attention (all ops on references)", "spidr_fast", False, {"SPIDR_FAST_BACKEND": "reference"}),
-    ("+ fused front-end", "spidr_fast", False, {"SPIDR_FAST_REFERENCE_OPS": "codebook,heads_ce"}),
+    ("+ fused front-end", "spidr_fast", False, {"SPIDR_FAST_REFERENCE_OPS": "codebook,heads_ce,pos_conv"}),
+    ("+ fused pos-conv", "spidr_fast", False, {"SPIDR_FAST_REFERENCE_OPS": "codebook,heads_ce"}),
     ("+ fused codebooks", "spidr_fast", False, {"SPIDR_FAST_REFERENCE_OPS": "heads_ce"}),
     ("+ fused heads", "spidr_fast", False, {}),
     ("+ compile", "spidr_fast", True, {}),

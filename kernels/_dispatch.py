@@ -1,20 +1,23 @@
 """Which implementation an op runs: its fused path or its plain-PyTorch reference. One rule, `use_fused`.
 
-The ops (`OPS`) and their fused paths: "codebook", "heads_ce", "conv_frontend" are Triton kernels,
+The ops (`OPS`) and their fused paths: "codebook", "heads_ce", "conv_frontend" (channel LayerNorm +
+GELU), "conv0" (the front-end's first conv fused with its LayerNorm + GELU), "pos_conv" are Triton kernels,
 and "frontend_layout" the channels-last layout the conv front-end's blocks hand each other around
 them (`models/feature_extractor.py`); "attention" is the packed varlen backends (flash-attn, nested
-SDPA; `kernels/attention.py`); "targets" the one-pass instance norm of the teacher targets
-(`kernels/targets.py`); "residual_dtype" the transformer's LayerNorm output in the autocast dtype,
-a bf16 residual stream (`models/layer_norm.py`; fused on every device by default).
+SDPA) and the per-device choice of a dense backend (cuDNN/flash SDPA, FlashAttention;
+`kernels/attention.py`); "targets" the one-pass instance norm of the teacher targets (`kernels/targets.py`);
+"residual_dtype" the transformer's LayerNorm output in the autocast dtype, a bf16 residual stream
+(`models/layer_norm.py`; fused on every device by default).
 
 - `SPIDR_FAST_BACKEND=reference`: every op runs its reference (an all-reference run).
 - `SPIDR_FAST_BACKEND=triton`: every op runs its fused path (the Triton kernels on CPU tensors need
   `TRITON_INTERPRET=1`: slow, for tests; attention has packed backends on CUDA only).
 - Unset: the fused paths on CUDA tensors (the Triton ones when triton imports), the references on CPU.
-- `SPIDR_FAST_REFERENCE_OPS=codebook,heads_ce,...` keeps the listed ops on their references whatever
+- `SPIDR_FAST_REFERENCE_OPS=codebook,heads_ce,pos_conv,...` keeps the listed ops on their references whatever
   the backend (for ablations: one fused op at a time).
-An op's own setting may ask for its fused path where the default would not (`SPIDR_FAST_ATTENTION`
-picks attention's backend, on any device); the reference settings above still win.
+An op's own setting may ask for its fused path where the default would not (`SPIDR_FAST_ATTENTION` and
+`SPIDR_FAST_DENSE_ATTENTION` pick attention's backends, on any device); the reference settings above
+still win.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import os
 import torch
 
 BACKENDS = ("triton", "reference")
-TRITON_OPS = ("codebook", "heads_ce", "conv_frontend", "frontend_layout")  # need triton (or the interpreter)
+# need triton (or the interpreter)
+TRITON_OPS = ("codebook", "heads_ce", "conv_frontend", "conv0", "frontend_layout", "pos_conv")
 ANY_DEVICE_OPS = ("residual_dtype",)  # fused by default on CPU too
 OPS = ("attention", "targets", *TRITON_OPS, *ANY_DEVICE_OPS)
 

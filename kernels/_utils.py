@@ -54,4 +54,5 @@ def jit_in_place(namespace: dict, names: tuple[str, ...]) -> None:
     for name in names:
         fn = namespace[name]
         if not isinstance(fn, triton.runtime.KernelInterface):
+            fn.__globals__["tl"] = tl  # a helper imported from another kernel module reads `tl` in its own module
             namespace[name] = triton.jit(fn)

@@ -60,10 +60,47 @@ MAX_ITERS = 16  # T blocks per backward program, at most
 # --------------------------------------------------------------------------------------------
 
 # Plain functions here, `triton.jit`-decorated at the first launch (see `_utils.jit_in_place`).
-KERNELS = ("_cln_gelu_fwd_kernel", "_cln_gelu_bwd_kernel")
+KERNELS = ("_ln_gelu", "_ln_gelu_backward", "_cln_gelu_fwd_kernel", "_cln_gelu_bwd_kernel")
 
 if TYPE_CHECKING:
     import triton.language as tl
+
+
+def _ln_gelu(x, mask, C, w, bias, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(y, mean, rstd): gelu(LayerNorm over axis 0) of an fp32 (BLOCK_C, BLOCK_T) tile of whole columns, 0 in the
+    rows past C; w, bias (BLOCK_C,) fp32 (unused without HAS_WEIGHT / HAS_BIAS). Shared with `conv0.py`."""
+    mean = tl.sum(x, axis=0) / C  # (BLOCK_T,)
+    xc = tl.where(mask, x - mean[None, :], 0.0)
+    var = tl.sum(xc * xc, axis=0) / C  # biased, as LayerNorm's
+    rstd = tl.math.rsqrt(var + eps)
+    z = xc * rstd[None, :]
+    if HAS_WEIGHT:
+        z = z * w[:, None]
+    if HAS_BIAS:
+        z = z + bias[:, None]
+    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476)), mean, rstd  # exact GELU
+
+
+def _ln_gelu_backward(x, dy, mean, rstd, mask, C, w, bias, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(dx, dz, x_hat) of `_ln_gelu` for a tile with its saved statistics and dy (0 outside `mask`, so dz is too):
+    dx the input's gradient (to be masked), dz the LayerNorm output's (sum_t dz x_hat and sum_t dz: the affine's)."""
+    xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
+    z = xhat
+    if HAS_WEIGHT:
+        z = z * w[:, None]
+    if HAS_BIAS:
+        z = z + bias[:, None]
+    # gelu'(z) = Phi(z) + z phi(z)
+    cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # 1 / sqrt(2 pi)
+    dz = dy * (cdf + z * pdf)
+    dxhat = dz
+    if HAS_WEIGHT:
+        dxhat = dz * w[:, None]
+    c1 = tl.sum(dxhat * xhat, axis=0) / C  # (BLOCK_T,)
+    c2 = tl.sum(dxhat, axis=0) / C
+    dx = (dxhat - (xhat * c1[None, :] + c2[None, :])) * rstd[None, :]
+    return dx, dz, xhat
 
 
 def _cln_gelu_fwd_kernel(
@@ -80,18 +117,9 @@ def _cln_gelu_fwd_kernel(
     mask = cmask[:, None] & tmask[None, :]  # (BLOCK_C, BLOCK_T)
     x = tl.load(x_ptr + b * s_xb + cs.to(tl.int64)[:, None] * s_xc + ts[None, :] * s_xt, mask=mask, other=0.0)
     x = x.to(tl.float32)  # bf16/fp16 converted before any math (also what the interpreter needs)
-    mean = tl.sum(x, axis=0) / C  # (BLOCK_T,)
-    xc = tl.where(mask, x - mean[None, :], 0.0)
-    var = tl.sum(xc * xc, axis=0) / C  # biased, as LayerNorm's
-    rstd = tl.math.rsqrt(var + eps)
-    z = xc * rstd[None, :]
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-        z = z * w[:, None]
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-        z = z + bias[:, None]
-    y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))  # exact GELU
+    w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32) if HAS_WEIGHT else 0.0
+    bias = tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    y, mean, rstd = _ln_gelu(x, mask, C, w, bias, eps, HAS_WEIGHT, HAS_BIAS)
     y_ptrs = y_ptr + b * s_yb + cs.to(tl.int64)[:, None] * s_yc + ts[None, :] * s_yt
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + b * T + ts, mean, mask=tmask)
@@ -112,12 +140,10 @@ def _cln_gelu_bwd_kernel(
     x_ptr += b * s_xb
     dy_ptr += b * s_dyb
     dx_ptr += b * s_xb
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-        dw_acc = tl.zeros((BLOCK_C,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-        db_acc = tl.zeros((BLOCK_C,), tl.float32)
+    w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32) if HAS_WEIGHT else 0.0
+    bias = tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    dw_acc = tl.zeros((BLOCK_C,), tl.float32)
+    db_acc = tl.zeros((BLOCK_C,), tl.float32)
     for i in range(0, ITERS):  # consecutive T blocks; those past T are fully masked
         ts = (pid * ITERS + i) * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = ts < T
@@ -127,25 +153,11 @@ def _cln_gelu_bwd_kernel(
         dy = tl.load(dy_ptr + cs[:, None] * s_dyc + ts[None, :] * s_dyt, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + b * T + ts, mask=tmask, other=0.0)
         rstd = tl.load(rstd_ptr + b * T + ts, mask=tmask, other=0.0)
-        xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
-        z = xhat
-        if HAS_WEIGHT:
-            z = z * w[:, None]
-        if HAS_BIAS:
-            z = z + bias[:, None]
-        # gelu'(z) = Phi(z) + z phi(z); dy is 0 outside the mask, so dz is too
-        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # 1 / sqrt(2 pi)
-        dz = dy * (cdf + z * pdf)
-        dxhat = dz
+        dx, dz, xhat = _ln_gelu_backward(x, dy, mean, rstd, mask, C, w, bias, HAS_WEIGHT, HAS_BIAS)
         if HAS_WEIGHT:
             dw_acc += tl.sum(dz * xhat, axis=1)
-            dxhat = dz * w[:, None]
         if HAS_BIAS:
             db_acc += tl.sum(dz, axis=1)
-        c1 = tl.sum(dxhat * xhat, axis=0) / C  # (BLOCK_T,)
-        c2 = tl.sum(dxhat, axis=0) / C
-        dx = (dxhat - (xhat * c1[None, :] + c2[None, :])) * rstd[None, :]
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     row = b * tl.num_programs(0) + pid  # this program's partial row
     if HAS_WEIGHT:

@@ -69,9 +69,11 @@ def test_tiny_step_gemm_and_conv_flops_equal_a_real_cpu_step() -> None:
     cfg = roofline.load_config("tiny")
     tr = roofline.trace("spidr_fast", cfg, batch=2, seconds=1.0)
     meta = collections.Counter()
+    fused = {"spidr_fast::pos_conv": "convolution", "spidr_fast::pos_conv_backward": "convolution_backward"}
+    fused |= {f"spidr_fast::conv0_layer_norm_gelu{s}": f"convolution{s}" for s in ("", "_backward")}  # first block
     for op in tr.ops:
         if op.phase in ("fwd", "bwd"):
-            meta[op.name] += op.flops
+            meta[fused.get(op.name, op.name)] += op.flops  # the CPU step runs the fused ops' reference convs
     torch.manual_seed(0)
     model = SpidR(cfg).train()
     frames = roofline._frames(cfg, 16000)
@@ -114,6 +116,7 @@ def test_predict_and_classify_share_the_classes() -> None:
         "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>": "attention",
         "triton_poi_fused_add_native_dropout_0": "norm/elementwise",
         "_heads_ce_bwd_kernel": "heads/CE",
+        "_pos_conv_ln_gelu_bwd_kernel": "conv",  # the fused pos-conv op is priced as one conv
         "_assign_kernel": "codebook",
         "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer/EMA",
         "Memcpy HtoD (Pageable -> Device)": "other",
@@ -139,10 +142,36 @@ def test_channels_last_front_end_has_no_layout_transposes() -> None:
     assert conv_transposes("spidr_fast:ncw:ref_ops=frontend_layout") > 0
 
 
+def test_dense_attention_priced_as_the_backend_the_device_table_picks() -> None:
+    """spidr_fast's unmasked attention is priced as the dense backend kernels/attention.py picks on the device
+    (cuDNN SDPA on Hopper), PyTorch's flash SDPA where it picks that or where "attention" is on its reference."""
+    ops = roofline.trace_fn(lambda: torch.nn.functional.scaled_dot_product_attention(*qkv_meta(), dropout_p=0.1))
+    assert [op.name for op in ops] == ["_scaled_dot_product_flash_attention"]
+    ops[0].flops = 10**12  # compute-bound
+
+    def ms(device: str, dense: bool) -> float:
+        trace = roofline.Trace(ops, [], 1.0, None, ops[0].flops, dense)
+        return roofline.summarize(trace, device)["classes"]["attention"]["ms"]
+
+    assert roofline.dense_attention_key("H100") == roofline.dense_attention_key("H200") == "attention_cudnn"
+    assert roofline.dense_attention_key("A100") == "attention"
+    eff = {key: roofline.EFFICIENCY[key][0] for key in ("attention", "attention_cudnn")}
+    assert ms("H100", True) == pytest.approx(ms("H100", False) * eff["attention"] / eff["attention_cudnn"])
+    assert ms("A100", True) == ms("A100", False)
+    step = roofline.trace("spidr_fast", "tiny", 1, 1.0)
+    assert step.dense_attention and not roofline.trace("spidr_fast:ref_ops=attention", "tiny", 1, 1.0).dense_attention
+    assert not roofline.trace("reference", "tiny", 1, 1.0).dense_attention
+
+
+def qkv_meta(b: int = 2, h: int = 4, t: int = 16, d: int = 8) -> list[torch.Tensor]:
+    return [torch.empty(b, h, t, d, device="meta", dtype=torch.bfloat16) for _ in range(3)]
+
+
 def test_levers_table_switches_each_built_lever() -> None:
     rows = [r for r in roofline.levers_table("tiny", batch=1, seconds=1.0).splitlines() if r.startswith("| ")][1:]
     assert len(rows) == 2 * (1 + len(roofline.LEVERS))
-    assert [r.split(" | ")[1] for r in rows] == ["no"] * (len(rows) // 2) + ["yes"] * (len(rows) // 2)
+    n = 1 + len(roofline.LEVERS)
+    assert [r.split(" | ")[1] for r in rows] == ["no"] * n + ["yes"] * n
     assert {r.split(" | ")[0] for r in rows} == {"| all built levers off", *(f"| + {t}" for t, _ in roofline.LEVERS)}
 
 
@@ -171,8 +200,32 @@ def test_fusion_regions_are_the_trainers_compiled_regions() -> None:
     assert {op.phase for op in glue.ops if glue.compiled(op)} == {"fwd", "bwd"}
     # what each compiled method ran is labelled with its path; the report still groups it by module
     assert {op.label for op in glue.ops if glue.compiled(op) == "_targets"} == {"_targets|"}
-    assert any(op.label == "teacher._embed|teacher.pos_conv_embed.convs.0" for op in glue.ops)
-    assert roofline.region_of("teacher._embed|teacher.pos_conv_embed.convs.0", "fwd") == "teacher"
+    assert any(op.label == "teacher._embed|teacher.pos_conv_embed" for op in glue.ops)
+    assert roofline.region_of("teacher._embed|teacher.pos_conv_embed", "fwd") == "teacher"
     assert roofline.region_of("student._embed_norm|student.layer_norm", "bwd") == "student glue"
     by_glue, by_layers = (roofline.summarize(tr, "H100") for tr in (glue, layers))
     assert by_glue["gflop"] == by_layers["gflop"] and by_glue["gb"] < by_layers["gb"]
+
+
+def test_fused_first_conv_block() -> None:
+    """The first conv block as one op (kernels/conv0.py): the conv's FLOPs, in the class its kernels classify as,
+    moving the waveform and y once each way instead of the conv output four times (SPIDR_FAST_REFERENCE_OPS=conv0:
+    the conv + LayerNorm/GELU ops again)."""
+    from spidr_fast.kernels import conv0
+
+    def first_block(variant: str) -> list:
+        tr = roofline.trace(variant, "tiny", batch=2, seconds=1.0)
+        block = [op for op in tr.ops if op.label.startswith("feature_extractor.conv_layers.0")]
+        return [op for op in block if op.name.startswith(("spidr_fast::", "convolution"))]  # not the grad accumulation
+
+    fused, unfused = first_block("spidr_fast"), first_block("spidr_fast:ref_ops=conv0")
+    assert [op.name for op in fused] == [
+        "spidr_fast::conv0_layer_norm_gelu",
+        "spidr_fast::conv0_layer_norm_gelu_backward",
+    ]
+    assert {op.name for op in unfused} >= {"convolution", "convolution_backward"}
+    conv_flops = {op.phase: op.flops for op in unfused if op.name.startswith("convolution")}
+    assert {op.phase: op.flops for op in fused} == conv_flops and conv_flops["fwd"] > 0
+    assert sum(op.bytes for op in fused) < 0.5 * sum(op.bytes for op in unfused)
+    for kernel in [k for k in conv0.KERNELS if k.endswith("_kernel")]:  # the launched ones, as a profile names them
+        assert roofline.classify(kernel) == fused[0].cls == fused[1].cls == "norm/elementwise"

@@ -19,6 +19,8 @@ import gpu_check  # noqa: E402
 import gpu_report  # noqa: E402
 from profile_step import kernel_class  # noqa: E402
 
+from spidr_fast.kernels import attention as attn  # noqa: E402
+
 RECORD = {
     "device": "NVIDIA H100 80GB HBM3",
     "config": "base",
@@ -93,11 +95,27 @@ def test_smoke_runs_the_stage_scripts_on_cpu(tmp_path: Path) -> None:
     assert cmp["roofline_device"] == "H100" and "not in spidr_fast/devices.py" in cmp["note"]
     assert all(r["predicted_ms"] >= 0 for r in cmp["by_class"]) and cmp["total"]["predicted_ms"] > 0
     attention = [json.loads(line) for line in (tmp_path / "attention.jsonl").read_text().splitlines()]
-    by_backend = {r["backend"]: r for r in attention}
+    by_backend = {r["backend"]: r for r in attention if r["benchmark"] == "attention_backend"}
     assert by_backend["masked"]["status"] == "ok" and by_backend["masked"]["grad_rel_err"] < 1e-5
     assert all(r["status"] == "skipped" and r["reason"] for b, r in by_backend.items() if b != "masked")
+    dense = {(r["mode"], r["backend"]): r for r in attention if r["benchmark"] == "attention_dense"}
+    assert {mode for mode, _ in dense} == {"train", "fwd+bwd", "fwd"}  # every backend in every mode
+    assert {backend for _, backend in dense} == set(attn.DENSE_BACKENDS)
+    ran = {key for key, r in dense.items() if r["status"] == "ok"}  # on CPU: SDPA, and its flash kernel
+    assert ran == {
+        ("train", "sdpa"),
+        ("fwd+bwd", "sdpa"),
+        ("fwd+bwd", "sdpa_flash"),
+        ("fwd", "sdpa"),
+        ("fwd", "sdpa_flash"),
+    }
+    assert all(dense[key]["out_rel_err"] < 1e-5 for key in ran) and dense["train", "sdpa"]["grad_rel_err"] < 1e-5
+    assert all(r["status"] == "skipped" and r["reason"] for key, r in dense.items() if key not in ran)
+    choices = [r for r in attention if r["benchmark"] == "attention_dense_choice"]
+    assert [r["mode"] for r in choices] == ["train", "fwd+bwd", "fwd"] and {r["default"] for r in choices} == {"sdpa"}
     report = (tmp_path / "REPORT.md").read_text()
     assert "--smoke run" in report and "| masked | float32 | ok |" in report and "per kernel class" in report
+    assert "| train (default) | sdpa | ok |" in report and "- fwd (dropout 0): fastest" in report
     assert "Predicted (bench/roofline.py) beside measured" in report and "**Note:**" in report
 
 
@@ -133,6 +151,20 @@ def test_predicted_beside_measured_from_a_synthetic_profile(tmp_path: Path) -> N
     assert "**Note:**" not in report
 
 
+@pytest.mark.parametrize("smoke", [False, True])
+def test_attention_is_timed_once(smoke: bool) -> None:
+    """The kernels step's microbenchmark selection leaves attention out: the attention step times every backend
+    (bench/attention_backends.py, with its errors against fp32), and only it."""
+    ctx = gpu_check.Context(out=ROOT, python=sys.executable, smoke=smoke, env={}, child_env={})
+    cmd = gpu_check._kernels(ctx)
+    selection = cmd[cmd.index("-k") : cmd.index("-k") + 2] + (["-m", "gpu"] if "gpu" in cmd else [])
+    args = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "bench", *selection]
+    run = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=NO_CUDA)
+    collected = [line for line in run.stdout.splitlines() if "::" in line]
+    assert collected and not [t for t in collected if "attention" in t], run.stdout[-2000:]
+    assert "attention" in {s.name for s in gpu_check.STEPS}
+
+
 def test_a_step_past_its_limit_is_stopped_and_reported(tmp_path: Path) -> None:
     log = tmp_path / "step.log"
     status, _, reason = gpu_check.run_step(
@@ -149,6 +181,7 @@ def test_a_step_past_its_limit_is_stopped_and_reported(tmp_path: Path) -> None:
         ("_assign_kernel", "fused: codebook"),
         ("_heads_ce_bwd_kernel", "fused: heads + CE"),
         ("_cln_gelu_fwd_kernel", "fused: conv LN+GELU"),
+        ("_pos_conv_ln_gelu_bwd_kernel", "fused: pos-conv"),
         ("flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
         ("triton_per_fused_native_layer_norm_0", "inductor triton"),
         ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "GEMM"),

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spidr_fast.kernels import _dispatch
+from spidr_fast.kernels.conv0 import conv0_layer_norm_gelu
 from spidr_fast.kernels.conv_frontend import channel_layer_norm_gelu
 
 
@@ -49,10 +50,17 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: Tensor, lengths: Tensor | None = None, *, channels_last: bool | None = None) -> Tensor:
         """`channels_last`: the layout the fused channel LayerNorm + GELU writes (None: the conv output's)."""
-        x = self.conv(x)
         if isinstance(self.layer_norm, ChannelLayerNorm):  # fused: no transposes, one read and one write
             ln = self.layer_norm
-            return channel_layer_norm_gelu(x, ln.weight, ln.bias, ln.eps, channels_last=channels_last)
+            # The first block reads the waveform: conv + LayerNorm + GELU in one op (kernels/conv0.py). A GroupNorm
+            # first block (group_norm mode) normalises over time, so it cannot fuse so and takes the path below.
+            if self.conv.in_channels == 1:
+                w, b = self.conv.weight, self.conv.bias
+                return conv0_layer_norm_gelu(
+                    x.squeeze(1), w, b, ln.weight, ln.bias, self.stride, ln.eps, channels_last=channels_last
+                )
+            return channel_layer_norm_gelu(self.conv(x), ln.weight, ln.bias, ln.eps, channels_last=channels_last)
+        x = self.conv(x)
         if isinstance(self.layer_norm, nn.GroupNorm) and lengths is not None:
             x = masked_group_norm(x, self.layer_norm, self.output_lengths(lengths))
         elif self.layer_norm is not None:

@@ -17,13 +17,16 @@ from torch import Tensor, nn
 
 from spidr_fast import kernels
 from spidr_fast.kernels.attention import Padding
-from spidr_fast.kernels.conv_frontend import channel_layer_norm_gelu
 from spidr_fast.models.feature_extractor import ChannelLayerNorm
 from spidr_fast.models.layer_norm import LayerNorm
 
 
 class ConvPositionalEmbedding(nn.Module):
-    """`depth` grouped convs, each followed by LayerNorm (no affine) and GELU; padded frames zeroed."""
+    """`depth` grouped convs, each followed by LayerNorm (no affine) and GELU; padded frames zeroed.
+
+    Each layer is one `kernels.pos_conv_layer` on the (B, T, D) stream (a fused Triton op on CUDA, no
+    transposes; the reference on CPU: cuDNN-style conv on a (B, D, T) view + `channel_layer_norm_gelu`).
+    """
 
     def __init__(self, embed_dim: int, kernel_size: int, groups: int, depth: int):
         super().__init__()
@@ -36,18 +39,10 @@ class ConvPositionalEmbedding(nn.Module):
         )
 
     def forward(self, x: Tensor, padding: Padding | None = None) -> Tensor:
-        keep = None if padding is None else padding.mask.unsqueeze(1).to(x.dtype)  # (B, 1, T)
-        x = x.transpose(1, 2)  # (B, T, D) -> (B, D, T)
-        for conv in self.convs:
-            if keep is not None:
-                x = x * keep
-            x = conv(x)
-            if self.num_remove:
-                x = x[..., : -self.num_remove]
-            x = channel_layer_norm_gelu(x, self.layer_norm.weight, self.layer_norm.bias, self.layer_norm.eps)
-        if keep is not None:
-            x = x * keep
-        return x.transpose(1, 2)
+        keep = None if padding is None else padding.mask  # (B, T) bool, True on real frames
+        for conv in self.convs:  # (B, T, D) throughout
+            x = kernels.pos_conv_layer(x, keep, conv.weight, conv.bias, conv.groups, self.layer_norm.eps)
+        return x
 
 
 class SelfAttention(nn.Module):

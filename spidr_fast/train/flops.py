@@ -8,7 +8,8 @@ and communication excluded).
 - a grouped conv's weight gradient: torch counts it `groups` times too much (the positional conv,
   groups=16, would add ~5 GFLOP per audio-second, ~10% of the step: MFU would read ~11% high);
 - CPU SDPA (`_scaled_dot_product_flash_attention_for_cpu`, forward and backward): uncounted by torch;
-- spidr_fast's fused custom ops (heads + cross-entropy, codebook assignment): opaque to the counter.
+- spidr_fast's fused custom ops (heads + cross-entropy, codebook assignment, the positional conv layer,
+  the first conv block): opaque to the counter.
 """
 
 from __future__ import annotations
@@ -100,6 +101,32 @@ def codebook_assign_flop(x: Shape, codebook: Shape, *args: object, out_shape: ob
     return 2 * C * N * D * codebook[1]
 
 
+def conv0_flop(x: Shape, w: Shape, _cb: object, _lw: object, _ln: object, stride: int, *args: object,
+               out_shape: object = None, **kwargs: object) -> int:  # fmt: skip
+    """The first block's conv (C, 1, K) over (B, S) samples, as torch counts the conv it fuses (the LayerNorm and
+    GELU not counted, as torch's)."""
+    (B, S), (C, _, K) = x, w
+    return 2 * B * C * K * max(0, (S - K) // stride + 1)
+
+
+def conv0_backward_flop(grad_y: Shape, _x: Shape, w: Shape, *args: object, **kwargs: object) -> int:
+    """The conv weight's gradient only (the waveform gets none): the forward's count; the recomputed forward not
+    counted (model FLOPs)."""
+    B, C, T = grad_y
+    return 2 * B * C * T * w[2]
+
+
+def pos_conv_flop(x: Shape, _keep: object, w: Shape, *args: object, out_shape: object = None, **kwargs: object) -> int:
+    """The grouped conv of (B, T, D) frames with a (D, Cg, k) weight, 2 B T D Cg k (the norm not counted)."""
+    B, T, D = x
+    return 2 * B * T * D * w[1] * w[2]
+
+
+def pos_conv_backward_flop(_g: Shape, x: Shape, _keep: object, w: Shape, *args: object, **kwargs: object) -> int:
+    """grad_x (the forward's conv with the transposed weight) and grad_weight: twice the forward's."""
+    return 2 * pos_conv_flop(x, None, w)
+
+
 _ops = torch.ops.spidr_fast
 FLOP_FORMULAS = {
     torch.ops.aten.convolution_backward: conv_backward_flop,
@@ -109,6 +136,10 @@ FLOP_FORMULAS = {
     _ops.heads_ce_backward: heads_ce_backward_flop,
     _ops.codebook_assign: codebook_assign_flop,
     _ops.codebook_assign_accumulate: codebook_assign_flop,
+    _ops.conv0_layer_norm_gelu: conv0_flop,
+    _ops.conv0_layer_norm_gelu_backward: conv0_backward_flop,
+    _ops.pos_conv: pos_conv_flop,
+    _ops.pos_conv_backward: pos_conv_backward_flop,
 }  # formulas over shapes (FlopCounterMode's custom_mapping convention)
 
 

@@ -28,7 +28,8 @@ from spidr_fast.models import DinoSR
 # No region holds a trained conv: Inductor's conv1d backward lowering guards on the sequence length (torch
 # 2.13, `convolution_backward` in torch/_inductor/kernel/conv.py), so a dynamic region with one recompiles at
 # every new length. The conv front-end stays eager (its convs and fused LayerNorm + GELU custom ops leave
-# nothing to fuse), and so does the student's positional conv; the teacher's (no backward) is compiled.
+# nothing to fuse), and so does the student's positional conv (`kernels.pos_conv_layer`: a custom op on CUDA,
+# but the aten conv on its reference path); the teacher's (no backward) is compiled.
 LAYER_REGIONS = ("student.layers.*", "teacher.layers.*")
 GLUE_REGIONS = (
     "feature_projection",  # LayerNorm + Linear to the encoder width

@@ -207,6 +207,7 @@ def test_model_call_sites(triton_backend, monkeypatch):
     from spidr_fast.models.feature_extractor import ConvBlock
     from spidr_fast.models.transformer import ConvPositionalEmbedding
 
+    monkeypatch.setenv("SPIDR_FAST_REFERENCE_OPS", "pos_conv")  # the fused pos-conv layer has no such call site
     block = ConvBlock(1, 24, 10, 5, "layer_norm", bias=False).to(triton_backend)
     pos = ConvPositionalEmbedding(embed_dim=32, kernel_size=8, groups=4, depth=2).to(triton_backend)  # 4-tap convs
     inputs = [torch.randn(2, 1, 203, device=triton_backend), torch.randn(2, 37, 32, device=triton_backend)]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spidr_fast import DinoSR, DinoSRConfig
-from spidr_fast.kernels import _dispatch, attention, codebook, conv_frontend, heads_ce, targets
+from spidr_fast.kernels import _dispatch, attention, codebook, conv_frontend, heads_ce, pos_conv, targets
 from spidr_fast.kernels._dispatch import ANY_DEVICE_OPS, OPS, TRITON_OPS, use_fused
 from tests.models.test_padding import LENGTHS, TINY, padded_batch
 
@@ -84,6 +84,7 @@ def test_reference_backend_runs_no_fused_path(monkeypatch: pytest.MonkeyPatch) -
         (codebook, "_accumulate_launch"),
         (heads_ce, "_fwd_launch"),
         (conv_frontend, "_fwd_launch"),
+        (pos_conv, "_fwd_launch"),
         (attention, "_attention_nested"),
         (attention, "_attention_flash_attn"),
         (attention, "_attention_flash_attn_4"),
