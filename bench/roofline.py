@@ -24,8 +24,9 @@ What the trace emulates of a CUDA run (the CPU build has no CUDA autocast):
     `.contiguous()` copy of an eager LayerNorm given a non-contiguous input (serial helper-kernel time);
   * "compiled": runs of consecutive fusible ops (not GEMM, conv, attention, custom or multi-tensor ops)
     inside one compiled region become one kernel per reduction that moves only the values crossing the
-    run's boundary. spidr_fast compiles each transformer layer (its trainer's default); the reference
-    0.2.0 compiles the whole model (fwd + bwd; optimizer and EMA stay eager).
+    run's boundary. spidr_fast's regions are its trainer's, `COMPILED_REGIONS` of
+    spidr_fast/train/parallelize.py (each transformer layer, and the glue regions between them); the
+    reference 0.2.0 compiles the whole model (fwd + bwd; optimizer and EMA stay eager).
 Limits: efficiencies are assumptions until `make gpu-check` calibrates them; the fusion estimate keeps
 eager's saved-for-backward set (Inductor may recompute instead: compiled traffic is an upper bound); no
 host time (no host syncs in either step), no communication (one GPU).
@@ -37,7 +38,8 @@ all variants of one config are measured against the same FLOPs (those of spidr_f
     python bench/roofline.py --compare spidr_fast spidr_fast:ref_ops=conv_frontend --json out.json
     python bench/roofline.py --device H100 --levers --eff conv_grouped=0.4     # built levers; an efficiency what-if
 Variant: `spidr_fast` | `reference`, then `:eager`, `:whole` (spidr_fast compiled as one graph, glue
-included, as the reference), `:ref_ops=a+b` (SPIDR_FAST_REFERENCE_OPS),
+included, as the reference), `:layers` (spidr_fast with its layers compiled, not its glue: the trainer's
+run.compile_glue=false), `:ref_ops=a+b` (SPIDR_FAST_REFERENCE_OPS),
 `:frozen` (phase B: extractor frozen, no EMA), `:extract` (extraction forward), `:ncw` (what-if: cuDNN wraps
 every channels-first bf16 conv in NCW <-> NHWC transposes, which a GPU profile shows or not). For the GPU check:
 `predict(config, device)` gives predicted ms per class and `classify(kernel_name)` maps a profiler kernel
@@ -67,6 +69,7 @@ from torch.utils.flop_counter import flop_registry, shape_wrapper
 
 from spidr_fast.devices import lookup as lookup_device
 from spidr_fast.train.flops import FLOP_FORMULAS
+from spidr_fast.train.parallelize import COMPILED_REGIONS, LAYER_REGIONS, region_paths
 
 # ------------------------------------------------------------------------------------------------
 # Devices and efficiencies: the one table the predictions come from
@@ -249,7 +252,12 @@ def classify(kernel_name: str) -> str:
     return kernel_classes(kernel_name)[1]
 
 
+# A compiled method's path and this prefix the labels of the ops it runs: "teacher._embed|teacher.layer_norm".
+SCOPE = "|"
+
+
 def region_of(label: str, phase: str) -> str:
+    label = label.rpartition(SCOPE)[2]  # reported by module, whatever compiled method ran it
     if phase == "opt":
         return "optimizer"
     if phase == "ema":
@@ -506,7 +514,9 @@ def _cuda_like_trace(model: nn.Module | None, use_triton: bool) -> Iterator[_Rec
     names = {id(m): n for n, m in model.named_modules()} if model is not None else {}
 
     def pre(mod: nn.Module, _: Any) -> None:
-        _State.modules.append(names.get(id(mod), _State.modules[-1] if _State.modules else ""))
+        top, name = _State.modules[-1] if _State.modules else "", names.get(id(mod))
+        scope = top.rpartition(SCOPE)[0]  # inside a compiled method (`_scoped`): its path prefixes the label
+        _State.modules.append(top if name is None else f"{scope}{SCOPE}{name}" if scope else name)
 
     def post(*_: Any) -> None:
         if _State.modules:
@@ -562,7 +572,8 @@ def trace_fn(fn: Callable[[], Any], model: nn.Module | None = None, *, autocast:
 class Variant:
     impl: str = "spidr_fast"  # spidr_fast | reference
     compiled: bool = True
-    whole_model: bool = False  # spidr_fast compiled as one graph (forward + backward), not layer by layer
+    whole_model: bool = False  # spidr_fast compiled as one graph (forward + backward), not by regions
+    glue: bool = True  # spidr_fast's glue regions compiled (parallelize.GLUE_REGIONS), not its layers only
     ref_ops: str = ""  # SPIDR_FAST_REFERENCE_OPS for the trace
     mode: str = "train"  # train (phase A) | frozen (phase B) | extract
     ncw_transposes: bool = False  # what-if: cuDNN transposes channels-first bf16 conv operands (PERF-MODEL.md)
@@ -578,6 +589,8 @@ class Variant:
                 kw["compiled"] = False
             elif opt == "whole":
                 kw["whole_model"] = True
+            elif opt == "layers":
+                kw["glue"] = False
             elif opt in ("frozen", "extract"):
                 kw["mode"] = opt
             elif opt == "ncw":
@@ -585,13 +598,14 @@ class Variant:
             elif opt.startswith("ref_ops="):
                 kw["ref_ops"] = opt.split("=", 1)[1].replace("+", ",")
             else:
-                known = "eager, whole, frozen, extract, ncw, ref_ops=a+b"
+                known = "eager, whole, layers, frozen, extract, ncw, ref_ops=a+b"
                 raise ValueError(f"variant {spec!r}: unknown option {opt!r} ({known})")
         return cls(**kw)
 
     def __str__(self) -> str:
         opts = [] if self.compiled else ["eager"]
         opts += ["whole"] if self.whole_model and self.impl == "spidr_fast" else []
+        opts += ["layers"] if not self.glue and self.impl == "spidr_fast" else []
         opts += [] if self.mode == "train" else [self.mode]
         opts += ["ncw"] if self.ncw_transposes else []
         opts += [f"ref_ops={self.ref_ops.replace(',', '+')}"] if self.ref_ops else []
@@ -656,12 +670,39 @@ def _optimizer_step(params: list[Tensor], grad_scaler: bool) -> None:
                         weight_decay=0.01, eps=1e-6, amsgrad=False, maximize=False)  # fmt: skip
 
 
-def _per_layer(op: Op) -> str | None:
-    """spidr_fast's trainer compiles each transformer layer (student and teacher): one fusion region each."""
-    parts = op.label.split(".")
-    if op.phase in ("fwd", "bwd") and len(parts) >= 3 and parts[0] in ("student", "teacher") and parts[1] == "layers":
-        return ".".join(parts[:3])
-    return None
+def _trainer_regions(regions: tuple[str, ...]) -> Callable[[Op], str | None]:
+    """The fusion region of an op when spidr_fast's trainer compiles `regions` (parallelize.COMPILED_REGIONS):
+    the compiled method whose scope prefixes its label, else the compiled module at or above its label."""
+    methods = set(regions)  # a method's scope is its exact path
+    modules = re.compile("(?:" + "|".join(re.escape(r).replace(r"\*", r"\d+") for r in regions) + r")(?=\.|$)")
+
+    def region(op: Op) -> str | None:
+        if op.phase not in ("fwd", "bwd"):
+            return None
+        scope, _, label = op.label.rpartition(SCOPE)
+        if scope:
+            return scope if scope in methods else None
+        m = modules.match(label)
+        return m.group(0) if m else None
+
+    return region
+
+
+def _scoped(model: nn.Module, regions: tuple[str, ...]) -> None:
+    """Label what each compiled method of `regions` runs with its path (`SCOPE`), as the hooks do for modules."""
+    for path, owner, attr in region_paths(model, regions):
+        method = getattr(owner, attr)
+        if isinstance(method, nn.Module):
+            continue
+
+        def scoped(*args: Any, _method: Callable = method, _path: str = path, **kwargs: Any) -> Any:
+            _State.modules.append(_path + SCOPE)
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                _State.modules.pop()
+
+        setattr(owner, attr, scoped)
 
 
 def _whole_model(op: Op) -> str | None:
@@ -682,6 +723,8 @@ def trace(
     torch.manual_seed(0)
     try:
         model = _build(variant.impl, cfg)
+        if variant.impl == "spidr_fast":
+            _scoped(model, COMPILED_REGIONS)
         wav = torch.empty(batch, samples, device="meta")
         with _cuda_like_trace(model, use_triton=variant.impl == "spidr_fast") as rec:
             _State.ncw_transposes = variant.ncw_transposes
@@ -717,7 +760,9 @@ def trace(
             os.environ["SPIDR_FAST_REFERENCE_OPS"] = saved_env
     compiled = None
     if variant.compiled:
-        compiled = _per_layer if variant.impl == "spidr_fast" and not variant.whole_model else _whole_model
+        regions = COMPILED_REGIONS if variant.glue else LAYER_REGIONS
+        per_region = variant.impl == "spidr_fast" and not variant.whole_model
+        compiled = _trainer_regions(regions) if per_region else _whole_model
     model_flops = sum(op.flops for op in rec.ops if op.phase in ("fwd", "bwd", "loss"))
     dense = variant.impl == "spidr_fast" and "attention" not in variant.ref_ops.split(",")
     return Trace(rec.ops, rec.value_bytes, batch * samples / 16000, compiled, model_flops, dense)
@@ -984,13 +1029,16 @@ def bounds_table(summaries: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-# The levers built so far, each switched off by a SPIDR_FAST_REFERENCE_OPS name; (title, name)
+# The levers built so far, each switched off by a SPIDR_FAST_REFERENCE_OPS name (or COMPILE_GLUE: the
+# `:layers` variant, the trainer's run.compile_glue=false); (title, name)
+COMPILE_GLUE = "compile_glue"
 LEVERS = (
     ("channels-last front-end (kernels/conv_frontend.py)", "frontend_layout"),
     ("bf16 residual stream (spidr_fast/models/layer_norm.py)", "residual_dtype"),
     ("first conv + LayerNorm + GELU fused (kernels/conv0.py)", "conv0"),
     ("fused positional conv layer (kernels/pos_conv.py)", "pos_conv"),
     ("dense attention backend per device (kernels/attention.py DENSE_ORDER)", "attention"),
+    ("glue compiled by regions (GLUE_REGIONS, spidr_fast/train/parallelize.py)", COMPILE_GLUE),
 )
 
 
@@ -1006,7 +1054,8 @@ def levers_table(config: Any = "base", batch: int = 16, seconds: float = 15.0, d
         for title in ["all built levers off", *(f"+ {t}" for t, _ in LEVERS)]:
             if title.startswith("+"):
                 off.pop(0)
-            v = Variant(ref_ops=",".join(off), ncw_transposes=ncw)
+            ref_ops = ",".join(name for name in off if name != COMPILE_GLUE)
+            v = Variant(ref_ops=ref_ops, glue=COMPILE_GLUE not in off, ncw_transposes=ncw)
             a = summarize(trace(v, config, batch, seconds), device)["ms"]
             b = summarize(trace(dataclasses.replace(v, mode="frozen"), config, batch, seconds), device)["ms"]
             avg = (a + b) / 2
@@ -1039,7 +1088,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.levers:
         device = "H100" if "H100" in devices else devices[0]
-        print(f"\n## Levers built (SPIDR_FAST_REFERENCE_OPS switches each off), {device}\n")
+        print(f"\n## Levers built (SPIDR_FAST_REFERENCE_OPS or `:layers` switches each off), {device}\n")
         print(levers_table(args.config, args.batch, args.seconds, device))
     if args.json:
         with open(args.json, "w") as f:

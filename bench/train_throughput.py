@@ -2,7 +2,7 @@
 
 Both implementations run the same training step (bf16 autocast forward, loss over the masked
 frames, backward, grad clip, AdamW, teacher EMA) on the same batches, in the same process. spidr_fast
-runs the trainer's own code: `parallelize` (per-layer compile), `build_optimizer` (fused AdamW on
+runs the trainer's own code: `parallelize` (regional compile), `build_optimizer` (fused AdamW on
 CUDA, LR schedule) and `train_step` from `spidr_fast.train`; the reference runs its recipe's step
 (AdamW 5e-4, betas 0.9/0.95, clip 10, `model.compile(dynamic=True)` as its trainer does). Utterance
 lengths drawn from a LibriSpeech-like distribution (2-35 s), bucketed under the reference's budget
@@ -112,7 +112,7 @@ Step = Callable[[Batch, int], object]  # (batch, step number after this one) -> 
 
 
 def trainer_step(fields: dict[str, Any], device: torch.device, dtype: torch.dtype, compile_model: bool) -> Step:
-    """spidr_fast's training step as its trainer builds it, on one device: `parallelize` (per-layer
+    """spidr_fast's training step as its trainer builds it, on one device: `parallelize` (regional
     compile), `build_optimizer` and `StepContext` with the recipe's optimizer settings, `train_step`."""
     model = build("spidr_fast", fields, device)
     called, grad_scale = parallelize(

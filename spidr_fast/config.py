@@ -184,6 +184,7 @@ class RunConfig:
     parallelism: Literal["fsdp", "ddp", "none"] = "fsdp"  # "none" only with one process
     compile_backend: str = "inductor"
     compile_dynamic: bool = True  # symbolic (B, T): one compile per layer whatever the batch shape
+    compile_glue: bool = True  # compile the glue between the layers too (parallelize.GLUE_REGIONS)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     checkpoint_format: Literal["full", "sharded"] = "full"  # one .pt (rank 0) or a DCP folder per step
     validation_interval: int = 0  # steps between validations (0: at each save)

@@ -188,6 +188,25 @@ def test_whole_model_compile_and_efficiency_what_ifs(tmp_path: Path, monkeypatch
         roofline.main(["--config", "tiny", "--eff", "gemmm=1"])
 
 
+def test_fusion_regions_are_the_trainers_compiled_regions() -> None:
+    """spidr_fast is priced with the regions its trainer compiles (parallelize.COMPILED_REGIONS): every one of
+    them and nothing else fuses; `:layers` (run.compile_glue=false) fuses the layers only, and moves more."""
+    from spidr_fast.train.parallelize import region_paths
+
+    paths = {path for path, _, _ in region_paths(SpidR(roofline.load_config("tiny")))}
+    glue, layers = (roofline.trace(v, "tiny", batch=1, seconds=1.0) for v in ("spidr_fast", "spidr_fast:layers"))
+    assert {glue.compiled(op) for op in glue.ops} - {None} == paths
+    assert {layers.compiled(op) for op in layers.ops} - {None} == {p for p in paths if ".layers." in p}
+    assert {op.phase for op in glue.ops if glue.compiled(op)} == {"fwd", "bwd"}
+    # what each compiled method ran is labelled with its path; the report still groups it by module
+    assert {op.label for op in glue.ops if glue.compiled(op) == "_targets"} == {"_targets|"}
+    assert any(op.label == "teacher._embed|teacher.pos_conv_embed" for op in glue.ops)
+    assert roofline.region_of("teacher._embed|teacher.pos_conv_embed", "fwd") == "teacher"
+    assert roofline.region_of("student._embed_norm|student.layer_norm", "bwd") == "student glue"
+    by_glue, by_layers = (roofline.summarize(tr, "H100") for tr in (glue, layers))
+    assert by_glue["gflop"] == by_layers["gflop"] and by_glue["gb"] < by_layers["gb"]
+
+
 def test_fused_first_conv_block() -> None:
     """The first conv block as one op (kernels/conv0.py): the conv's FLOPs, in the class its kernels classify as,
     moving the waveform and y once each way instead of the conv output four times (SPIDR_FAST_REFERENCE_OPS=conv0:

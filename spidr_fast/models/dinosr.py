@@ -232,10 +232,39 @@ class DinoSR(nn.Module):
         return out
 
     # ---------------------------------------------------------------- training objective
-    def _student_head_inputs(self, x: Tensor, padding: Padding | None, mask_indices: Tensor) -> Tensor:
-        """DinoSR: all heads read the student's final output at the masked frames: (C, N, D) (a view)."""
-        y = select_masked(self.student(x, padding), mask_indices)
-        return y.unsqueeze(0).expand(self.num_codebooks, -1, -1)
+    # The glue between the layers is in methods of its own (`_student_input`, `_targets`, `_heads_loss`), so
+    # that the trainer can compile each as a region (spidr_fast/train/parallelize.py: `GLUE_REGIONS`); what
+    # stays in `forward` is host-side work (the padding metadata, layer drop) and the cross-rank reduction.
+    def _student_input(self, features: Tensor, mask_indices: Tensor | None) -> Tensor:
+        """Projection dropout, then the mask embedding at the (B, M) masked frames (None: none masked)."""
+        x = self.projection_dropout(features)
+        if mask_indices is None:
+            return x
+        masked = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, mask_indices, True)
+        return torch.where(masked.unsqueeze(-1), self.mask_embedding.to(x.dtype), x)
+
+    def _student_outputs(self, x: Tensor, padding: Padding | None) -> list[Tensor]:
+        """DinoSR: every head reads the student's final output (one (B, T, D) tensor for all heads)."""
+        return [self.student(x, padding)]
+
+    def _targets(
+        self, teacher_layers: list[Tensor], padding: Padding | None, mask_indices: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The teacher's top layers -> instance-normalised targets at the masked frames (C, N, D) fp32 ->
+        their codebook labels (C, N), this rank's per-codeword counts (C, K) and sums (C, K, D)."""
+        key_mask = None if padding is None else padding.mask
+        return self.codebooks.assign(kernels.instance_norm_targets(teacher_layers, key_mask, mask_indices))
+
+    def _heads_loss(self, outputs: list[Tensor], mask_indices: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Head i reads `outputs[i]` (or the one output for all) at the masked frames: losses (C, N), and
+        the heads' probability sums (C, K)."""
+        if len(outputs) == 1:  # one (N, D) gather, viewed by every head
+            head_inputs = select_masked(outputs[0], mask_indices).unsqueeze(0).expand(self.num_codebooks, -1, -1)
+        else:
+            head_inputs = torch.stack([select_masked(y, mask_indices) for y in outputs])  # (C, N, D)
+        weight = torch.stack([head[0].weight for head in self.heads])  # (C, K, D)
+        bias = torch.stack([head[0].bias for head in self.heads])  # (C, K)
+        return kernels.heads_cross_entropy(head_inputs, weight, bias, labels)
 
     def forward(
         self,
@@ -251,24 +280,16 @@ class DinoSR(nn.Module):
         row; None predicts every frame.
         """
         features, padding = self._features(waveforms, attention_mask, lengths)
-        batch, frames, _ = features.shape
-        x = self.projection_dropout(features)
+        x = self._student_input(features, mask_indices)
         if mask_indices is None:
+            batch, frames, _ = features.shape
             mask_indices = torch.arange(frames, device=x.device).expand(batch, -1)
-        else:
-            masked = torch.zeros(batch, frames, dtype=torch.bool, device=x.device).scatter_(1, mask_indices, True)
-            x = torch.where(masked.unsqueeze(-1), self.mask_embedding.to(x.dtype), x)
-        head_inputs = self._student_head_inputs(x, padding, mask_indices)  # (C, N, D)
+        outputs = self._student_outputs(x, padding)
 
         with torch.no_grad():
             teacher_layers = self.teacher.get_intermediate_outputs(features, padding)[-self.num_codebooks :]
-            key_mask = None if padding is None else padding.mask
-            targets = kernels.instance_norm_targets(teacher_layers, key_mask, mask_indices)  # (C, N, D) fp32
-        labels, counts, sums = self.codebooks.assign(targets)  # (C, N), (C, K), (C, K, D)
-
-        weight = torch.stack([head[0].weight for head in self.heads])  # (C, K, D)
-        bias = torch.stack([head[0].bias for head in self.heads])  # (C, K)
-        losses, prob_sums = kernels.heads_cross_entropy(head_inputs, weight, bias, labels)  # (C, N), (C, K)
+            labels, counts, sums = self._targets(teacher_layers, padding, mask_indices)  # (C, N), (C, K), (C, K, D)
+        losses, prob_sums = self._heads_loss(outputs, mask_indices, labels)  # (C, N), (C, K)
 
         num_frames = torch.full((), labels.shape[1], dtype=torch.float32, device=labels.device)
         counts, sums, prob_sums, num_frames = self.codebooks.all_reduce(counts, sums, prob_sums, num_frames)

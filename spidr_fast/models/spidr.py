@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 from spidr_fast.config import SpidRConfig
 from spidr_fast.kernels.attention import Padding
-from spidr_fast.models.dinosr import DinoSR, select_masked
+from spidr_fast.models.dinosr import DinoSR
 
 
 def spidr_ema_decay(step: int, start: float, timescale: float, threshold: float) -> float:
@@ -33,6 +32,6 @@ class SpidR(DinoSR):
     def _head_inputs_for_inference(self, features: Tensor, padding: Padding | None) -> list[Tensor]:
         return self.student.get_intermediate_outputs(features, padding)[-self.num_codebooks :]
 
-    def _student_head_inputs(self, x: Tensor, padding: Padding | None, mask_indices: Tensor) -> Tensor:
-        layers = self.student.get_intermediate_outputs(x, padding)[-self.num_codebooks :]
-        return torch.stack([select_masked(y, mask_indices) for y in layers])
+    def _student_outputs(self, x: Tensor, padding: Padding | None) -> list[Tensor]:
+        """SpidR: head i reads the student's layer of teacher target i (the last `num_codebooks` layers)."""
+        return self.student.get_intermediate_outputs(x, padding)[-self.num_codebooks :]

@@ -148,7 +148,11 @@ class Transformer(nn.Module):
         return self.layer_norm if self.pre_ln else self.layers[-1].final_layer_norm
 
     def _embed(self, x: Tensor, padding: Padding | None) -> Tensor:
-        x = x + self.pos_conv_embed(x, padding)
+        return self._embed_norm(x, self.pos_conv_embed(x, padding))
+
+    def _embed_norm(self, x: Tensor, pos: Tensor) -> Tensor:
+        """The positional embedding added, then LayerNorm (post-LN) and dropout."""
+        x = x + pos
         if not self.pre_ln:
             x = self.layer_norm(x)
         return self.dropout(x)

@@ -74,7 +74,7 @@ def train(cfg: TrainConfig, *, progress: Callable[..., Any] = tqdm) -> dict[str,
         flops = count_step_flops(model, first.device_waveforms(env.device), first.mask_indices.to(env.device), dtype)
         flops_per_audio_second = flops / (first.waveforms.numel() / SAMPLE_RATE)
 
-        # ---- transforms (compile per layer -> FSDP2 / DDP), optimizer, resume
+        # ---- transforms (regional compile -> FSDP2 / DDP), optimizer, resume
         called, grad_scale = parallelize(
             model,
             parallelism=cfg.run.parallelism,
@@ -84,6 +84,7 @@ def train(cfg: TrainConfig, *, progress: Callable[..., Any] = tqdm) -> dict[str,
             compile=cfg.run.compile,
             compile_backend=cfg.run.compile_backend,
             compile_dynamic=cfg.run.compile_dynamic,
+            compile_glue=cfg.run.compile_glue,
         )
         optimizer, scheduler = build_optimizer(model, cfg.optimizer)
         ckpt = Checkpointer(

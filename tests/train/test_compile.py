@@ -19,8 +19,10 @@ from spidr_fast.train.step import StepContext, train_step
 SHAPES = [(3, 12_800), (2, 12_480), (4, 12_960), (3, 12_650), (2, 12_800)]
 
 
-def make_step(compile: bool) -> StepContext:
-    cfg = read_config("tiny", ["model.encoder_dropout=0.0", "model.encoder_attention_dropout=0.0"]).model
+def make_step(compile: bool, backend: str = "aot_eager", overrides: tuple[str, ...] = ()) -> StepContext:
+    """The trainer's step (parallelize, build_optimizer) of the tiny SpidR, dropout off (compiled and eager
+    runs draw different random streams)."""
+    cfg = read_config("tiny", ["model.encoder_dropout=0.0", "model.encoder_attention_dropout=0.0", *overrides]).model
     torch.manual_seed(0)
     model = SpidR(cfg).train()
     called, scale = parallelize(
@@ -30,7 +32,7 @@ def make_step(compile: bool) -> StepContext:
         device=torch.device("cpu"),
         param_dtype=torch.float32,
         compile=compile,
-        compile_backend="aot_eager",
+        compile_backend=backend,
         compile_dynamic=True,
     )
     optimizer, scheduler = build_optimizer(model, OptimizerConfig(warmup_steps=0))

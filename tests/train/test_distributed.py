@@ -44,7 +44,9 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return waveforms, torch.from_numpy(mask)
 
 
-def run_steps(parallelism: str, rank: int, world: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+def run_steps(
+    parallelism: str, rank: int, world: int, compile: bool = False
+) -> tuple[list[float], dict[str, torch.Tensor]]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     model = tiny_model()
@@ -54,7 +56,8 @@ def run_steps(parallelism: str, rank: int, world: int) -> tuple[list[float], dic
         world_size=world,
         device=torch.device("cpu"),
         param_dtype=torch.float32,
-        compile=False,
+        compile=compile,
+        compile_backend="aot_eager",  # the trainer's graphs (every region, fwd + bwd) without code generation
     )
     opt_cfg = OptimizerConfig(lr=1e-3, warmup_steps=2, hold_steps=2, decay_steps=4, max_steps=STEPS)
     optimizer, scheduler = build_optimizer(model, opt_cfg)
@@ -74,11 +77,11 @@ def run_steps(parallelism: str, rank: int, world: int) -> tuple[list[float], dic
     return losses, get_model_state_dict(model, options=options)
 
 
-def _worker(rank: int, world: int, init_file: str, out: str, parallelism: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out: str, parallelism: str, compile: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        result = run_steps(parallelism, rank, world)
+        result = run_steps(parallelism, rank, world, compile)
         if rank == 0:
             torch.save(result, out)
         # Tear down together: a rank destroying its gloo group while the other still holds the
@@ -88,12 +91,13 @@ def _worker(rank: int, world: int, init_file: str, out: str, parallelism: str) -
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("parallelism", ["fsdp", "ddp"])
-def test_two_processes_equal_one(parallelism: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("parallelism", "compile"), [("fsdp", False), ("ddp", False), ("fsdp", True)])
+def test_two_processes_equal_one(parallelism: str, compile: bool, tmp_path: Path) -> None:
+    """compile: FSDP2 around the trainer's compiled regions (layers and glue), against the eager process."""
     ref_losses, ref_state = run_steps("none", 0, 1)
     out = tmp_path / "result.pt"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), parallelism), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), parallelism, compile), nprocs=2, join=True)
     losses, state = torch.load(out, weights_only=False)
     assert losses == pytest.approx(ref_losses, abs=1e-5, rel=1e-5)
     assert state.keys() == ref_state.keys()
@@ -162,10 +166,11 @@ def run_torchrun(overrides: list[str], hook_dir: Path, timeout: float) -> tuple[
     return proc.returncode, output
 
 
-@pytest.mark.parametrize("parallelism", ["fsdp", "ddp"])
-def test_trainer_ranks_hold_one_model(parallelism: str, corpus: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("parallelism", "compile"), [("fsdp", False), ("ddp", False), ("fsdp", True)])
+def test_trainer_ranks_hold_one_model(parallelism: str, compile: bool, corpus: Path, tmp_path: Path) -> None:
     # Layer drop 0.5 over 2 layers: ranks drawing their own drops (as before) skip different layers at the
     # first steps, which desynchronises FSDP2's collectives; seeds of seed + rank built different codebooks.
+    # compile: the trainer's compiled regions (inductor) under FSDP2, as a GPU run has them.
     hook_dir = tmp_path / "hook"
     hook_dir.mkdir()
     (hook_dir / "sitecustomize.py").write_text(DUMP_HOOK)
@@ -177,6 +182,8 @@ def test_trainer_ranks_hold_one_model(parallelism: str, corpus: Path, tmp_path: 
         "model.encoder_layer_drop=0.5",
         "optimizer.max_steps=4",
         "run.save_interval=2",
+        f"run.compile={str(compile).lower()}",
+        "run.compile_backend=inductor",
     )
     returncode, output = run_torchrun(overrides, hook_dir, timeout=240)
     assert returncode == 0, output[-3000:]
