@@ -247,6 +247,11 @@ class DinoSR(nn.Module):
         """DinoSR: every head reads the student's final output (one (B, T, D) tensor for all heads)."""
         return [self.student(x, padding)]
 
+    def parameters_unreached_by_the_loss(self) -> list[nn.Parameter]:
+        """Trainable parameters the last training forward's loss did not reach although a compiled layer
+        gives them a (zero) gradient. DinoSR's student skips a dropped layer entirely: none."""
+        return []
+
     def _targets(
         self, teacher_layers: list[Tensor], padding: Padding | None, mask_indices: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:

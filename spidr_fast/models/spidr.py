@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from spidr_fast.config import SpidRConfig
 from spidr_fast.kernels.attention import Padding
@@ -31,6 +31,10 @@ class SpidR(DinoSR):
 
     def _head_inputs_for_inference(self, features: Tensor, padding: Padding | None) -> list[Tensor]:
         return self.student.get_intermediate_outputs(features, padding)[-self.num_codebooks :]
+
+    def parameters_unreached_by_the_loss(self) -> list[nn.Parameter]:
+        """The heads read FFN outputs: a dropped layer's output (and its final LayerNorm) is unused."""
+        return self.student.parameters_after_ffn_of_dropped_layers()
 
     def _student_outputs(self, x: Tensor, padding: Padding | None) -> list[Tensor]:
         """SpidR: head i reads the student's layer of teacher target i (the last `num_codebooks` layers)."""

@@ -125,6 +125,8 @@ class Transformer(nn.Module):
         # Where layer drop is drawn: None = the global CPU RNG. The trainer sets one seeded by (seed, step)
         # every step, so that every rank drops the same layers (FSDP2's collectives stay matched).
         self.layer_drop_generator: torch.Generator | None = None
+        # The layers `iter_layer_outputs` dropped in its last pass (their outputs went unused).
+        self.dropped_layers: list[int] = []
         self.pre_ln = pre_ln
         self.layers = nn.ModuleList(
             TransformerLayer(
@@ -205,11 +207,26 @@ class Transformer(nn.Module):
             raise ValueError(f"num_layers must be in [1, {len(self.layers)}], got {num_layers}")
         padding = as_padding(padding)
         x = self._embed(x, padding)
-        for layer in self.layers[:num_layers]:
+        self.dropped_layers = []
+        for index, layer in enumerate(self.layers[:num_layers]):
             out, ffn = layer(x, padding)
-            if not self._drop_layer():
+            if self._drop_layer():
+                self.dropped_layers.append(index)
+            else:
                 x = out
             yield out, ffn
+
+    def parameters_after_ffn_of_dropped_layers(self) -> list[nn.Parameter]:
+        """The parameters that only a dropped layer's output reaches (post-LN: its final LayerNorm), for the
+        layers dropped in the last `iter_layer_outputs` pass.
+
+        A caller that reads the FFN outputs (SpidR's heads) leaves a dropped layer's output unused: eager
+        autograd gives these parameters no gradient (None), but a compiled layer returns zeros for them,
+        and AdamW moves a parameter with a zero gradient. The trainer sets them back to None.
+        """
+        if self.pre_ln:  # out = x + dropout(ffn): nothing past the FFN has parameters
+            return []
+        return [p for i in self.dropped_layers for p in self.layers[i].final_layer_norm.parameters()]
 
 
 def as_padding(padding: Padding | Tensor | None) -> Padding | None:

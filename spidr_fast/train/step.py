@@ -88,6 +88,8 @@ def train_step(
         work.wait()
     loss_sum = losses.float().sum()
     (loss_sum * (ctx.grad_scale / num_masked)).backward()
+    for p in ctx.core.parameters_unreached_by_the_loss():  # what eager autograd leaves None (compiled: zeros)
+        p.grad = None
     grad_norm = grad_norm_and_clip_(ctx.params, ctx.max_norm)
     ctx.optimizer.step()
     ctx.optimizer.zero_grad(set_to_none=True)

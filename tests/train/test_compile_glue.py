@@ -104,11 +104,11 @@ SHAPES = [(3, 12_800), (2, 12_480), (4, 12_960)]
 
 
 def make_step(compile: bool) -> tuple[StepContext, list[dict[str, torch.Tensor]]]:
-    """The trainer's step, inductor-compiled or eager, and the gradients of every step. Layer drop off: a
+    """The trainer's step, inductor-compiled or eager, and the gradients of every step. Layer drop on: a
     compiled layer whose output is left unused (SpidR reads a dropped layer's FFN output, not its output)
-    returns zero gradients for its last LayerNorm where eager autograd leaves None, and AdamW moves a
-    parameter with a zero gradient (the per-layer compile's behaviour, not the glue's)."""
-    ctx = test_compile.make_step(compile, "inductor", ("model.encoder_layer_drop=0.0",))
+    returns zero gradients for its last LayerNorm where eager autograd leaves None (and AdamW would move a
+    parameter with a zero gradient): the step must set them back to None."""
+    ctx = test_compile.make_step(compile, "inductor", ("model.encoder_layer_drop=0.5",))
     grads: list[dict[str, torch.Tensor]] = []
     names = {id(p): n for n, p in ctx.core.named_parameters()}
     ctx.optimizer.register_step_pre_hook(
@@ -121,16 +121,20 @@ def test_compiled_step_equals_eager_step() -> None:
     torch._dynamo.reset()
     (compiled, compiled_grads), (eager, eager_grads) = make_step(compile=True), make_step(compile=False)
     assert isinstance(compiled.core._targets, Callable) and "_targets" in vars(compiled.core)  # compiled in place
+    dropped: set[int] = set()
     for step, (size, samples) in enumerate(SHAPES, start=1):
         waveforms = torch.randn(size, samples, generator=torch.Generator().manual_seed(step))
         mask = masks([samples] * size, samples, seed=step)
         with torch._dynamo.config.patch(error_on_recompile=step > 1):  # dynamic shapes: one graph per region
             got = train_step(compiled, waveforms, mask, step)
         want = train_step(eager, waveforms, mask, step)
+        dropped.update(eager.core.student.dropped_layers)
+        assert compiled.core.student.dropped_layers == eager.core.student.dropped_layers
         for key in ("loss", "grad_norm", "target_ppl", "pred_ppl"):
             torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=f"step {step} {key}")
         assert compiled_grads[-1].keys() == eager_grads[-1].keys()
         for name, grad in eager_grads[-1].items():
             torch.testing.assert_close(compiled_grads[-1][name], grad, rtol=1e-4, atol=1e-6, msg=f"{step} {name}")
+    assert dropped - {len(eager.core.student.layers) - 1}, "no layer below the last was dropped: nothing tested"
     for name, buffer in eager.core.state_dict().items():  # codebooks and teacher moved alike
         torch.testing.assert_close(compiled.core.state_dict()[name], buffer, rtol=1e-4, atol=1e-6, msg=name)
