@@ -142,8 +142,10 @@ def _cln_gelu_bwd_kernel(
     dx_ptr += b * s_xb
     w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32) if HAS_WEIGHT else 0.0
     bias = tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    dw_acc = tl.zeros((BLOCK_C,), tl.float32)
-    db_acc = tl.zeros((BLOCK_C,), tl.float32)
+    # per-element partial sums over the T blocks, reduced over T once after the loop (a reduction over T in
+    # every iteration crosses warps: shared memory and barriers)
+    dw_acc = tl.zeros((BLOCK_C, BLOCK_T), tl.float32)
+    db_acc = tl.zeros((BLOCK_C, BLOCK_T), tl.float32)
     for i in range(0, ITERS):  # consecutive T blocks; those past T are fully masked
         ts = (pid * ITERS + i) * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = ts < T
@@ -155,15 +157,15 @@ def _cln_gelu_bwd_kernel(
         rstd = tl.load(rstd_ptr + b * T + ts, mask=tmask, other=0.0)
         dx, dz, xhat = _ln_gelu_backward(x, dy, mean, rstd, mask, C, w, bias, HAS_WEIGHT, HAS_BIAS)
         if HAS_WEIGHT:
-            dw_acc += tl.sum(dz * xhat, axis=1)
+            dw_acc += dz * xhat
         if HAS_BIAS:
-            db_acc += tl.sum(dz, axis=1)
+            db_acc += dz
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     row = b * tl.num_programs(0) + pid  # this program's partial row
     if HAS_WEIGHT:
-        tl.store(dw_ptr + row * C + cs, dw_acc, mask=cmask)
+        tl.store(dw_ptr + row * C + cs, tl.sum(dw_acc, axis=1), mask=cmask)
     if HAS_BIAS:
-        tl.store(db_ptr + row * C + cs, db_acc, mask=cmask)
+        tl.store(db_ptr + row * C + cs, tl.sum(db_acc, axis=1), mask=cmask)
 
 
 # --------------------------------------------------------------------------------------------

@@ -250,15 +250,17 @@ def test_feature_extractor_channels_last(triton_backend, monkeypatch, layout):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
-def conv_frontend_specs(C: int, dtype: str, affine: bool) -> list[dict]:
-    """Both kernels with the tiles their launchers pick at T = 16000, as `bench/sm90.py` specs."""
+def conv_frontend_specs(C: int, dtype: str, affine: bool, T: int = 23_999) -> list[dict]:
+    """Both kernels with the tiles their launchers pick at T frames (the second conv block's by default), as
+    `bench/sm90.py` specs: x, y and dy channels-last as the model runs them on a GPU, shapes and strides as ints
+    (a stride of 1 and multiples of 16 specialise, as at a launch)."""
     import inspect
 
     specs = []
     kernels = [("fwd", cf._cln_gelu_fwd_kernel, cf.FWD_TILE, cf.FWD_PER_THREAD)]
     kernels.append(("bwd", cf._cln_gelu_bwd_kernel, cf.BWD_TILE, cf.BWD_PER_THREAD))
     for name, fn, tile, per_thread in kernels:
-        block_c, block_t, num_warps = cf._blocks(C, 16000, tile, per_thread)
+        block_c, block_t, num_warps = cf._blocks(C, T, tile, per_thread)
         consts = {"HAS_WEIGHT": affine, "HAS_BIAS": affine, "BLOCK_C": block_c, "BLOCK_T": block_t}
         fn = getattr(fn, "fn", fn)  # the plain function, also once jitted (interpreter) by an earlier test
         params = inspect.signature(fn).parameters
@@ -270,8 +272,12 @@ def conv_frontend_specs(C: int, dtype: str, affine: bool) -> list[dict]:
                 continue
             if p in ("x_ptr", "y_ptr", "dy_ptr", "dx_ptr"):
                 sig[p] = "*" + dtype
+            elif p.endswith("_ptr"):
+                sig[p] = "*fp32"
+            elif p.startswith("s_"):  # (B, C, T) channels-last: strides (T C, 1, C)
+                sig[p] = {"b": T * C, "c": 1, "t": C}[p[-1]]
             else:
-                sig[p] = "*fp32" if p.endswith("_ptr") else ("fp32" if p == "eps" else "i32")
+                sig[p] = {"C": C, "T": T, "eps": "fp32"}.get(p, "i32")
         specs.append({"name": name, "fn": fn, "signature": sig, "constexprs": consts, "num_warps": num_warps})
     return specs
 
@@ -289,3 +295,6 @@ def test_sm90_cubins_do_not_spill(C, dtype, affine):
         pytest.skip(f"cannot compile for sm_90 here: {results}")
     for spec, usage in zip(specs, results):
         sm90.assert_fits(spec["name"], usage, max_regs=128)
+    # the backward's loop reduces over C only (two sums, across 2 warps at most: a barrier pair each); its sums
+    # over T accumulate per element and are reduced once after the loop, not through shared memory per T block
+    assert results[1]["loop_counts"].get("BAR", 0) <= 4, results[1]["loop_counts"]
