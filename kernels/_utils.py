@@ -56,3 +56,5 @@ def jit_in_place(namespace: dict, names: tuple[str, ...]) -> None:
         if not isinstance(fn, triton.runtime.KernelInterface):
             fn.__globals__["tl"] = tl  # a helper imported from another kernel module reads `tl` in its own module
             namespace[name] = triton.jit(fn)
+            if fn.__globals__.get(name) is fn:  # ... and calls its module's other helpers (list them too) there
+                fn.__globals__[name] = namespace[name]

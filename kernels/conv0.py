@@ -56,6 +56,7 @@ from spidr_fast.kernels import _dispatch
 from spidr_fast.kernels._utils import cdiv, jit_in_place, kernel_out_dtype, next_pow2
 from spidr_fast.kernels.conv_frontend import (
     _empty,
+    _erf,  # noqa: F401 (jitted here: `_ln_gelu` calls it)
     _ln_gelu,
     _ln_gelu_backward,
     channel_layer_norm_gelu,
@@ -74,7 +75,14 @@ MAX_ITERS = 64  # T blocks per backward program, at most
 
 # Plain functions here, `triton.jit`-decorated at the first launch (see `_utils.jit_in_place`); the LayerNorm + GELU
 # tile math is conv_frontend.py's.
-KERNELS = ("_ln_gelu", "_ln_gelu_backward", "_conv_tile", "_wave_ln_gelu_fwd_kernel", "_wave_ln_gelu_bwd_kernel")
+KERNELS = (
+    "_erf",
+    "_ln_gelu",
+    "_ln_gelu_backward",
+    "_conv_tile",
+    "_wave_ln_gelu_fwd_kernel",
+    "_wave_ln_gelu_bwd_kernel",
+)
 
 if TYPE_CHECKING:
     import triton.language as tl

@@ -56,7 +56,7 @@ from torch import Tensor
 
 from spidr_fast.kernels import _dispatch
 from spidr_fast.kernels._utils import cdiv, dot_in_fp32, jit_in_place, kernel_out_dtype, next_pow2
-from spidr_fast.kernels.conv_frontend import channel_layer_norm_gelu
+from spidr_fast.kernels.conv_frontend import _erf, channel_layer_norm_gelu
 
 MAX_CG = 64  # channels per group the (Cg, Cg) weight blocks take in registers; wider groups: the reference
 MAX_D = 1024  # whole frames in the LayerNorm-GELU backward's registers; wider: the reference
@@ -74,7 +74,7 @@ BWD_TILE, BWD_PER_THREAD = 4096, 8  # LayerNorm-GELU backward: BLOCK_T x next_po
 # --------------------------------------------------------------------------------------------
 
 # Plain functions here, `triton.jit`-decorated at the first launch (see `_utils.jit_in_place`).
-KERNELS = ("_pos_conv_kernel", "_pos_conv_ln_gelu_bwd_kernel", "_pos_conv_dw_kernel")
+KERNELS = ("_erf", "_pos_conv_kernel", "_pos_conv_ln_gelu_bwd_kernel", "_pos_conv_dw_kernel")
 
 if TYPE_CHECKING:
     import triton.language as tl
@@ -146,7 +146,7 @@ def _pos_conv_kernel(
             offs = ts[:, None] * D + (g * CG + cs)[None, :]
             v = tl.load(u_ptr + offs, mask=omask, other=0.0).to(tl.float32)
             z = (v - mean[:, None]) * rstd[:, None]
-            y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))  # exact GELU
+            y = 0.5 * z * (1.0 + _erf(z * 0.7071067811865476))  # exact GELU
             if MASK_OUT:
                 y = y * keep_t[:, None]
             tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=omask)
@@ -172,7 +172,7 @@ def _pos_conv_ln_gelu_bwd_kernel(
     rstd = tl.load(rstd_ptr + b * T + ts, mask=tmask, other=0.0)
     z = tl.where(mask, (u - mean[:, None]) * rstd[:, None], 0.0)
     # gelu'(z) = Phi(z) + z phi(z); dy is 0 outside the mask, so dzhat is too
-    cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    cdf = 0.5 * (1.0 + _erf(z * 0.7071067811865476))
     pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # 1 / sqrt(2 pi)
     dzhat = dy * (cdf + z * pdf)
     if HAS_KEEP:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 import torch
 
@@ -12,6 +14,9 @@ from tests.kernels.utils import assert_close_to_truth
 
 ATOL = {torch.bfloat16: 1e-3, torch.float16: 1e-4}
 NAMES = ("y", "grad_x", "grad_weight", "grad_bias")
+
+if TYPE_CHECKING:
+    import triton.language as tl
 
 
 def make_inputs(B, C, T, affine, dtype, device):
@@ -298,3 +303,47 @@ def test_sm90_cubins_do_not_spill(C, dtype, affine):
     # the backward's loop reduces over C only (two sums, across 2 warps at most: a barrier pair each); its sums
     # over T accumulate per element and are reduced once after the loop, not through shared memory per T block
     assert results[1]["loop_counts"].get("BAR", 0) <= 4, results[1]["loop_counts"]
+
+
+def _erf_probe(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, cf._erf(tl.load(x_ptr + offs)))
+
+
+def erf_grid() -> torch.Tensor:
+    """fp32 points: 2**20 evenly over [-8, 8], both sides of the polynomials' switch at |x| = 1.00296 (every fp32
+    within 512 ulp), tiny and subnormal magnitudes, signed zeros, infinities and NaN."""
+    switch = torch.tensor(1.002959966659546).view(torch.int32) + torch.arange(-512, 513, dtype=torch.int32)
+    tiny = torch.logspace(-44, -1, 4096, dtype=torch.float64).float()
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-45, 3.0e38])
+    pos = torch.cat([switch.view(torch.float32), tiny])
+    return torch.cat([torch.linspace(-8, 8, 2**20), pos, -pos, special])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # x * x at 3e38: inf, as on a GPU
+def test_erf_matches_torch_erf(triton_backend):
+    """`_erf` (libdevice's erff with its polynomials on immediates) on a dense grid: within 2 ulp of erf (float64,
+    rounded) and of torch.erf, as libdevice's erff; exact at 0, +-inf, NaN."""
+    from spidr_fast.kernels._utils import jit_in_place
+
+    jit_in_place(vars(cf), cf.KERNELS)
+    jit_in_place(globals(), ("_erf_probe",))
+    x = erf_grid()
+    block = 4096
+    x = torch.cat([x, x.new_zeros(-len(x) % block)]).to(triton_backend)
+    y = torch.empty_like(x)
+    _erf_probe[(len(x) // block,)](x, y, BLOCK=block)
+    x, y = x.cpu(), y.cpu()
+    truth = torch.erf(x.double()).float()
+    ulp = (truth.view(torch.int32).long() - y.view(torch.int32).long()).abs()  # same sign: ulps apart
+    finite = truth.isfinite()
+    print(
+        "max ulp vs erf:",
+        ulp[finite].max().item(),
+        "vs torch.erf:",
+        (torch.erf(x).view(torch.int32).long() - y.view(torch.int32).long()).abs()[finite].max().item(),
+    )
+    assert ulp[finite & (truth != 0)].max() <= 2
+    assert torch.equal(y[~x.isnan()].sign(), truth[~x.isnan()].sign())
+    assert y[x.isnan()].isnan().all() and torch.equal(y[x.isinf()], x[x.isinf()].sign())
+    assert (torch.erf(x).view(torch.int32).long() - y.view(torch.int32).long()).abs()[finite].max() <= 2
