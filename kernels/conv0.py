@@ -91,14 +91,19 @@ if TYPE_CHECKING:
 def _conv_tile(
     x_ptr, cw_ptr, cb_ptr, cs, cmask, ts, tmask,
     K: tl.constexpr, KP: tl.constexpr, STRIDE: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PADDED_W: tl.constexpr,
 ):  # fmt: skip
     """(u, X): u[c, t] = sum_j w[c, j] x[STRIDE t + j] (+ bias[c]) in fp32, 0 in rows c >= C (the bias too), as
-    one (BLOCK_C, KP) @ (KP, BLOCK_T) tl.dot; X (KP, BLOCK_T) the waveform patches, 0 past K taps or T frames."""
+    one (BLOCK_C, KP) @ (KP, BLOCK_T) tl.dot; X (KP, BLOCK_T) the waveform patches, 0 past K taps or T frames.
+    cw_ptr: the (C, K) conv weight, or with PADDED_W, zero-padded to (BLOCK_C, KP) (`_padded_weight`): an unmasked,
+    vectorised load (the forward's; in the backward's loop the masked load spills less)."""
     js = tl.arange(0, KP)
     jmask = js < K
     xt = tl.load(x_ptr + ts[None, :] * STRIDE + js[:, None], mask=jmask[:, None] & tmask[None, :], other=0.0)
-    w = tl.load(cw_ptr + cs[:, None] * K + js[None, :], mask=cmask[:, None] & jmask[None, :], other=0.0)
+    if PADDED_W:
+        w = tl.load(cw_ptr + cs[:, None] * KP + js[None, :])
+    else:
+        w = tl.load(cw_ptr + cs[:, None] * K + js[None, :], mask=cmask[:, None] & jmask[None, :], other=0.0)
     xt = xt.to(tl.float32)
     u = tl.dot(w.to(tl.float32), xt, input_precision=DOT_PRECISION)
     if HAS_CONV_BIAS:
@@ -111,6 +116,7 @@ def _wave_ln_gelu_fwd_kernel(
     C, T, s_xb, s_yb, s_yc, s_yt, eps,
     K: tl.constexpr, KP: tl.constexpr, STRIDE: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_C: tl.constexpr,
 ):  # fmt: skip
     pid_t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -120,11 +126,11 @@ def _wave_ln_gelu_fwd_kernel(
     tmask = ts < T
     mask = cmask[:, None] & tmask[None, :]  # (BLOCK_C, BLOCK_T)
     u, _ = _conv_tile(
-        x_ptr + b * s_xb, cw_ptr, cb_ptr, cs, cmask, ts, tmask, K, KP, STRIDE, HAS_CONV_BIAS, DOT_PRECISION
+        x_ptr + b * s_xb, cw_ptr, cb_ptr, cs, cmask, ts, tmask, K, KP, STRIDE, HAS_CONV_BIAS, DOT_PRECISION, True
     )
     w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32) if HAS_WEIGHT else 0.0
     bias = tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    y, mean, rstd = _ln_gelu(u, mask, C, w, bias, eps, HAS_WEIGHT, HAS_BIAS)
+    y, mean, rstd = _ln_gelu(u, mask, C, w, bias, eps, HAS_WEIGHT, HAS_BIAS, EVEN_C)
     y_ptrs = y_ptr + b * s_yb + cs.to(tl.int64)[:, None] * s_yc + ts[None, :] * s_yt
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + b * T + ts, mean, mask=tmask)
@@ -155,12 +161,14 @@ def _wave_ln_gelu_bwd_kernel(
         ts = (pid * ITERS + i) * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = ts < T
         mask = cmask[:, None] & tmask[None, :]
-        u, xt = _conv_tile(x_ptr, cw_ptr, cb_ptr, cs, cmask, ts, tmask, K, KP, STRIDE, HAS_CONV_BIAS, DOT_PRECISION)
+        u, xt = _conv_tile(
+            x_ptr, cw_ptr, cb_ptr, cs, cmask, ts, tmask, K, KP, STRIDE, HAS_CONV_BIAS, DOT_PRECISION, False
+        )
         dy = tl.load(dy_ptr + cs[:, None] * s_dyc + ts[None, :] * s_dyt, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + b * T + ts, mask=tmask, other=0.0)
         rstd = tl.load(rstd_ptr + b * T + ts, mask=tmask, other=0.0)
         # du is the LayerNorm input's gradient: nonzero in rows past C (never stored), 0 in columns past T
-        du, dz, xhat = _ln_gelu_backward(u, dy, mean, rstd, mask, C, w, bias, HAS_WEIGHT, HAS_BIAS)
+        du, dz, xhat = _ln_gelu_backward(u, dy, mean, rstd, C, w, bias, HAS_WEIGHT, HAS_BIAS)
         if HAS_WEIGHT:
             dw_acc += tl.sum(dz * xhat, axis=1)
         if HAS_BIAS:
@@ -217,6 +225,12 @@ def _dot_args(K: int, device: torch.device, out_dtype: torch.dtype) -> dict:
     return {"KP": max(16, next_pow2(K)), "DOT_PRECISION": "tf32" if tf32 else "ieee"}
 
 
+def _padded_weight(conv_weight: Tensor, block_c: int, kp: int) -> Tensor:
+    """The (C, 1, K) conv weight as a zero-padded contiguous (block_c, kp) matrix (`_conv_tile`'s operand)."""
+    C, _, K = conv_weight.shape
+    return F.pad(conv_weight.reshape(C, K), (0, kp - K, 0, block_c - C)).contiguous()
+
+
 def _fwd_launch(
     x: Tensor,
     conv_weight: Tensor,
@@ -238,11 +252,12 @@ def _fwd_launch(
     rstd = torch.empty((B, T), dtype=torch.float32, device=x.device)
     if B and C and T:
         block_c, block_t, num_warps = _blocks(C, FWD_TILE, FWD_PER_THREAD)
+        dot_args = _dot_args(K, x.device, out_dtype)
         _wave_ln_gelu_fwd_kernel[(cdiv(T, block_t), B)](
-            x, conv_weight, conv_bias, ln_weight, ln_bias, y, mean, rstd,
+            x, _padded_weight(conv_weight, block_c, dot_args["KP"]), conv_bias, ln_weight, ln_bias, y, mean, rstd,
             C, T, x.stride(0), *y.stride(), eps,
             K=K, STRIDE=stride, HAS_CONV_BIAS=conv_bias is not None, HAS_WEIGHT=ln_weight is not None,
-            HAS_BIAS=ln_bias is not None, BLOCK_C=block_c, BLOCK_T=block_t, **_dot_args(K, x.device, out_dtype),
+            HAS_BIAS=ln_bias is not None, BLOCK_C=block_c, BLOCK_T=block_t, **dot_args, EVEN_C=block_c == C,
             num_warps=num_warps,
         )  # fmt: skip
     return y.to(out_dtype), mean, rstd
@@ -281,11 +296,12 @@ def _bwd_launch(
     dw_part = partial((rows, C), ln_weight is not None)
     db_part = partial((rows, C), ln_bias is not None)
     if n_prog:
+        dot_args = _dot_args(K, x.device, grad_y.dtype)
         _wave_ln_gelu_bwd_kernel[(n_prog, B)](
             x, conv_weight, conv_bias, ln_weight, ln_bias, grad_y, mean, rstd, dcw_part, dcb_part, dw_part, db_part,
             C, T, iters, x.stride(0), *grad_y.stride(),
             K=K, STRIDE=stride, HAS_CONV_BIAS=conv_bias is not None, HAS_WEIGHT=ln_weight is not None,
-            HAS_BIAS=ln_bias is not None, BLOCK_C=block_c, BLOCK_T=block_t, **_dot_args(K, x.device, grad_y.dtype),
+            HAS_BIAS=ln_bias is not None, BLOCK_C=block_c, BLOCK_T=block_t, **dot_args,
             num_warps=num_warps,
         )  # fmt: skip
 

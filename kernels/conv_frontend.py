@@ -91,11 +91,14 @@ def _erf(x):
     return tl.where(a >= 1.002959966659546, tl.where(x < 0.0, -tail, tail), tl.fma(p, x, x))
 
 
-def _ln_gelu(x, mask, C, w, bias, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _ln_gelu(x, mask, C, w, bias, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_C: tl.constexpr):
     """(y, mean, rstd): gelu(LayerNorm over axis 0) of an fp32 (BLOCK_C, BLOCK_T) tile of whole columns, 0 in the
-    rows past C; w, bias (BLOCK_C,) fp32 (unused without HAS_WEIGHT / HAS_BIAS). Shared with `conv0.py`."""
+    rows past C (`mask`: False there; unread when EVEN_C, C == BLOCK_C); w, bias (BLOCK_C,) fp32 (unused without
+    HAS_WEIGHT / HAS_BIAS). Shared with `conv0.py`."""
     mean = tl.sum(x, axis=0) / C  # (BLOCK_T,)
-    xc = tl.where(mask, x - mean[None, :], 0.0)
+    xc = x - mean[None, :]
+    if not EVEN_C:  # rows past C (0 in x) out of the variance; other columns are independent
+        xc = tl.where(mask, xc, 0.0)
     var = tl.sum(xc * xc, axis=0) / C  # biased, as LayerNorm's
     rstd = tl.math.rsqrt(var + eps)
     z = xc * rstd[None, :]
@@ -106,10 +109,11 @@ def _ln_gelu(x, mask, C, w, bias, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.co
     return 0.5 * z * (1.0 + _erf(z * 0.7071067811865476)), mean, rstd  # exact GELU
 
 
-def _ln_gelu_backward(x, dy, mean, rstd, mask, C, w, bias, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """(dx, dz, x_hat) of `_ln_gelu` for a tile with its saved statistics and dy (0 outside `mask`, so dz is too):
-    dx the input's gradient (to be masked), dz the LayerNorm output's (sum_t dz x_hat and sum_t dz: the affine's)."""
-    xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
+def _ln_gelu_backward(x, dy, mean, rstd, C, w, bias, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(dx, dz, x_hat) of `_ln_gelu` for a tile with its saved statistics (0 past T) and dy (0 past C and T, x finite
+    there: so is x_hat, and dz is 0): dx the input's gradient (to be masked), dz the LayerNorm output's (sum_t dz x_hat
+    and sum_t dz: the affine's)."""
+    xhat = (x - mean[None, :]) * rstd[None, :]  # finite past C and T, where dz = 0: no mask needed
     z = xhat
     if HAS_WEIGHT:
         z = z * w[:, None]
@@ -132,6 +136,7 @@ def _cln_gelu_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
     C, T, s_xb, s_xc, s_xt, s_yb, s_yc, s_yt, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+    EVEN_C: tl.constexpr,
 ):  # fmt: skip
     pid_t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -144,7 +149,7 @@ def _cln_gelu_fwd_kernel(
     x = x.to(tl.float32)  # bf16/fp16 converted before any math (also what the interpreter needs)
     w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32) if HAS_WEIGHT else 0.0
     bias = tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    y, mean, rstd = _ln_gelu(x, mask, C, w, bias, eps, HAS_WEIGHT, HAS_BIAS)
+    y, mean, rstd = _ln_gelu(x, mask, C, w, bias, eps, HAS_WEIGHT, HAS_BIAS, EVEN_C)
     y_ptrs = y_ptr + b * s_yb + cs.to(tl.int64)[:, None] * s_yc + ts[None, :] * s_yt
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + b * T + ts, mean, mask=tmask)
@@ -180,7 +185,7 @@ def _cln_gelu_bwd_kernel(
         dy = tl.load(dy_ptr + cs[:, None] * s_dyc + ts[None, :] * s_dyt, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + b * T + ts, mask=tmask, other=0.0)
         rstd = tl.load(rstd_ptr + b * T + ts, mask=tmask, other=0.0)
-        dx, dz, xhat = _ln_gelu_backward(x, dy, mean, rstd, mask, C, w, bias, HAS_WEIGHT, HAS_BIAS)
+        dx, dz, xhat = _ln_gelu_backward(x, dy, mean, rstd, C, w, bias, HAS_WEIGHT, HAS_BIAS)
         if HAS_WEIGHT:
             dw_acc += dz * xhat
         if HAS_BIAS:
@@ -236,7 +241,7 @@ def _fwd_launch(
             x, weight, bias, y, mean, rstd,
             C, T, *x.stride(), *y.stride(), eps,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_T=block_t,
-            num_warps=num_warps,
+            EVEN_C=block_c == C, num_warps=num_warps,
         )  # fmt: skip
     return y.to(x.dtype), mean, rstd
 

@@ -234,7 +234,7 @@ def conv0_specs(precision: str, C: int = 512, T: int = 47_999, S: int = 240_000)
     ptrs["rstd_ptr"] = "*fp32"
     block_c, block_t, warps = c0._blocks(C, c0.FWD_TILE, c0.FWD_PER_THREAD)
     fwd = dict(ptrs, y_ptr="*bf16", C=C, T=T, s_xb=S, s_yb=T * C, s_yc=1, s_yt=C, eps="fp32")
-    specs = [("fwd", "_wave_ln_gelu_fwd_kernel", fwd, {}, block_c, block_t, warps)]
+    specs = [("fwd", "_wave_ln_gelu_fwd_kernel", fwd, {"EVEN_C": block_c == C}, block_c, block_t, warps)]
     block_c, block_t, warps = c0._blocks(C, c0.BWD_TILE, c0.BWD_PER_THREAD)
     bwd = dict(ptrs, dy_ptr="*bf16", dcw_ptr="*fp32", dw_ptr="*fp32", db_ptr="*fp32")
     bwd.update(C=C, T=T, ITERS=c0.MAX_ITERS, s_xb=S, s_dyb=T * C, s_dyc=1, s_dyt=C)

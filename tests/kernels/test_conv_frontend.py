@@ -269,6 +269,8 @@ def conv_frontend_specs(C: int, dtype: str, affine: bool, T: int = 23_999) -> li
         consts = {"HAS_WEIGHT": affine, "HAS_BIAS": affine, "BLOCK_C": block_c, "BLOCK_T": block_t}
         fn = getattr(fn, "fn", fn)  # the plain function, also once jitted (interpreter) by an earlier test
         params = inspect.signature(fn).parameters
+        if "EVEN_C" in params:
+            consts["EVEN_C"] = block_c == C
         if not affine:
             consts.update({p: None for p in ("w_ptr", "b_ptr", "dw_ptr", "db_ptr") if p in params})
         sig = {}
