@@ -120,8 +120,10 @@ def _ln_gelu_backward(x, dy, mean, rstd, C, w, bias, HAS_WEIGHT: tl.constexpr, H
     if HAS_BIAS:
         z = z + bias[:, None]
     # gelu'(z) = Phi(z) + z phi(z)
-    cdf = 0.5 * (1.0 + _erf(z * 0.7071067811865476))
-    pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # 1 / sqrt(2 pi)
+    s = z * 0.7071067811865476
+    cdf = 0.5 * (1.0 + _erf(s))
+    # phi(z) = exp(-s^2) / sqrt(2 pi), as exp2 (tl.exp adds a multiply and a subnormal fix-up); s * s is _erf's
+    pdf = tl.math.exp2(s * s * -1.4426950408889634) * 0.3989422804014327
     dz = dy * (cdf + z * pdf)
     dxhat = dz
     if HAS_WEIGHT:
