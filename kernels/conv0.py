@@ -24,8 +24,10 @@ Fused path (Triton), math in fp32 for every input dtype (bf16/fp16 converted aft
     y is bf16/fp16 (under autocast the two-op path runs the conv in bf16, coarser than TF32) or where cuDNN would
     run an fp32 conv in TF32 (`conv_uses_tf32`, PyTorch's default); else IEEE fp32 on FFMA (fp32 training: the
     trainer turns TF32 off, `train/env.py`). The interpreter's dot is always exact fp32.
-  * forward: grid (T blocks, B). A program computes its u tile, then the LayerNorm + GELU (`conv_frontend._ln_gelu`:
-    two-pass column statistics in registers) and stores y (out_dtype) and the (B, T) statistics.
+  * forward: grid (T blocks, B). A program computes its tile of u - mean_C(u) directly, with the conv weight and bias
+    centred over C (`_centred_conv`; mean_C(u) from the mean filter, a (KP,) dot per frame), then the LayerNorm +
+    GELU (`conv_frontend._centered_ln_gelu`: the variance in registers) and stores y (out_dtype) and the (B, T)
+    statistics.
   * backward: grid (T-block groups, B). A program loops over consecutive T blocks; in each it recomputes u (the
     forward's code and tiles), the LayerNorm + GELU backward (`conv_frontend._ln_gelu_backward`:
     dz = dy gelu'(z) and du = rstd (dz w - mean_C(dz w) - x_hat mean_C(dz w x_hat))), and accumulates in registers
@@ -55,9 +57,9 @@ from torch import Tensor
 from spidr_fast.kernels import _dispatch
 from spidr_fast.kernels._utils import cdiv, jit_in_place, kernel_out_dtype, next_pow2
 from spidr_fast.kernels.conv_frontend import (
+    _centered_ln_gelu,
     _empty,
-    _erf,  # noqa: F401 (jitted here: `_ln_gelu` calls it)
-    _ln_gelu,
+    _erf,  # noqa: F401 (jitted here: `_centered_ln_gelu` calls it)
     _ln_gelu_backward,
     channel_layer_norm_gelu,
     channel_layer_norm_gelu_ref,
@@ -77,7 +79,7 @@ MAX_ITERS = 64  # T blocks per backward program, at most
 # tile math is conv_frontend.py's.
 KERNELS = (
     "_erf",
-    "_ln_gelu",
+    "_centered_ln_gelu",
     "_ln_gelu_backward",
     "_conv_tile",
     "_wave_ln_gelu_fwd_kernel",
@@ -95,7 +97,7 @@ def _conv_tile(
 ):  # fmt: skip
     """(u, X): u[c, t] = sum_j w[c, j] x[STRIDE t + j] (+ bias[c]) in fp32, 0 in rows c >= C (the bias too), as
     one (BLOCK_C, KP) @ (KP, BLOCK_T) tl.dot; X (KP, BLOCK_T) the waveform patches, 0 past K taps or T frames.
-    cw_ptr: the (C, K) conv weight, or with PADDED_W, zero-padded to (BLOCK_C, KP) (`_padded_weight`): an unmasked,
+    cw_ptr: the (C, K) conv weight, or with PADDED_W, zero-padded to (BLOCK_C, KP) (`_centred_conv`): an unmasked,
     vectorised load (the forward's; in the backward's loop the masked load spills less)."""
     js = tl.arange(0, KP)
     jmask = js < K
@@ -112,12 +114,13 @@ def _conv_tile(
 
 
 def _wave_ln_gelu_fwd_kernel(
-    x_ptr, cw_ptr, cb_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
+    x_ptr, cw_ptr, cb_ptr, wm_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
     C, T, s_xb, s_yb, s_yc, s_yt, eps,
     K: tl.constexpr, KP: tl.constexpr, STRIDE: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    EVEN_C: tl.constexpr,
 ):  # fmt: skip
+    """cw, cb: the conv's weight and bias centred over C (`_centred_conv`): the dot gives u - mean_C(u) directly
+    (0 in the rows past C), no reduction for the mean and no mask; mean_C(u) = (wm_ptr[:KP], x patch) + wm_ptr[KP]."""
     pid_t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     cs = tl.arange(0, BLOCK_C)
@@ -125,12 +128,13 @@ def _wave_ln_gelu_fwd_kernel(
     ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = ts < T
     mask = cmask[:, None] & tmask[None, :]  # (BLOCK_C, BLOCK_T)
-    u, _ = _conv_tile(
+    xc, xt = _conv_tile(
         x_ptr + b * s_xb, cw_ptr, cb_ptr, cs, cmask, ts, tmask, K, KP, STRIDE, HAS_CONV_BIAS, DOT_PRECISION, True
     )
+    mean = tl.sum(tl.load(wm_ptr + tl.arange(0, KP))[:, None] * xt, axis=0) + tl.load(wm_ptr + KP)
     w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32) if HAS_WEIGHT else 0.0
     bias = tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    y, mean, rstd = _ln_gelu(u, mask, C, w, bias, eps, HAS_WEIGHT, HAS_BIAS, EVEN_C)
+    y, rstd = _centered_ln_gelu(xc, C, w, bias, eps, HAS_WEIGHT, HAS_BIAS)
     y_ptrs = y_ptr + b * s_yb + cs.to(tl.int64)[:, None] * s_yc + ts[None, :] * s_yt
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + b * T + ts, mean, mask=tmask)
@@ -225,10 +229,18 @@ def _dot_args(K: int, device: torch.device, out_dtype: torch.dtype) -> dict:
     return {"KP": max(16, next_pow2(K)), "DOT_PRECISION": "tf32" if tf32 else "ieee"}
 
 
-def _padded_weight(conv_weight: Tensor, block_c: int, kp: int) -> Tensor:
-    """The (C, 1, K) conv weight as a zero-padded contiguous (block_c, kp) matrix (`_conv_tile`'s operand)."""
+def _centred_conv(conv_weight: Tensor, conv_bias: Tensor | None, block_c: int, kp: int) -> tuple[Tensor, ...]:
+    """The forward's conv operands, fp32: the (C, 1, K) weight minus its mean over C, zero-padded to a contiguous
+    (block_c, kp) matrix (`_conv_tile` loads it unmasked); the bias minus its mean (or None); wm (kp + 1,): the
+    weight's mean over C (0 past K), then the bias's mean (0 without one). u - mean_C(u) = centred weight @ patches
+    + centred bias, and mean_C(u) = wm[:kp] @ patches + wm[kp]."""
     C, _, K = conv_weight.shape
-    return F.pad(conv_weight.reshape(C, K), (0, kp - K, 0, block_c - C)).contiguous()
+    w = conv_weight.reshape(C, K).float()
+    w_mean = w.mean(0)
+    wc = F.pad(w - w_mean, (0, kp - K, 0, block_c - C)).contiguous()
+    b_mean = conv_bias.float().mean().reshape(1) if conv_bias is not None else w.new_zeros(1)
+    wm = torch.cat([F.pad(w_mean, (0, kp - K)), b_mean])
+    return wc, (conv_bias.float() - b_mean if conv_bias is not None else None), wm
 
 
 def _fwd_launch(
@@ -253,12 +265,12 @@ def _fwd_launch(
     if B and C and T:
         block_c, block_t, num_warps = _blocks(C, FWD_TILE, FWD_PER_THREAD)
         dot_args = _dot_args(K, x.device, out_dtype)
+        cw, cb, wm = _centred_conv(conv_weight, conv_bias, block_c, dot_args["KP"])
         _wave_ln_gelu_fwd_kernel[(cdiv(T, block_t), B)](
-            x, _padded_weight(conv_weight, block_c, dot_args["KP"]), conv_bias, ln_weight, ln_bias, y, mean, rstd,
+            x, cw, cb, wm, ln_weight, ln_bias, y, mean, rstd,
             C, T, x.stride(0), *y.stride(), eps,
             K=K, STRIDE=stride, HAS_CONV_BIAS=conv_bias is not None, HAS_WEIGHT=ln_weight is not None,
-            HAS_BIAS=ln_bias is not None, BLOCK_C=block_c, BLOCK_T=block_t, **dot_args, EVEN_C=block_c == C,
-            num_warps=num_warps,
+            HAS_BIAS=ln_bias is not None, BLOCK_C=block_c, BLOCK_T=block_t, **dot_args, num_warps=num_warps,
         )  # fmt: skip
     return y.to(out_dtype), mean, rstd
 

@@ -60,7 +60,8 @@ MAX_ITERS = 16  # T blocks per backward program, at most
 # --------------------------------------------------------------------------------------------
 
 # Plain functions here, `triton.jit`-decorated at the first launch (see `_utils.jit_in_place`).
-KERNELS = ("_erf", "_ln_gelu", "_ln_gelu_backward", "_cln_gelu_fwd_kernel", "_cln_gelu_bwd_kernel")
+KERNELS = ("_erf", "_ln_gelu", "_centered_ln_gelu", "_ln_gelu_backward", "_cln_gelu_fwd_kernel",
+           "_cln_gelu_bwd_kernel")  # fmt: skip
 
 if TYPE_CHECKING:
     import triton.language as tl
@@ -94,11 +95,18 @@ def _erf(x):
 def _ln_gelu(x, mask, C, w, bias, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_C: tl.constexpr):
     """(y, mean, rstd): gelu(LayerNorm over axis 0) of an fp32 (BLOCK_C, BLOCK_T) tile of whole columns, 0 in the
     rows past C (`mask`: False there; unread when EVEN_C, C == BLOCK_C); w, bias (BLOCK_C,) fp32 (unused without
-    HAS_WEIGHT / HAS_BIAS). Shared with `conv0.py`."""
+    HAS_WEIGHT / HAS_BIAS)."""
     mean = tl.sum(x, axis=0) / C  # (BLOCK_T,)
     xc = x - mean[None, :]
     if not EVEN_C:  # rows past C (0 in x) out of the variance; other columns are independent
         xc = tl.where(mask, xc, 0.0)
+    y, rstd = _centered_ln_gelu(xc, C, w, bias, eps, HAS_WEIGHT, HAS_BIAS)
+    return y, mean, rstd
+
+
+def _centered_ln_gelu(xc, C, w, bias, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(y, rstd) of `_ln_gelu` from the tile already centred over axis 0 (0 in the rows past C). Shared with
+    `conv0.py`, whose conv computes the centred tile directly."""
     var = tl.sum(xc * xc, axis=0) / C  # biased, as LayerNorm's
     rstd = tl.math.rsqrt(var + eps)
     z = xc * rstd[None, :]
@@ -106,7 +114,7 @@ def _ln_gelu(x, mask, C, w, bias, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.co
         z = z * w[:, None]
     if HAS_BIAS:
         z = z + bias[:, None]
-    return 0.5 * z * (1.0 + _erf(z * 0.7071067811865476)), mean, rstd  # exact GELU
+    return 0.5 * z * (1.0 + _erf(z * 0.7071067811865476)), rstd  # exact GELU
 
 
 def _ln_gelu_backward(x, dy, mean, rstd, C, w, bias, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):

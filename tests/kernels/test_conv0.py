@@ -234,7 +234,7 @@ def conv0_specs(precision: str, C: int = 512, T: int = 47_999, S: int = 240_000)
     ptrs["rstd_ptr"] = "*fp32"
     block_c, block_t, warps = c0._blocks(C, c0.FWD_TILE, c0.FWD_PER_THREAD)
     fwd = dict(ptrs, y_ptr="*bf16", C=C, T=T, s_xb=S, s_yb=T * C, s_yc=1, s_yt=C, eps="fp32")
-    specs = [("fwd", "_wave_ln_gelu_fwd_kernel", fwd, {"EVEN_C": block_c == C}, block_c, block_t, warps)]
+    specs = [("fwd", "_wave_ln_gelu_fwd_kernel", dict(fwd, wm_ptr="*fp32"), {}, block_c, block_t, warps)]
     block_c, block_t, warps = c0._blocks(C, c0.BWD_TILE, c0.BWD_PER_THREAD)
     bwd = dict(ptrs, dy_ptr="*bf16", dcw_ptr="*fp32", dw_ptr="*fp32", db_ptr="*fp32")
     bwd.update(C=C, T=T, ITERS=c0.MAX_ITERS, s_xb=S, s_dyb=T * C, s_dyc=1, s_dyt=C)
@@ -286,3 +286,19 @@ def test_tf32_setting_followed(monkeypatch):
             assert c0._dot_args(10, torch.device("cpu"), torch.bfloat16)["DOT_PRECISION"] == "ieee"
     finally:
         cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("conv_bias", [True, False])
+def test_centred_conv_operands(conv_bias):
+    """The forward's operands: centred weight @ patches + centred bias = u - mean_C(u) (0 in the padded rows and
+    taps), and the mean filter gives mean_C(u)."""
+    C, K, block_c, kp = 20, 10, 32, 16
+    w, patches = torch.randn(C, 1, K, dtype=torch.float64), torch.randn(K, 7, dtype=torch.float64)
+    b = torch.randn(C, dtype=torch.float64) if conv_bias else None
+    u = w.view(C, K) @ patches + (b[:, None] if conv_bias else 0)
+    wc, cb, wm = c0._centred_conv(w, b, block_c, kp)
+    assert wc.dtype == wm.dtype == torch.float32 and wc.shape == (block_c, kp) and wm.shape == (kp + 1,)
+    assert not wc[C:].any() and not wc[:, K:].any() and not wm[K:kp].any()
+    centred = wc[:C, :K].double() @ patches + (cb[:, None].double() if conv_bias else 0)
+    torch.testing.assert_close(centred, u - u.mean(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(wm[:K].double() @ patches + wm[kp], u.mean(0), atol=1e-5, rtol=0)
