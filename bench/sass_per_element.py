@@ -260,7 +260,8 @@ def kernel_cases() -> list[Case]:
     D, CG, K, T = 768, 48, 19, 749
     fwd, dx, ln_bwd, dw = pos_conv_specs("bf16")
     per_program = fwd["constexprs"]["BLOCK_T"] * D
-    cases.append(Case("_pos_conv_kernel", fwd, per_program, (K, D // CG, D // CG), "bf16, LayerNorm + GELU"))
+    trips = (K, D // CG, -(-D // pc.BLOCK_D_NORM))  # the conv's taps, its groups, the LayerNorm + GELU's chunks
+    cases.append(Case("_pos_conv_kernel", fwd, per_program, trips, "bf16, LayerNorm + GELU"))
     cases.append(Case("_pos_conv_kernel dx", dx, per_program, (K, D // CG), "bf16, the input gradient"))
     tile = ln_bwd["constexprs"]["BLOCK_T"] * D
     cases.append(Case("_pos_conv_ln_gelu_bwd_kernel", ln_bwd, tile, note="bf16"))

@@ -65,6 +65,7 @@ MAX_D = 1024  # whole frames in the LayerNorm-GELU backward's registers; wider: 
 # 64 frames give ~190 programs for a base step's ~12k frames per GPU.
 BLOCK_T_CONV = 64
 NUM_WARPS_CONV = 4
+BLOCK_D_NORM = 64  # channels per chunk of the forward's LayerNorm + GELU pass (whole frames, not padded groups)
 BLOCK_T_DW = 64  # frames per tl.dot of the weight gradient (its reduction dim)
 DW_PROGRAMS = 2048  # aim for about this many weight-gradient programs (partials: chunks x D x Cg x k x 4 bytes)
 BWD_TILE, BWD_PER_THREAD = 4096, 8  # LayerNorm-GELU backward: BLOCK_T x next_pow2(D) elements, 8 a thread
@@ -85,7 +86,7 @@ def _pos_conv_kernel(
     T, D, G, CG, eps,
     K: tl.constexpr, PAD: tl.constexpr, NORM: tl.constexpr, MASK_IN: tl.constexpr, MASK_OUT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """out[t] = keep[t] * f(sum_j W_j^T (keep * x)[t + j - PAD] + bias), f = GELU(LayerNorm_D) when NORM.
     w: (G, K, Cg_in, Cg_out) contiguous. int32 offsets within a batch row (T * D < 2**31)."""
@@ -142,14 +143,18 @@ def _pos_conv_kernel(
     if NORM:
         tl.debug_barrier()  # pass 2 reads u written by other threads of this program
         rstd = tl.math.rsqrt(m2 / D + eps)  # biased variance, as LayerNorm's
-        for g in range(0, G):
-            offs = ts[:, None] * D + (g * CG + cs)[None, :]
-            v = tl.load(u_ptr + offs, mask=omask, other=0.0).to(tl.float32)
+        # in (BLOCK_T, BLOCK_D) chunks of the whole frame, not the groups' padded (BLOCK_T, BLOCK_C) tiles: no lanes
+        # past Cg (a quarter of them at Cg = 48) run the GELU
+        ds = tl.arange(0, BLOCK_D)
+        for d0 in range(0, D, BLOCK_D):
+            offs = ts[:, None] * D + (d0 + ds)[None, :]
+            dmask = tmask[:, None] & (d0 + ds < D)[None, :]
+            v = tl.load(u_ptr + offs, mask=dmask, other=0.0).to(tl.float32)
             z = (v - mean[:, None]) * rstd[:, None]
             y = 0.5 * z * (1.0 + _erf(z * 0.7071067811865476))  # exact GELU
             if MASK_OUT:
                 y = y * keep_t[:, None]
-            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=dmask)
         tl.store(mean_ptr + b * T + ts, mean, mask=tmask)
         tl.store(rstd_ptr + b * T + ts, rstd, mask=tmask)
 
@@ -260,7 +265,8 @@ def _conv_launch(
         _pos_conv_kernel[(cdiv(T, block_t), B)](
             x, keep, wk, bias, out, u, mean, rstd, T, D, G, CG, eps,
             K=K, PAD=pad, NORM=norm, MASK_IN=mask_in and keep is not None, MASK_OUT=keep is not None,
-            HAS_BIAS=bias is not None, BLOCK_T=block_t, BLOCK_C=_block_c(CG), num_warps=NUM_WARPS_CONV,
+            HAS_BIAS=bias is not None, BLOCK_T=block_t, BLOCK_C=_block_c(CG), BLOCK_D=BLOCK_D_NORM,
+            num_warps=NUM_WARPS_CONV,
             **_dot_config(x),
         )  # fmt: skip
     return out.to(x.dtype), u.to(x.dtype), mean, rstd

@@ -222,6 +222,7 @@ def pos_conv_specs(dtype: str) -> list[dict]:
     D, CG, K, T = 768, 48, 19, 749
     common = {"DOT_FP32": dtype == "fp32", "INPUT_PRECISION": "tf32"}
     conv = {"K": K, "BLOCK_T": pc.BLOCK_T_CONV, "BLOCK_C": 64, "MASK_IN": True, "MASK_OUT": True, **common}
+    conv["BLOCK_D"] = pc.BLOCK_D_NORM
     cases = [
         ("fwd", pc._pos_conv_kernel, dict(conv, PAD=K // 2, NORM=True, HAS_BIAS=True), pc.NUM_WARPS_CONV),
         ("dx", pc._pos_conv_kernel, dict(conv, PAD=K - 1 - K // 2, NORM=False, HAS_BIAS=False), pc.NUM_WARPS_CONV),
