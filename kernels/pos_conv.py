@@ -195,20 +195,19 @@ def _pos_conv_ln_gelu_bwd_kernel(
 
 
 def _pos_conv_dw_kernel(
-    dz_ptr, x_ptr, keep_ptr, dw_ptr, db_ptr, T, D, G, CG, N_TBLK, N_BLK, ITERS,
+    dz_ptr, x_ptr, keep_ptr, dw_ptr, T, D, G, CG, N_TBLK, N_BLK, ITERS,
     K: tl.constexpr, PAD: tl.constexpr, MASK_IN: tl.constexpr, DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Partial weight gradient of (tap j, group g) over one chunk of ITERS (batch row, T block) pairs:
-    dw[chunk, g, j] = sum_t dz[t, g]^T (keep * x)[t + j - PAD, g], a (Cg_out, Cg_in) block; tap 0 also
-    writes the chunk's bias-gradient partial sum_t dz[t]."""
+    dw[chunk, g, j] = sum_t dz[t, g]^T (keep * x)[t + j - PAD, g], a (Cg_out, Cg_in) block. (The bias gradient,
+    sum_t dz[t], is torch's sum over dz: here every tap's programs would reduce the same dz tiles.)"""
     j = tl.program_id(0)
     g = tl.program_id(1)
     chunk = tl.program_id(2)
     cs = tl.arange(0, BLOCK_C)
     cmask = cs < CG
     acc = tl.zeros((BLOCK_C, BLOCK_C), tl.float32)  # (c_out, c_in)
-    db = tl.zeros((BLOCK_C,), tl.float32)
     for it in range(0, ITERS):
         blk = chunk * ITERS + it  # blocks past the last are fully masked
         b = (blk // N_TBLK).to(tl.int64)
@@ -226,11 +225,8 @@ def _pos_conv_dw_kernel(
             acc = tl.dot(dzt, xa.to(tl.float32), acc, input_precision=INPUT_PRECISION)
         else:
             acc = tl.dot(dzt, xa, acc)
-        db += tl.sum(dzt.to(tl.float32), axis=1)
     block = ((chunk * G + g) * K + j).to(tl.int64) * CG * CG
     tl.store(dw_ptr + block + cs[:, None] * CG + cs[None, :], acc, mask=cmask[:, None] & cmask[None, :])
-    if j == 0:
-        tl.store(db_ptr + chunk.to(tl.int64) * D + g * CG + cs, db, mask=cmask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,7 +297,6 @@ def _bwd_launch(
     chunks = min(n_blk, max(1, DW_PROGRAMS // (K * G)))
     iters = cdiv(n_blk, chunks) if chunks else 0
     dw_part = torch.zeros((chunks, G, K, CG, CG), dtype=torch.float32, device=x.device)
-    db_part = torch.zeros((chunks, D), dtype=torch.float32, device=x.device)
     if B and T:
         block_d = next_pow2(D)
         block_t = max(1, min(64, BWD_TILE // block_d, next_pow2(T)))
@@ -312,7 +307,7 @@ def _bwd_launch(
         )  # fmt: skip
         dz = dz.to(x.dtype)  # the dots' operand dtype (a no-op on a GPU)
         _pos_conv_dw_kernel[(K, G, chunks)](
-            dz, x, keep, dw_part, db_part, T, D, G, CG, n_tblk, n_blk, iters,
+            dz, x, keep, dw_part, T, D, G, CG, n_tblk, n_blk, iters,
             K=K, PAD=K // 2, MASK_IN=keep is not None, BLOCK_T=BLOCK_T_DW, BLOCK_C=block_c, num_warps=4,
             **_dot_config(x),
         )  # fmt: skip
@@ -321,7 +316,7 @@ def _bwd_launch(
     grad_x = _conv_launch(dz.to(x.dtype), keep, wt, None, K - 1 - K // 2, 0.0, norm=False, mask_in=False)[0]
     # fixed-order sums of the partials (deterministic); (G, K, Cg_out, Cg_in) -> (D, Cg, K)
     grad_w = dw_part.sum(0).permute(0, 2, 3, 1).reshape(D, CG, K).to(weight.dtype)
-    grad_b = db_part.sum(0).to(weight.dtype) if has_bias else x.new_empty(0)
+    grad_b = dz.sum((0, 1), dtype=torch.float32).to(weight.dtype) if has_bias else x.new_empty(0)  # deterministic
     return grad_x, grad_w, grad_b
 
 
