@@ -208,23 +208,32 @@ def _pos_conv_dw_kernel(
     cs = tl.arange(0, BLOCK_C)
     cmask = cs < CG
     acc = tl.zeros((BLOCK_C, BLOCK_C), tl.float32)  # (c_out, c_in)
+    # (batch row, T block) of the chunk's first block; then stepped, not divided (an integer division by a
+    # runtime N_TBLK is ~25 instructions an iteration)
+    b_i = (chunk * ITERS) // N_TBLK
+    t_blk = (chunk * ITERS) % N_TBLK
     for it in range(0, ITERS):
         blk = chunk * ITERS + it  # blocks past the last are fully masked
-        b = (blk // N_TBLK).to(tl.int64)
-        ts = (blk % N_TBLK) * BLOCK_T + tl.arange(0, BLOCK_T)
+        b = b_i.to(tl.int64)
+        ts = t_blk * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = ts < tl.where(blk < N_BLK, T, 0)
         src = ts + (j - PAD)
         rmask = tmask & (src >= 0) & (src < T)
         if MASK_IN:
-            rmask &= tl.load(keep_ptr + b * T + src, mask=rmask, other=0) != 0
-        row = b * T * D + g * CG
-        dzt = tl.load(dz_ptr + row + ts[None, :] * D + cs[:, None], mask=cmask[:, None] & tmask[None, :], other=0.0)
-        xa = tl.load(x_ptr + row + src[:, None] * D + cs[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+            rmask &= tl.load((keep_ptr + b * T) + src, mask=rmask, other=0) != 0
+        row = b * T * D + g * CG  # int64 into the pointers; int32 offsets within the batch row (T * D < 2**31)
+        dzt = tl.load(
+            (dz_ptr + row) + (ts[None, :] * D + cs[:, None]), mask=cmask[:, None] & tmask[None, :], other=0.0
+        )
+        xa = tl.load((x_ptr + row) + (src[:, None] * D + cs[None, :]), mask=rmask[:, None] & cmask[None, :], other=0.0)
         if DOT_FP32:
             dzt = dzt.to(tl.float32)
             acc = tl.dot(dzt, xa.to(tl.float32), acc, input_precision=INPUT_PRECISION)
         else:
             acc = tl.dot(dzt, xa, acc)
+        t_blk += 1
+        b_i = tl.where(t_blk == N_TBLK, b_i + 1, b_i)
+        t_blk = tl.where(t_blk == N_TBLK, 0, t_blk)
     block = ((chunk * G + g) * K + j).to(tl.int64) * CG * CG
     tl.store(dw_ptr + block + cs[:, None] * CG + cs[None, :], acc, mask=cmask[:, None] & cmask[None, :])
 
