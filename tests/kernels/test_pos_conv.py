@@ -225,7 +225,13 @@ def pos_conv_specs(dtype: str) -> list[dict]:
     conv["BLOCK_D"] = pc.BLOCK_D_NORM
     cases = [
         ("fwd", pc._pos_conv_kernel, dict(conv, PAD=K // 2, NORM=True, HAS_BIAS=True), pc.NUM_WARPS_CONV),
-        ("dx", pc._pos_conv_kernel, dict(conv, PAD=K - 1 - K // 2, NORM=False, HAS_BIAS=False), pc.NUM_WARPS_CONV),
+        # the input gradient's conv reads dz unmasked (its launcher: mask_in=False)
+        (
+            "dx",
+            pc._pos_conv_kernel,
+            dict(conv, PAD=K - 1 - K // 2, NORM=False, HAS_BIAS=False, MASK_IN=False),
+            pc.NUM_WARPS_CONV,
+        ),
         ("ln_bwd", pc._pos_conv_ln_gelu_bwd_kernel, {"HAS_KEEP": True, "BLOCK_T": 4, "BLOCK_D": 1024}, 16),
         (
             "dw",
