@@ -109,14 +109,26 @@ def _pos_conv_kernel(
         u_ptr += b * T * D
         mean = tl.zeros((BLOCK_T,), tl.float32)
         m2 = tl.zeros((BLOCK_T,), tl.float32)
+    if K <= 31:
+        # bit j of a frame's valid: its input frame t + j - PAD is in [0, T) (and kept): computed once, not per group
+        valid = tl.zeros((BLOCK_T,), tl.int32)
+        for tap in tl.static_range(K):
+            tap_src = ts + (tap - PAD)
+            ok = (tap_src >= 0) & (tap_src < T)
+            if MASK_IN:
+                ok &= tl.load(keep_ptr + tap_src, mask=ok, other=0) != 0
+            valid |= ok.to(tl.int32) << tap
     for g in range(0, G):
         acc = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)
         x_cols = x_ptr + g * CG + cs[None, :]
         for j in range(0, K):
             src = ts + (j - PAD)
-            rmask = (src >= 0) & (src < T)
-            if MASK_IN:
-                rmask &= tl.load(keep_ptr + src, mask=rmask, other=0) != 0
+            if K <= 31:
+                rmask = ((valid >> j) & 1) != 0
+            else:
+                rmask = (src >= 0) & (src < T)
+                if MASK_IN:
+                    rmask &= tl.load(keep_ptr + src, mask=rmask, other=0) != 0
             a = tl.load(x_cols + src[:, None] * D, mask=rmask[:, None] & cmask[None, :], other=0.0)
             w = tl.load(w_ptr + (g * K + j) * CG * CG + w_offs, mask=wmask, other=0.0)
             if DOT_FP32:

@@ -50,7 +50,9 @@ def reference(monkeypatch, *args, **kwargs):
 
 # (B, T, D, groups, k): odd and even k; groups 1/2/4; Cg = 12 (not a power of two), 4 (padded to 16) and 16;
 # T = 1, T < k, T not a multiple of the 64-frame block (two blocks)
+# k = 33: past the 31 taps whose input-frame validity the conv packs into one int32 a frame (the per-tap masks)
 SHAPES = [(2, 70, 24, 2, 5), (2, 9, 48, 4, 4), (1, 1, 16, 1, 3), (3, 5, 24, 2, 8), (2, 13, 16, 4, 3)]
+SHAPES += [(2, 40, 16, 2, 33)]
 
 
 @pytest.mark.parametrize("keep", [None, "padded"])
