@@ -68,14 +68,16 @@ NUM_WARPS_CONV = 4
 BLOCK_D_NORM = 64  # channels per chunk of the forward's LayerNorm + GELU pass (whole frames, not padded groups)
 BLOCK_T_DW = 64  # frames per tl.dot of the weight gradient (its reduction dim)
 DW_PROGRAMS = 2048  # aim for about this many weight-gradient programs (partials: chunks x D x Cg x k x 4 bytes)
-BWD_TILE, BWD_PER_THREAD = 4096, 8  # LayerNorm-GELU backward: BLOCK_T x next_pow2(D) elements, 8 a thread
+# LayerNorm-GELU backward: BLOCK_T = BWD_TILE // next_pow2(D) frames a program, ~BWD_PER_THREAD channels of them a
+# thread (warps a power of two: 4 at D = 768, 24 a thread, 72 registers; 16 warps cost more shuffles and barriers)
+BWD_TILE, BWD_PER_THREAD = 4096, 16
 
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
 
 # Plain functions here, `triton.jit`-decorated at the first launch (see `_utils.jit_in_place`).
-KERNELS = ("_erf", "_pos_conv_kernel", "_pos_conv_ln_gelu_bwd_kernel", "_pos_conv_dw_kernel")
+KERNELS = ("_erf", "_gelu_norm_grad", "_pos_conv_kernel", "_pos_conv_ln_gelu_bwd_kernel", "_pos_conv_dw_kernel")
 
 if TYPE_CHECKING:
     import triton.language as tl
@@ -171,38 +173,56 @@ def _pos_conv_kernel(
         tl.store(rstd_ptr + b * T + ts, rstd, mask=tmask)
 
 
-def _pos_conv_ln_gelu_bwd_kernel(
-    dy_ptr, u_ptr, mean_ptr, rstd_ptr, keep_ptr, dz_ptr, T, D,
-    HAS_KEEP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """dz = keep * d/du of gelu(LayerNorm_D(u)) applied to dy, for BLOCK_T whole frames."""
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = ts < T
-    ds = tl.arange(0, BLOCK_D)
-    mask = tmask[:, None] & (ds < D)[None, :]
-    base = b * T * D  # int64; offsets within a batch row in int32 (T * D < 2**31: `fused_supported`)
-    offs = ts[:, None] * D + ds[None, :]
-    u_ptr += base
-    dy_ptr += base
-    dz_ptr += base
+def _gelu_norm_grad(u_ptr, dy_ptr, offs, mask, mean, rstd, keep_t, HAS_KEEP: tl.constexpr):
+    """(z, dzhat) of (BLOCK_T, n) channels of the frames: z = LayerNorm(u) (finite outside `mask`: u 0, mean and
+    rstd 0 past T), dzhat = keep dy gelu'(z) (0 outside `mask`, as dy)."""
     u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + b * T + ts, mask=tmask, other=0.0)
-    rstd = tl.load(rstd_ptr + b * T + ts, mask=tmask, other=0.0)
-    z = (u - mean[:, None]) * rstd[:, None]  # finite outside the mask (u 0, mean and rstd 0 past T)
-    # gelu'(z) = Phi(z) + z phi(z); dy is 0 outside the mask, so dzhat is too (and c1, c2 need no mask)
+    z = (u - mean[:, None]) * rstd[:, None]
+    # gelu'(z) = Phi(z) + z phi(z)
     s = z * 0.7071067811865476
     cdf = 0.5 * (1.0 + _erf(s))
     # phi(z) = exp(-s^2) / sqrt(2 pi), as exp2 (tl.exp adds a multiply and a subnormal fix-up); s * s is _erf's
     pdf = tl.math.exp2(s * s * -1.4426950408889634) * 0.3989422804014327
     dzhat = dy * (cdf + z * pdf)
     if HAS_KEEP:
-        dzhat = dzhat * tl.load(keep_ptr + b * T + ts, mask=tmask, other=0).to(tl.float32)[:, None]
-    c1 = tl.sum(dzhat * z, axis=1) / D
-    c2 = tl.sum(dzhat, axis=1) / D
-    dz = (dzhat - (z * c1[:, None] + c2[:, None])) * rstd[:, None]
+        dzhat = dzhat * keep_t[:, None]
+    return z, dzhat
+
+
+def _pos_conv_ln_gelu_bwd_kernel(
+    dy_ptr, u_ptr, mean_ptr, rstd_ptr, keep_ptr, dz_ptr, T, D,
+    HAS_KEEP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+):  # fmt: skip
+    """dz = keep * d/du of gelu(LayerNorm_D(u)) applied to dy, for BLOCK_T whole frames, as channels [0, BLOCK_D)
+    and, when BLOCK_D2 > 0, [BLOCK_D, BLOCK_D + BLOCK_D2) (D = 768: 512 + 256, no padded lanes)."""
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = ts < T
+    base = b * T * D  # int64; offsets within a batch row in int32 (T * D < 2**31: `fused_supported`)
+    u_ptr += base
+    dy_ptr += base
+    dz_ptr += base
+    mean = tl.load(mean_ptr + b * T + ts, mask=tmask, other=0.0)
+    rstd = tl.load(rstd_ptr + b * T + ts, mask=tmask, other=0.0)
+    keep_t = tl.load(keep_ptr + b * T + ts, mask=tmask, other=0).to(tl.float32) if HAS_KEEP else 0.0
+    ds = tl.arange(0, BLOCK_D)
+    mask = tmask[:, None] & (ds < D)[None, :]
+    offs = ts[:, None] * D + ds[None, :]
+    z, dzhat = _gelu_norm_grad(u_ptr, dy_ptr, offs, mask, mean, rstd, keep_t, HAS_KEEP)
+    c1 = tl.sum(dzhat * z, axis=1)  # dzhat is 0 outside the mask: c1, c2 need none
+    c2 = tl.sum(dzhat, axis=1)
+    if BLOCK_D2 > 0:
+        ds2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        mask2 = tmask[:, None] & (ds2 < D)[None, :]
+        offs2 = ts[:, None] * D + ds2[None, :]
+        z2, dzhat2 = _gelu_norm_grad(u_ptr, dy_ptr, offs2, mask2, mean, rstd, keep_t, HAS_KEEP)
+        c1 += tl.sum(dzhat2 * z2, axis=1)
+        c2 += tl.sum(dzhat2, axis=1)
+        dz2 = (dzhat2 - (z2 * (c1 / D)[:, None] + (c2 / D)[:, None])) * rstd[:, None]
+        tl.store(dz_ptr + offs2, dz2.to(dz_ptr.dtype.element_ty), mask=mask2)
+    dz = (dzhat - (z * (c1 / D)[:, None] + (c2 / D)[:, None])) * rstd[:, None]
     tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
@@ -302,6 +322,20 @@ def _fwd_launch(
     return _conv_launch(x.contiguous(), _as_uint8(keep), wk, bias, K // 2, eps, norm=True, mask_in=True)
 
 
+def _prev_pow2(n: int) -> int:
+    return next_pow2(n) if next_pow2(n) == n else next_pow2(n) // 2
+
+
+def ln_bwd_config(D: int, T: int) -> dict[str, int]:
+    """The LayerNorm-GELU backward's launch: BLOCK_T frames; channels in two parts, the largest power of two <= D
+    then the rest padded to one (768 = 512 + 256: no padded lanes); num_warps."""
+    head = _prev_pow2(D)
+    tail = next_pow2(D - head) if head < D else 0
+    block_t = max(1, min(64, BWD_TILE // next_pow2(D), next_pow2(T)))
+    num_warps = max(1, min(16, _prev_pow2(max(1, block_t * (head + tail) // (32 * BWD_PER_THREAD)))))
+    return {"BLOCK_T": block_t, "BLOCK_D": head, "BLOCK_D2": tail, "num_warps": num_warps}
+
+
 def _bwd_launch(
     grad_y: Tensor, x: Tensor, keep: Tensor | None, weight: Tensor, u: Tensor, mean: Tensor, rstd: Tensor,
     has_bias: bool,
@@ -319,12 +353,9 @@ def _bwd_launch(
     iters = cdiv(n_blk, chunks) if chunks else 0
     dw_part = torch.zeros((chunks, G, K, CG, CG), dtype=torch.float32, device=x.device)
     if B and T:
-        block_d = next_pow2(D)
-        block_t = max(1, min(64, BWD_TILE // block_d, next_pow2(T)))
-        num_warps = max(1, min(16, block_t * block_d // (32 * BWD_PER_THREAD)))
-        _pos_conv_ln_gelu_bwd_kernel[(cdiv(T, block_t), B)](
-            grad_y, u, mean, rstd, keep, dz, T, D,
-            HAS_KEEP=keep is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
+        config = ln_bwd_config(D, T)
+        _pos_conv_ln_gelu_bwd_kernel[(cdiv(T, config["BLOCK_T"]), B)](
+            grad_y, u, mean, rstd, keep, dz, T, D, HAS_KEEP=keep is not None, **config,
         )  # fmt: skip
         dz = dz.to(x.dtype)  # the dots' operand dtype (a no-op on a GPU)
         _pos_conv_dw_kernel[(K, G, chunks)](

@@ -225,6 +225,8 @@ def pos_conv_specs(dtype: str) -> list[dict]:
     common = {"DOT_FP32": dtype == "fp32", "INPUT_PRECISION": "tf32"}
     conv = {"K": K, "BLOCK_T": pc.BLOCK_T_CONV, "BLOCK_C": 64, "MASK_IN": True, "MASK_OUT": True, **common}
     conv["BLOCK_D"] = pc.BLOCK_D_NORM
+    ln_bwd = pc.ln_bwd_config(D, T)
+    ln_warps = ln_bwd.pop("num_warps")
     cases = [
         ("fwd", pc._pos_conv_kernel, dict(conv, PAD=K // 2, NORM=True, HAS_BIAS=True), pc.NUM_WARPS_CONV),
         # the input gradient's conv reads dz unmasked (its launcher: mask_in=False)
@@ -234,7 +236,7 @@ def pos_conv_specs(dtype: str) -> list[dict]:
             dict(conv, PAD=K - 1 - K // 2, NORM=False, HAS_BIAS=False, MASK_IN=False),
             pc.NUM_WARPS_CONV,
         ),
-        ("ln_bwd", pc._pos_conv_ln_gelu_bwd_kernel, {"HAS_KEEP": True, "BLOCK_T": 4, "BLOCK_D": 1024}, 16),
+        ("ln_bwd", pc._pos_conv_ln_gelu_bwd_kernel, dict(ln_bwd, HAS_KEEP=True), ln_warps),
         (
             "dw",
             pc._pos_conv_dw_kernel,
