@@ -46,10 +46,10 @@ from spidr_fast.kernels._utils import cdiv, jit_in_place, kernel_out_dtype, next
 
 MAX_C = 1024  # whole columns live in registers; wider inputs take the reference path
 # Tile sizes from register counts of the sm_90 cubins (cuobjdump --dump-resource-usage, triton 3.9;
-# not yet timed on a GPU). Forward: 16 elements per thread -> ~84 registers, no spills (32 -> ~130,
-# 64 -> 255 + spills). Backward (more live values per element, and the loop-invariant broadcasts of
-# w, b and the offsets held across its T loop): 8 per thread -> ~102 registers, 16 -> 233.
-FWD_TILE, FWD_PER_THREAD = 4096, 16  # BLOCK_C * BLOCK_T elements; num_warps = tile / (32 * per_thread)
+# not yet timed on a GPU), channels-last at C = 512. Forward: 32 elements per thread -> 4 warps, 76 registers,
+# no spills (16 -> 8 warps, 48 registers, but its column reductions cross twice the warps: 45.5 vs 41.0 SASS
+# instructions an element, bench/sass_per_element.py). Backward: 8 per thread -> 74 registers (16 -> 128).
+FWD_TILE, FWD_PER_THREAD = 4096, 32  # BLOCK_C * BLOCK_T elements; num_warps = tile / (32 * per_thread)
 BWD_TILE, BWD_PER_THREAD = 4096, 8
 MAX_BLOCK_T = 128
 PARTIAL_ROWS = 1024  # aim for about this many (C,) partial rows of grad_weight/grad_bias (4 KB each at C=1024)
