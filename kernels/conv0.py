@@ -66,8 +66,8 @@ from spidr_fast.kernels.conv_frontend import (
 )
 
 MAX_C = 512  # whole columns live in registers: (512, 16) backward tiles; wider convs take the two-op path
-# BLOCK_C * BLOCK_T elements; num_warps = tile / (32 * per_thread). Forward: 32 a thread -> 8 warps, 64 registers (tf32;
-# ieee 128), no spills; 16 -> 16 warps: its column reductions cross twice the warps (51 vs 40 SASS an element).
+# BLOCK_C * BLOCK_T elements; num_warps = tile / (32 * per_thread). Forward: 32 a thread -> 8 warps, 64 registers
+# (tf32; ieee 128), no spills; 16 -> 16 warps: its column reductions cross twice the warps (51 vs 40 SASS an element).
 FWD_TILE, FWD_PER_THREAD = 8192, 32
 BWD_TILE, BWD_PER_THREAD = 8192, 16
 PARTIAL_ROWS = 1024  # aim for about this many partial rows of each parameter gradient
