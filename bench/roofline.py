@@ -117,16 +117,16 @@ EFFICIENCY: dict[str, tuple[float, str]] = {
 # sm_90 SASS of the project's Triton kernels at the base shapes and of Triton stand-ins for the Inductor/eager ops
 # (erf GELU, LayerNorm, dropout's Philox, ...), compiled offline: bench/sass_per_element.py (its docstring says
 # how loops and elements are counted). A kernel's time is at least its instructions / the device's issue rate.
-ISSUE_SOURCE = "sm_90 SASS, triton 3.9.0, commit f0d7921: `.venv/bin/python bench/sass_per_element.py`"
+ISSUE_SOURCE = "sm_90 SASS, triton 3.9.0, commit 1dede74: `.venv/bin/python bench/sass_per_element.py`"
 ISSUE_INSTRUCTIONS: dict[str, float] = {
-    "_cln_gelu_fwd_kernel": 45.5,
+    "_cln_gelu_fwd_kernel": 41.0,
     "_cln_gelu_bwd_kernel": 55.7,
-    "_wave_ln_gelu_fwd_kernel": 55.0,
+    "_wave_ln_gelu_fwd_kernel": 40.0,
     "_wave_ln_gelu_bwd_kernel": 81.2,
-    "_pos_conv_kernel": 189.1,
-    "_pos_conv_kernel dx": 147.7,
-    "_pos_conv_ln_gelu_bwd_kernel": 78.7,
-    "_pos_conv_dw_kernel": 342.3,
+    "_pos_conv_kernel": 150.6,
+    "_pos_conv_kernel dx": 108.4,
+    "_pos_conv_ln_gelu_bwd_kernel": 50.7,
+    "_pos_conv_dw_kernel": 172.2,
     "_assign_kernel": 307.6,
     "_segment_sum_kernel": 7.3,
     "_heads_ce_fwd_kernel": 19.6,
