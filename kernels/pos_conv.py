@@ -33,7 +33,7 @@ Fused path (Triton):
        the offset k - 1 - k//2 (k//2 for odd k, k/2 - 1 for even k); times keep: grad_x.
     3. `_pos_conv_dw_kernel`: grid (tap, group, frame chunk); a program accumulates dz^T x (shifted by
        its tap, through the same keep mask) over its chunk's frames in fp32 and writes one partial
-       (Cg, Cg) block (tap 0 also the bias-gradient partial); torch sums the chunks in a fixed order.
+       (Cg, Cg) block; torch sums the chunks in a fixed order, and the bias gradient is its sum over dz.
     Kept from the forward: x (alive anyway: the previous layer's output), u (written by the forward in
     any case, as its pass-2 scratch: keeping it costs memory, not traffic; recomputing it would be a
     second conv), mean and rstd (8 bytes per frame).
