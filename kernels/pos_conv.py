@@ -24,10 +24,12 @@ Fused path (Triton):
     tap, masked outside [0, T) and on padded frames, times the tap's (Cg, Cg) weight block; Cg padded to
     a power of two >= 16 with masks), plus the bias, into an fp32 accumulator; u is stored and the
     per-frame mean and M2 updated (per-group mean and M2 merged by Chan et al.'s rule: no E[u^2] - E[u]^2
-    cancellation). After a block barrier a second loop over the groups re-reads the program's own u tile
-    (just written: L2-resident), normalises, applies GELU and keep, and writes y.
+    cancellation). After a block barrier a second loop, over (BLOCK_T, BLOCK_D_NORM) chunks of the frames
+    (no padded group lanes), re-reads the program's own u tile (just written: L2-resident), normalises, applies
+    GELU and keep, and writes y. Each frame's input-tap validity (in range, kept) is packed once into an int32.
   * backward: three launches.
-    1. `_pos_conv_ln_gelu_bwd_kernel`: dz = keep * LayerNorm-GELU backward of dy at u (whole frames of D channels).
+    1. `_pos_conv_ln_gelu_bwd_kernel`: dz = keep * LayerNorm-GELU backward of dy at u (whole frames of D channels,
+       in two power-of-two parts: 512 + 256 at D = 768).
     2. `_pos_conv_kernel` (not NORM) on dz with the transposed, tap-flipped weight: input frame s gets
        sum_j W_j^T dz[s - j + k//2] = sum_j' W'_j' dz[s + j' - (k - 1 - k//2)], the forward's form with
        the offset k - 1 - k//2 (k//2 for odd k, k/2 - 1 for even k); times keep: grad_x.
