@@ -44,15 +44,22 @@ def run(fn, leaves, grad_y, dtype=None):
 @pytest.mark.parametrize("T", [1, 7, 130])
 @pytest.mark.parametrize("C", [16, 59, 512])
 def test_fp32(triton_backend, C, T, B, affine):
+    """y and grad_x within 1e-5 of torch's fp32; grad_weight and grad_bias (sums over B T frames, where two fp32
+    summation orders can differ by more: torch's own error reaches ~1e-5 relative) within twice torch's fp32 error
+    of float64 (+ 1e-5)."""
     leaves, grad_y = make_inputs(B, C, T, affine, torch.float32, triton_backend)
     got = run(channel_layer_norm_gelu, leaves, grad_y)
     want = run(channel_layer_norm_gelu_ref, leaves, grad_y)
-    for name, g, w in zip(NAMES, got, want):
+    truth = run(channel_layer_norm_gelu_ref, leaves, grad_y, dtype=torch.float64)
+    for name, g, w, t in zip(NAMES, got, want, truth):
         if w is None:
             assert g is None, name
             continue
         assert g.dtype == w.dtype and g.shape == w.shape, name
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=name)
+        if name in ("grad_weight", "grad_bias"):
+            assert_close_to_truth(name, g.double(), w.double(), t, atol=1e-5)
+        else:
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
