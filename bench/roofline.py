@@ -56,7 +56,9 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,218 +69,24 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry, shape_wrapper
 
-from spidr_fast.devices import lookup as lookup_device
 from spidr_fast.train.flops import FLOP_FORMULAS
 from spidr_fast.train.parallelize import COMPILED_REGIONS, LAYER_REGIONS, region_paths
 
-# ------------------------------------------------------------------------------------------------
-# Devices and efficiencies: the one table the predictions come from
-# ------------------------------------------------------------------------------------------------
-
-
-# Dense peaks: bf16 tensor-core and fp32 (no TF32) FLOP/s, HBM bytes/s, from spidr_fast/devices.py (its
-# sources there). The default devices, by their short names (the SXM parts); `device_peaks` also takes any
-# name that table knows ("H100 PCIe", "NVIDIA H100 PCIe", "GH200", ...).
-def device_peaks(device: str) -> dict[str, float]:
-    d = lookup_device(device)
-    if d is None:
-        raise ValueError(f"device {device!r}: one of {sorted(DEVICES)} or a device spidr_fast/devices.py knows")
-    return {"bf16": d.bf16, "fp32": d.fp32, "hbm": d.hbm, "issue": d.issue_rate}
-
-
-DEVICES = {alias: device_peaks(alias) for alias in ("A100", "H100", "H200")}
-# (value, where it came from). Fractions of the peak that kernels of this kind reach at these shapes.
-# None is measured on spidr_fast yet: `make gpu-check` writes measured per-class times beside the
-# predicted ones; replace a value by the calibrated one and say which run it came from.
-EFFICIENCY: dict[str, tuple[float, str]] = {
-    "gemm": (0.70, "assumed: cuBLAS bf16 at M ~ 12k frames, N, K in 768..3072 (PERF-MODEL.md); uncalibrated"),
-    "gemm_small": (0.45, "assumed: GEMMs under 2 GFLOP (heads, codebooks) do not fill the GPU; uncalibrated"),
-    "gemm_fp32": (0.70, "assumed: fp32 FFMA GEMMs (codebook distances, 'ieee'); uncalibrated"),
-    "conv": (0.50, "assumed: cuDNN implicit GEMM, k 2-10, stride 2-5, 512 ch (PERF-MODEL.md); uncalibrated"),
-    "conv_grouped": (0.15, "assumed: the grouped pos-conv, 48 ch/group, k=19 (PERF-MODEL.md); uncalibrated"),
-    "conv_pos_triton": (0.25, "assumed: Triton pos-conv, tl.dot per tap, 48/64 padded ch (56% of MMA); uncalibrated"),
-    "attention": (0.40, "assumed: FA2-class flash SDPA with dropout, head dim 64 (PERF-MODEL.md); uncalibrated"),
-    "attention_cudnn": (
-        0.55,
-        "assumed: cuDNN SDPA, Hopper, dropout, Dh 64 (PyTorch 2.5 notes: up to 1.75x FA2); "
-        "spidr_fast's dense default on sm_90 (kernels/attention.py DENSE_ORDER); uncalibrated",
-    ),
-    "attention_bias": (0.22, "assumed: memory-efficient SDPA with a bias (a mask passed); uncalibrated"),
-    "memory": (0.80, "assumed: elementwise/reduction kernels reach 80% of HBM bandwidth (PERF-MODEL.md)"),
-    "kernel_min_s": (2.5e-6, "assumed: shortest kernel on the GPU, launch overhead hidden (PERF-MODEL.md)"),
-    "issue": (
-        1.0,
-        "peak: one warp-instruction per scheduler per clock at the boost clock (an upper bound on "
-        "the issue rate, stalls not counted); uncalibrated",
-    ),
-}
-
-# Thread-instructions executed per element of the op's largest tensor (see `issue_instructions`), counted in the
-# sm_90 SASS of the project's Triton kernels at the base shapes and of Triton stand-ins for the Inductor/eager ops
-# (erf GELU, LayerNorm, dropout's Philox, ...), compiled offline: bench/sass_per_element.py (its docstring says
-# how loops and elements are counted). A kernel's time is at least its instructions / the device's issue rate.
-ISSUE_SOURCE = "sm_90 SASS, triton 3.9.0, commit 8a29301: `.venv/bin/python bench/sass_per_element.py`"
-ISSUE_INSTRUCTIONS: dict[str, float] = {
-    "_cln_gelu_fwd_kernel": 73.0,
-    "_cln_gelu_bwd_kernel": 96.1,
-    "_wave_ln_gelu_fwd_kernel": 68.5,
-    "_wave_ln_gelu_bwd_kernel": 97.2,
-    "_pos_conv_kernel": 211.5,
-    "_pos_conv_kernel dx": 147.7,
-    "_pos_conv_ln_gelu_bwd_kernel": 96.0,
-    "_pos_conv_dw_kernel": 342.3,
-    "_assign_kernel": 307.6,
-    "_segment_sum_kernel": 7.3,
-    "_heads_ce_fwd_kernel": 19.6,
-    "_heads_ce_bwd_kernel": 36.7,
-    "copy": 4.0,
-    "_to_copy": 5.0,
-    "add": 7.0,
-    "mul": 7.0,
-    "gelu": 38.0,
-    "gelu_backward": 49.0,
-    "native_dropout": 70.0,
-    "native_dropout_backward": 12.0,
-    "native_layer_norm": 48.0,
-    "native_layer_norm_backward dx": 56.0,
-    "native_layer_norm_backward dw": 15.8,
-    "sum": 24.0,
-}
-# The kernels (ISSUE_INSTRUCTIONS rows) an op runs, each over every element of the op's largest tensor. Other
-# norm/elementwise ops: "copy" for copies and fills, "sum" for reductions, else "add" (a binary pointwise op).
-# GEMM, conv, attention (cuBLAS, cuDNN, flash: their efficiencies carry it) and the multi-tensor optimizer/EMA
-# kernels (memory-bound) have no issue term.
-ISSUE_KERNELS: dict[str, tuple[str, ...]] = {
-    "spidr_fast::channel_layer_norm_gelu": ("_cln_gelu_fwd_kernel",),
-    "spidr_fast::channel_layer_norm_gelu_backward": ("_cln_gelu_bwd_kernel",),
-    "spidr_fast::conv0_layer_norm_gelu": ("_wave_ln_gelu_fwd_kernel",),
-    "spidr_fast::conv0_layer_norm_gelu_backward": ("_wave_ln_gelu_bwd_kernel",),
-    "spidr_fast::pos_conv": ("_pos_conv_kernel",),
-    "spidr_fast::pos_conv_backward": ("_pos_conv_ln_gelu_bwd_kernel", "_pos_conv_dw_kernel", "_pos_conv_kernel dx"),
-    "spidr_fast::codebook_assign": ("_assign_kernel",),
-    "spidr_fast::codebook_accumulate": ("_segment_sum_kernel",),
-    "spidr_fast::codebook_assign_accumulate": ("_assign_kernel", "_segment_sum_kernel"),
-    "spidr_fast::heads_ce": ("_heads_ce_fwd_kernel",),
-    "spidr_fast::heads_ce_backward": ("_heads_ce_bwd_kernel",),
-    "native_layer_norm_backward": ("native_layer_norm_backward dx", "native_layer_norm_backward dw"),
-    "clone": ("copy",), "copy_": ("copy",), "contiguous": ("copy",), "stack": ("copy",), "cat": ("copy",),
-    "zeros": ("copy",), "new_zeros": ("copy",), "zero_": ("copy",), "fill_": ("copy",), "full": ("copy",),
-    "full_like": ("copy",), "ones_like": ("copy",), "zeros_like": ("copy",), "gather": ("copy",),
-    "scatter_add": ("copy",), "scatter_": ("copy",), "index_select": ("copy",),
-}  # fmt: skip
-
-CLASSES = (
-    "gemm", "attention", "conv", "norm/elementwise", "codebook", "heads/CE", "optimizer/EMA", "other",
-)  # fmt: skip
-REGIONS = (
-    "front-end convs", "projection", "pos-conv", "student layers", "student glue", "teacher", "heads",
-    "codebooks", "glue (mask, targets, loss)", "optimizer", "teacher EMA",
-)  # fmt: skip
-
-# ------------------------------------------------------------------------------------------------
-# Classes of ops (in the trace) and of kernels (in a profile)
-# ------------------------------------------------------------------------------------------------
-
-GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm", "_addmm_activation", "dot", "mv"}
-VIEW_OPS = {
-    "view", "_unsafe_view", "_reshape_alias", "reshape", "transpose", "t", "permute", "expand", "slice", "select",
-    "unsqueeze", "squeeze", "as_strided", "alias", "detach", "split", "split_with_sizes", "unbind", "narrow",
-    "diagonal", "view_as", "expand_as", "unfold", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty",
-    "new_empty_strided", "resize_", "_local_scalar_dense", "is_same_size", "set_", "size", "stride", "dim",
-}  # fmt: skip
-REDUCTION_WORDS = ("norm", "sum", "mean", "var", "softmax", "amax", "amin", "max", "min", "argm", "cumsum", "prod")
-
-
-def op_class(name: str) -> str:
-    """Class of an aten / spidr_fast op (its overload packet name; custom ops as `spidr_fast::name`)."""
-    if name.startswith("spidr_fast::"):
-        op = name.split("::")[1]
-        if op.startswith("pos_conv"):
-            return "conv"  # the fused positional conv layer (its LayerNorm + GELU ride along)
-        return (
-            "heads/CE" if op.startswith("heads") else "codebook" if op.startswith("codebook") else "norm/elementwise"
-        )
-    if name in GEMM_OPS:
-        return "gemm"
-    if "attention" in name:
-        return "attention"
-    if name.startswith("convolution"):
-        return "conv"
-    if name.startswith(("_foreach", "_fused_adam", "_amp_")):
-        return "optimizer/EMA"
-    if name in ("sort", "searchsorted", "nonzero", "unique", "_unique2"):
-        return "other"
-    return "norm/elementwise"
-
-
-# CUDA kernels by name, the one classifier of a profile's kernels: (profile class, roofline class, pattern),
-# the first pattern found in the lower-cased name wins. The profile class is the finer one
-# `bench/profile_step.py` reports per kernel; the roofline class (one of `CLASSES`) is what `classify` gives,
-# to set measured times beside `predict`'s. cuDNN conv kernels (and its layout transposes around
-# channels-first convs) come before GEMMs: their names say "implicit_gemm" too; attention before both
-# (cuDNN SDPA, FlashAttention's "convert_dq"); inductor's Triton kernels are named after the aten ops they
-# fuse ("triton_poi_fused_convolution_..." is pointwise glue, not a conv).
-KERNEL_RULES: tuple[tuple[str, str, str], ...] = (
-    ("communication", "other", r"nccl"),
-    ("copy / cast / fill", "other", r"^memcpy|^memset|\[memcpy|\[memset"),
-    ("fused: codebook", "codebook", r"_assign_kernel|_segment_sum_kernel|codebook"),
-    ("fused: heads + CE", "heads/CE", r"_heads_ce_"),
-    ("fused: conv LN+GELU", "norm/elementwise", r"_cln_gelu_"),
-    ("fused: first conv block", "norm/elementwise", r"_wave_ln_gelu_"),  # kernels/conv0.py: memory-bound, as LN+GELU
-    ("fused: pos-conv", "conv", r"_pos_conv"),
-    ("attention", "attention", r"flash|fmha|attention|sdpa|attn"),
-    ("inductor triton", "gemm", r"^triton_tem_fused_.*mm"),
-    ("inductor triton", "optimizer/EMA", r"^triton_(for_|.*(adam|foreach))"),
-    ("inductor triton", "norm/elementwise", r"^triton_|^triton\."),
-    ("optimizer", "optimizer/EMA", r"multi_tensor_apply|adam|foreach|amp_update_scale|amp_non_finite"),
-    ("convolution", "conv", r"conv(?!ert)|fprop|dgrad|wgrad|winograd|nchwtonhwc|nhwctonchw|cudnn|im2col|col2im"),
-    ("GEMM", "gemm", r"gemm|gemv|cublas|cutlass|nvjet|s16816|splitk|xmma|\bmm\b|matmul|addmm|bmm"),
-    ("normalisation", "norm/elementwise", r"layer_norm|layernorm|group_norm|groupnorm|batch_norm|rms_norm"),
-    ("softmax / loss", "norm/elementwise", r"softmax|nll_loss|cross_entropy"),
-    ("copy / cast / fill", "norm/elementwise", r"copy|cast|fill|cat_|catarray|index|gather|scatter|nonzero"),
-    ("reduction", "norm/elementwise", r"reduce|sum|mean|norm|argmin|argmax|max|min"),
-    ("elementwise", "norm/elementwise", r"elementwise|vectorized|unrolled|pointwise|gelu|dropout|mul|add|div|where"),
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from roofline_classes import (  # noqa: F401  (re-exported)
+    CLASSES,
+    GEMM_OPS,
+    KERNEL_RULES,
+    REDUCTION_WORDS,
+    REGIONS,
+    SCOPE,
+    VIEW_OPS,
+    classify,
+    kernel_classes,
+    op_class,
+    region_of,
 )
-
-
-def kernel_classes(kernel_name: str) -> tuple[str, str]:
-    """(profile class, roofline class) of a CUDA kernel as `torch.profiler` names it (`KERNEL_RULES`)."""
-    k = kernel_name.lower()
-    return next(((fine, cls) for fine, cls, pattern in KERNEL_RULES if re.search(pattern, k)), ("other", "other"))
-
-
-def classify(kernel_name: str) -> str:
-    """Class (one of `CLASSES`) of a CUDA kernel as `torch.profiler` names it."""
-    return kernel_classes(kernel_name)[1]
-
-
-# A compiled method's path and this prefix the labels of the ops it runs: "teacher._embed|teacher.layer_norm".
-SCOPE = "|"
-
-
-def region_of(label: str, phase: str) -> str:
-    label = label.rpartition(SCOPE)[2]  # reported by module, whatever compiled method ran it
-    if phase == "opt":
-        return "optimizer"
-    if phase == "ema":
-        return "teacher EMA"
-    first = label.split(".")[0]
-    if first == "feature_extractor":
-        return "front-end convs"
-    if first in ("feature_projection", "projection_dropout"):
-        return "projection"
-    if first == "student":
-        if "pos_conv" in label:
-            return "pos-conv"
-        return "student layers" if ".layers." in label else "student glue"
-    if first == "teacher":
-        return "teacher"
-    if first == "heads":
-        return "heads"
-    if first == "codebooks":
-        return "codebooks"
-    return "glue (mask, targets, loss)"
-
+from roofline_tables import DEVICES, EFFICIENCY, ISSUE_INSTRUCTIONS, ISSUE_KERNELS, ISSUE_SOURCE, device_peaks
 
 # ------------------------------------------------------------------------------------------------
 # Tracing: CUDA-like dispatch (autocast, SDPA backend, dropout) above autograd, a recorder below it
