@@ -1,55 +1,24 @@
 """Roofline predictor: where a training step's (or an extraction forward's) time goes on A100/H100/H200.
 
-No GPU needed. The step runs for real on `meta` tensors at the real batch: every aten op is dispatched
-with its true shapes, dtypes and strides, nothing is computed, and each op is recorded with
-  * FLOPs: torch's formulas corrected and completed by the trainer's own `FLOP_FORMULAS`
-    (spidr_fast/train/flops.py): a grouped conv's weight gradient counted once, not `groups` times;
-    attention (flash / memory-efficient SDPA and its backward); the fused custom ops;
-  * bytes: distinct input storages read + outputs written (a broadcast dim counted once);
-  * its class (the kind of kernel it launches: `CLASSES`) and its region (the module that ran it, carried
-    to the backward through the autograd node).
-Time per op = max(FLOPs / (eff x peak), bytes / (eff_mem x HBM bandwidth), instructions / (eff_issue x issue
-rate)), at least `kernel_min_s` per kernel, with every efficiency in ONE table, `EFFICIENCY`, each with where it
-came from. The issue rate is SMs x 4 schedulers x boost clock x 32 lanes (spidr_fast/devices.py); the instructions
-per element of each Triton kernel and elementwise op come from its sm_90 SASS (`ISSUE_INSTRUCTIONS`,
-bench/sass_per_element.py): an exact-erf GELU or a LayerNorm can take longer to issue than to move its bytes.
-
-What the trace emulates of a CUDA run (the CPU build has no CUDA autocast):
-  * bf16 autocast: the GEMM/conv/SDPA family in bf16, LayerNorm/GroupNorm/softmax/sum in fp32, leaf
-    weights cast once per forward (autocast's cast cache);
-  * SDPA: the flash backend when no mask is passed, memory-efficient with an additive bias otherwise;
-    dropout as one fused `native_dropout`;
-  * spidr_fast's ops take their Triton path (as on CUDA) unless `SPIDR_FAST_REFERENCE_OPS` lists them;
-  * cuDNN's layout choice (a channels-last conv input gives a channels-last output) and the hidden
-    `.contiguous()` copy of an eager LayerNorm given a non-contiguous input (serial helper-kernel time);
-  * "compiled": runs of consecutive fusible ops (not GEMM, conv, attention, custom or multi-tensor ops)
-    inside one compiled region become one kernel per reduction that moves only the values crossing the
-    run's boundary. spidr_fast's regions are its trainer's, `COMPILED_REGIONS` of
-    spidr_fast/train/parallelize.py (each transformer layer, and the glue regions between them); the
-    reference 0.2.0 compiles the whole model (fwd + bwd; optimizer and EMA stay eager).
-Limits: efficiencies are assumptions until `make gpu-check` calibrates them; the fusion estimate keeps
-eager's saved-for-backward set (Inductor may recompute instead: compiled traffic is an upper bound); no
-host time (no host syncs in either step), no communication (one GPU).
-MFU = the step's model FLOPs (forward + backward, counted as the trainer counts them) / time / bf16 peak;
-all variants of one config are measured against the same FLOPs (those of spidr_fast's phase-A step).
+No GPU needed. The step is traced on `meta` tensors (roofline_trace.py), its ops classed by the kernels they
+launch (roofline_classes.py) and priced per device (roofline_model.py) from the peaks, efficiencies and
+instructions per element in roofline_tables.py, each with where it came from. This module writes the report
+(per class, per region, the bounds; MFU, with all variants of one config measured against the same FLOPs: those
+of spidr_fast's phase-A step), tabulates the built levers, is the CLI, and re-exports the names other code
+imports (`from roofline import predict, classify, CLASSES`).
 
     python bench/roofline.py                                  # spidr_fast, base, 16 x 15 s, all devices
     python bench/roofline.py --compare spidr_fast reference   # side by side (all devices unless --device)
     python bench/roofline.py --compare spidr_fast spidr_fast:ref_ops=conv_frontend --json out.json
     python bench/roofline.py --device H100 --levers --eff conv_grouped=0.4     # built levers; an efficiency what-if
-Variant: `spidr_fast` | `reference`, then `:eager`, `:whole` (spidr_fast compiled as one graph, glue
-included, as the reference), `:layers` (spidr_fast with its layers compiled, not its glue: the trainer's
-run.compile_glue=false), `:ref_ops=a+b` (SPIDR_FAST_REFERENCE_OPS),
-`:frozen` (phase B: extractor frozen, no EMA), `:extract` (extraction forward), `:ncw` (what-if: cuDNN wraps
-every channels-first bf16 conv in NCW <-> NHWC transposes, which a GPU profile shows or not). For the GPU check:
-`predict(config, device)` gives predicted ms per class and `classify(kernel_name)` maps a profiler kernel
-name onto the same classes.
+Variants: `spidr_fast` | `reference`, then `:eager`, `:whole`, `:layers`, `:ref_ops=a+b`, `:frozen`, `:extract`,
+`:ncw` (roofline_trace.py says what each is). For the GPU check: `predict(config, device)` gives predicted ms per
+class and `classify(kernel_name)` maps a profiler kernel name onto the same classes.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import json
 import sys
@@ -57,171 +26,17 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from roofline_classes import (  # noqa: F401  (re-exported)
-    CLASSES,
-    GEMM_OPS,
-    KERNEL_RULES,
-    REDUCTION_WORDS,
-    REGIONS,
-    SCOPE,
-    VIEW_OPS,
-    classify,
-    kernel_classes,
-    op_class,
-    region_of,
-)
+from roofline_classes import CLASSES, KERNEL_RULES, REGIONS, classify, kernel_classes, op_class, region_of
+from roofline_model import dense_attention_key, efficiency, issue_instructions, issue_kernels, mfu, predict, summarize
 from roofline_tables import DEVICES, EFFICIENCY, ISSUE_INSTRUCTIONS, ISSUE_KERNELS, ISSUE_SOURCE, device_peaks
-from roofline_trace import Op, Trace, Variant, load_config, trace, trace_fn  # noqa: F401  (re-exported)
+from roofline_trace import Op, Trace, Variant, load_config, trace, trace_fn
 
-# ------------------------------------------------------------------------------------------------
-# The time model
-# ------------------------------------------------------------------------------------------------
-
-
-def _fused_costs(tr: Trace) -> tuple[list[float], list[float], list[float], list[float]]:
-    """Per-op (bytes, helper-kernel bytes, kernels, issued thread-instructions) after fusing runs of consecutive
-    fusible ops in one compiled region: a run moves the values entering it and those it produces that are read
-    elsewhere (or never read: results), and has no helper kernels (Inductor generates its own LayerNorm, reading
-    any strides). Its instructions: each member's own less a standalone kernel's loads, stores and indexing (a
-    "copy"), plus one such overhead over the run's largest tensor."""
-    nbytes = [float(op.bytes) for op in tr.ops]
-    extra = [float(op.extra) for op in tr.ops]
-    kernels = [float(op.kernels) for op in tr.ops]
-    issued = [issue_instructions(op) for op in tr.ops]
-    if tr.compiled is None:
-        return nbytes, extra, kernels, issued
-    readers: dict[int, set[int]] = collections.defaultdict(set)
-    for i, op in enumerate(tr.ops):
-        for v in op.ins:
-            readers[v].add(i)
-    runs, run, key = [], [], None
-    for i, op in enumerate(tr.ops):
-        k = tr.compiled(op)
-        fusible = k is not None and op.cls == "norm/elementwise" and not op.name.startswith("spidr_fast::")
-        if run and (not fusible or k != key):
-            runs.append(run)
-            run = []
-        if fusible:
-            run.append(i)
-            key = k
-    if run:
-        runs.append(run)
-    overhead = ISSUE_INSTRUCTIONS["copy"]
-    for run in runs:
-        members = set(run)
-        produced = {v for i in run for v in tr.ops[i].outs}
-        entering = {v for i in run for v in tr.ops[i].ins if v not in produced}
-        leaving = {v for v in produced if not readers[v] or readers[v] - members}
-        moved = sum(tr.value_bytes[v] for v in entering | leaving)
-        reductions = sum(any(w in tr.ops[i].name for w in REDUCTION_WORDS) for i in run)
-        own = sum(max(0.0, issued[i] - overhead * len(issue_kernels(tr.ops[i])) * tr.ops[i].elements) for i in run)
-        fused_issued = own + overhead * max(tr.ops[i].elements for i in run)
-        eager = sum(nbytes[i] for i in run) or 1.0
-        for i in run:  # the run's traffic, kernels and instructions, shared in proportion to eager traffic
-            share = nbytes[i] / eager
-            nbytes[i], kernels[i], extra[i] = moved * share, max(1, reductions) * share, 0.0
-            issued[i] = fused_issued * share
-    return nbytes, extra, kernels, issued
-
-
-def issue_kernels(op: Op) -> tuple[str, ...]:
-    """The `ISSUE_INSTRUCTIONS` rows of the kernels `op` runs (none for GEMM, conv, attention, optimizer/EMA)."""
-    if op.name in ISSUE_KERNELS:
-        return ISSUE_KERNELS[op.name]
-    if op.name in ISSUE_INSTRUCTIONS:
-        return (op.name,)
-    if op.cls != "norm/elementwise" or op.name.startswith("spidr_fast::"):
-        return ()
-    return ("sum",) if any(w in op.name for w in REDUCTION_WORDS) else ("add",)
-
-
-def issue_instructions(op: Op) -> float:
-    """Thread-instructions `op`'s kernels execute: `ISSUE_INSTRUCTIONS` per element x its largest tensor's elements."""
-    return sum(ISSUE_INSTRUCTIONS[k] for k in issue_kernels(op)) * op.elements
-
-
-# Compute capability by the family word in a device name: kernels/attention.py's DENSE_ORDER is keyed on it.
-CAPABILITY = {"B200": (10, 0), "H100": (9, 0), "H200": (9, 0), "L40S": (8, 9), "A100": (8, 0)}
-
-
-def dense_attention_key(device: str) -> str:
-    """The `EFFICIENCY` key of the dense attention spidr_fast picks on `device`: the first SDPA backend of
-    its `DENSE_ORDER` row (no flash-attn package assumed installed); flash SDPA's for an unknown family."""
-    from spidr_fast.kernels.attention import dense_order
-
-    capability = next((c for word, c in CAPABILITY.items() if word in device.upper()), (8, 0))
-    sdpa = [b for b in dense_order(capability) if b.startswith("sdpa")]
-    return "attention_cudnn" if sdpa[:1] == ["sdpa_cudnn"] else "attention"
-
-
-def efficiency(op: Op, dense_key: str = "attention") -> float:
-    """Fraction of the compute peak this op reaches (from `EFFICIENCY`); `dense_key`: that of unmasked SDPA."""
-    if op.name.startswith("spidr_fast::pos_conv"):
-        return EFFICIENCY["conv_pos_triton"][0]
-    if op.cls == "conv":
-        return EFFICIENCY["conv_grouped" if op.groups > 1 else "conv"][0]
-    if op.cls == "attention":
-        return EFFICIENCY["attention_bias" if "efficient" in op.name else dense_key][0]
-    if not op.low_precision:
-        return EFFICIENCY["gemm_fp32"][0]
-    return EFFICIENCY["gemm" if op.flops >= 2e9 else "gemm_small"][0]
-
-
-def summarize(tr: Trace, device: str = "H100") -> dict[str, Any]:
-    """Per-class and per-region FLOPs, bytes, kernels and predicted ms; the step's ms and MFU."""
-    hw = device_peaks(device)
-    bw = hw["hbm"] * EFFICIENCY["memory"][0]
-    nbytes, extra, kernels, issued = _fused_costs(tr)
-    issue_rate = hw["issue"] * EFFICIENCY["issue"][0]
-    dense_key = dense_attention_key(device) if tr.dense_attention else "attention"
-    rows = {c: collections.Counter() for c in CLASSES}
-    regions = {r: collections.Counter() for r in REGIONS}
-    for op, b, e, k, n in zip(tr.ops, nbytes, extra, kernels, issued):
-        t_compute = 0.0
-        if op.flops:
-            t_compute = op.flops / (hw["bf16" if op.low_precision else "fp32"] * efficiency(op, dense_key))
-        t_issue = n / issue_rate
-        t = max(t_compute, b / bw, t_issue, k * EFFICIENCY["kernel_min_s"][0]) + e / bw
-        for row in (rows[op.cls], regions[op.region]):
-            row["gflop"] += op.flops / 1e9
-            row["gb"] += (b + e) / 1e9
-            row["kernels"] += k
-            row["ms"] += t * 1e3
-            row["compute_bound_ms"] += t * 1e3 if t_compute >= max(b / bw, t_issue) else 0.0
-            row["issue_bound_ms"] += t * 1e3 if t_issue > max(t_compute, b / bw) else 0.0
-            row["issue_ms"] += t_issue * 1e3
-            row["memory_ms"] += b / bw * 1e3
-    total_ms = sum(r["ms"] for r in rows.values())
-    return {
-        "device": device,
-        "classes": {c: dict(r) for c, r in rows.items() if r},
-        "regions": {c: dict(r) for c, r in regions.items() if r},
-        "ms": total_ms,
-        "gflop": sum(op.flops for op in tr.ops) / 1e9,
-        "model_gflop": tr.model_flops / 1e9,
-        "gb": (sum(nbytes) + sum(extra)) / 1e9,
-        "audio_s": tr.audio_s,
-        "floor_compute_ms": sum(op.flops / hw["bf16" if op.low_precision else "fp32"] for op in tr.ops) * 1e3,
-        "floor_memory_ms": (sum(nbytes) + sum(extra)) / hw["hbm"] * 1e3,
-        "floor_issue_ms": sum(issued) / hw["issue"] * 1e3,
-    }
-
-
-def mfu(model_flops: float, ms: float, device: str) -> float:
-    return model_flops / (ms / 1e3) / device_peaks(device)["bf16"]
-
-
-def predict(config: Any = "base", device: str = "H100", variant: Variant | str = "spidr_fast", batch: int = 16,
-            seconds: float = 15.0) -> dict[str, float]:  # fmt: skip
-    """Predicted ms per class (`CLASSES`) of one step of `variant` at batch x seconds on `device`; what
-    `make gpu-check` puts beside the measured per-class times (kernels classified with `classify`)."""
-    s = summarize(trace(variant, config, batch, seconds), device)
-    return {c: s["classes"].get(c, {}).get("ms", 0.0) for c in CLASSES}
-
-
-# ------------------------------------------------------------------------------------------------
-# Report
-# ------------------------------------------------------------------------------------------------
+__all__ = [  # the names other code imports from here, whichever module owns them
+    "CLASSES", "DEVICES", "EFFICIENCY", "ISSUE_INSTRUCTIONS", "ISSUE_KERNELS", "ISSUE_SOURCE", "KERNEL_RULES",
+    "LEVERS", "REGIONS", "Op", "Trace", "Variant", "bounds_table", "classify", "dense_attention_key", "device_peaks",
+    "efficiency", "issue_instructions", "issue_kernels", "kernel_classes", "levers_table", "load_config", "main",
+    "mfu", "op_class", "predict", "region_of", "report", "summarize", "trace", "trace_fn",
+]  # fmt: skip
 
 
 def _table(summaries: dict[str, dict], key: str, names: tuple[str, ...]) -> str:
