@@ -17,7 +17,6 @@ REGIONS = (
     "codebooks", "glue (mask, targets, loss)", "optimizer", "teacher EMA",
 )  # fmt: skip
 
-
 GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm", "_addmm_activation", "dot", "mv"}
 VIEW_OPS = {
     "view", "_unsafe_view", "_reshape_alias", "reshape", "transpose", "t", "permute", "expand", "slice", "select",

@@ -51,10 +51,11 @@ EFFICIENCY: dict[str, tuple[float, str]] = {
     ),
 }
 
-# Thread-instructions executed per element of the op's largest tensor (see `issue_instructions`), counted in the
-# sm_90 SASS of the project's Triton kernels at the base shapes and of Triton stand-ins for the Inductor/eager ops
-# (erf GELU, LayerNorm, dropout's Philox, ...), compiled offline: bench/sass_per_element.py (its docstring says
-# how loops and elements are counted). A kernel's time is at least its instructions / the device's issue rate.
+# Thread-instructions executed per element of the op's largest tensor (see `issue_instructions`, roofline_model.py),
+# counted in the sm_90 SASS of the project's Triton kernels at the base shapes and of Triton stand-ins for the
+# Inductor/eager ops (erf GELU, LayerNorm, dropout's Philox, ...), compiled offline: bench/sass_per_element.py (its
+# docstring says how loops and elements are counted). A kernel's time is at least its instructions / the device's
+# issue rate.
 ISSUE_SOURCE = "sm_90 SASS, triton 3.9.0, commit 8a29301: `.venv/bin/python bench/sass_per_element.py`"
 ISSUE_INSTRUCTIONS: dict[str, float] = {
     "_cln_gelu_fwd_kernel": 73.0,
