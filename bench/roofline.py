@@ -111,7 +111,7 @@ def report(variants: list[str], config: Any = "base", batch: int = 16, seconds: 
     ]
     lines += [
         "",
-        "## Efficiencies (EFFICIENCY in bench/roofline.py)",
+        "## Efficiencies (EFFICIENCY in bench/roofline_tables.py)",
         "",
         "| key | value | source |",
         "|---|---:|---|",
