@@ -21,7 +21,7 @@ Inductor emits them (1-D pointwise: 1024 elements, 4 warps; row reductions over 
 program, 8 warps). Dropout uses `tl.rand` (one Philox draw per element, as Inductor's; eager's kernel
 draws four per call, so eager dropout costs fewer).
 
-    .venv/bin/python bench/sass_per_element.py          # markdown table + the rows for bench/roofline.py
+    .venv/bin/python bench/sass_per_element.py          # markdown table + the rows for bench/roofline_tables.py
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def _row_sum(x_ptr, y_ptr, D, BLOCK: tl.constexpr):
 
 @dataclasses.dataclass
 class Case:
-    key: str  # the row of bench/roofline.py's ISSUE_INSTRUCTIONS: a kernel's name, or an aten op's
+    key: str  # the row of bench/roofline_tables.py's ISSUE_INSTRUCTIONS: a kernel's name, or an aten op's
     spec: dict  # a bench/sm90.py spec
     elements: float  # elements of the op's largest tensor that one program covers
     trips: tuple[int, ...] = ()  # trip counts of the SASS loops (sm90.sass_loops order, trap loops dropped)
@@ -324,7 +324,7 @@ def main() -> int:
                                                                          case.trips)]  # fmt: skip
         print(f"| {case.key} | {n:.1f} | {r['instructions']} | {', '.join(loops) or '-'} | {case.spec['num_warps']} "
               f"| {case.elements:,.0f} | {case.note} |")  # fmt: skip
-    print("\nFor bench/roofline.py's ISSUE_INSTRUCTIONS:\n")
+    print("\nFor bench/roofline_tables.py's ISSUE_INSTRUCTIONS:\n")
     for case, _, n in rows:
         print(f'    "{case.key}": {n:.1f},')
     return 0

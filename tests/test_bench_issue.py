@@ -19,6 +19,7 @@ from spidr_fast import devices
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import roofline  # noqa: E402
+import roofline_model  # noqa: E402
 
 from bench import sass_per_element as spe  # noqa: E402
 
@@ -86,7 +87,7 @@ def test_a_fused_run_pays_one_load_store_overhead() -> None:
     stores ("copy"), and the run pays that overhead once over its largest tensor."""
     ops = [_op("gelu", N, 4 * N, ins=[0], outs=[1]), _op("add", N, 6 * N, ins=[1, 2], outs=[3])]
     tr = roofline.Trace(ops, [2 * N] * 4, 1.0, lambda op: "layer", 0)
-    issued = roofline._fused_costs(tr)[3]
+    issued = roofline_model._fused_costs(tr)[3]
     c = roofline.ISSUE_INSTRUCTIONS
     assert sum(issued) == pytest.approx((c["gelu"] - c["copy"] + c["add"] - c["copy"] + c["copy"]) * N)
     assert issued[0] / issued[1] == pytest.approx(4 / 6)  # shared as the traffic is

@@ -1,5 +1,5 @@
 # ruff: noqa: E501  (real kernel names are long)
-"""One classifier of profiled kernel names (bench/roofline.py's `KERNEL_RULES`): `roofline.classify` (the
+"""One classifier of profiled kernel names (`KERNEL_RULES` in bench/roofline_classes.py): `roofline.classify` (the
 predictor's classes, beside which `make gpu-check` sets measured times) and `profile_step.kernel_class`
 (the profile's finer classes) both read it. Names as torch.profiler reports them on H100/A100."""
 

@@ -11,7 +11,7 @@ What stays eager between the regions is host-side or cross-rank: the input check
 `Padding` (built once per batch: its packed metadata is a host sync), the layer loops (layer drop is drawn
 on a CPU generator), the codebook statistics' all-reduce and EMA update. FSDP2's hooks run on the root and
 on each layer, outside the compiled code (the glue regions are parts of the root's forward, called with the
-root's parameters already gathered). bench/roofline.py imports `COMPILED_REGIONS`: its fusion regions are
+root's parameters already gathered). bench/roofline_trace.py imports `COMPILED_REGIONS`: its fusion regions are
 exactly these.
 """
 
