@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,18 +58,23 @@ def _table(summaries: dict[str, dict], key: str, names: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def tracer(config: Any = "base", batch: int = 16, seconds: float = 15.0) -> Callable[[Variant], Trace]:
+    """`trace` at these settings, each variant traced once: the report and the levers table share steps."""
+    return functools.cache(lambda v: trace(v, config, batch, seconds))
+
+
 def report(variants: list[str], config: Any = "base", batch: int = 16, seconds: float = 15.0,
-           devices: tuple[str, ...] = tuple(DEVICES)) -> tuple[str, dict]:  # fmt: skip
+           devices: tuple[str, ...] = tuple(DEVICES), traced: Callable[[Variant], Trace] | None = None,
+           ) -> tuple[str, dict]:  # fmt: skip
     """Markdown tables and a JSON-ready dict for `variants` (phases A and B for training variants)."""
-    traces, basis = {}, None
+    traced = traced or tracer(config, batch, seconds)
+    traces = {}
     for spec in variants:
         v = Variant.parse(spec)
-        traces[str(v)] = trace(v, config, batch, seconds)
+        traces[str(v)] = traced(v)
         if v.mode == "train":  # phase B (extractor frozen, EMA off) for the run average
-            traces[str(dataclasses.replace(v, mode="frozen"))] = trace(dataclasses.replace(v, mode="frozen"),
-                                                                       config, batch, seconds)  # fmt: skip
-    basis_tr = trace(Variant(mode="train"), config, batch, seconds) if "spidr_fast" not in traces else None
-    basis = (basis_tr or traces["spidr_fast"]).model_flops
+            traces[str(dataclasses.replace(v, mode="frozen"))] = traced(dataclasses.replace(v, mode="frozen"))
+    basis = traced(Variant()).model_flops
     audio = next(iter(traces.values())).audio_s
     out: dict[str, Any] = {"config": str(config), "batch": batch, "seconds": seconds, "audio_s": audio,
                            "mfu_basis_gflop": basis / 1e9, "efficiency": EFFICIENCY, "devices": DEVICES,
@@ -155,10 +162,12 @@ LEVERS = (
 )
 
 
-def levers_table(config: Any = "base", batch: int = 16, seconds: float = 15.0, device: str = "H100") -> str:
+def levers_table(config: Any = "base", batch: int = 16, seconds: float = 15.0, device: str = "H100",
+                 traced: Callable[[Variant], Trace] | None = None) -> str:  # fmt: skip
     """spidr_fast with every built lever off, then each switched on in turn (cumulative), with and without the
     `ncw` what-if; run average of phases A and B, MFU on the spidr_fast basis."""
-    basis = trace(Variant(), config, batch, seconds).model_flops
+    traced = traced or tracer(config, batch, seconds)
+    basis = traced(Variant()).model_flops
     lines = [f"| levers, cumulative ({device}) | ncw | A ms | B ms | run avg ms | gain ms | MFU run avg |",
              "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for ncw in (False, True):
@@ -169,8 +178,8 @@ def levers_table(config: Any = "base", batch: int = 16, seconds: float = 15.0, d
                 off.pop(0)
             ref_ops = ",".join(name for name in off if name != COMPILE_GLUE)
             v = Variant(ref_ops=ref_ops, glue=COMPILE_GLUE not in off, ncw_transposes=ncw)
-            a = summarize(trace(v, config, batch, seconds), device)["ms"]
-            b = summarize(trace(dataclasses.replace(v, mode="frozen"), config, batch, seconds), device)["ms"]
+            a = summarize(traced(v), device)["ms"]
+            b = summarize(traced(dataclasses.replace(v, mode="frozen")), device)["ms"]
             avg = (a + b) / 2
             first = avg if first is None else first
             lines.append(f"| {title} | {'yes' if ncw else 'no'} | {a:.1f} | {b:.1f} | {avg:.1f} | {first - avg:.1f} | "
@@ -197,12 +206,13 @@ def main(argv: list[str] | None = None) -> None:
         EFFICIENCY[key] = (float(value), f"what-if (--eff {item}); default {EFFICIENCY[key][0]:g}")
     variants = list(args.compare) if args.compare else [args.variant]
     devices = tuple(args.device or DEVICES)
-    text, out = report(variants, args.config, args.batch, args.seconds, devices)
+    traced = tracer(args.config, args.batch, args.seconds)
+    text, out = report(variants, args.config, args.batch, args.seconds, devices, traced)
     print(text)
     if args.levers:
         device = "H100" if "H100" in devices else devices[0]
         print(f"\n## Levers built (SPIDR_FAST_REFERENCE_OPS or `:layers` switches each off), {device}\n")
-        print(levers_table(args.config, args.batch, args.seconds, device))
+        print(levers_table(args.config, args.batch, args.seconds, device, traced))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
