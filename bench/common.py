@@ -104,6 +104,20 @@ def measure(benchmark, fn: Callable[[], object], device: str, *, bytes_moved: fl
         benchmark.extra_info["TFLOP/s"] = flops / median / 1e12
 
 
+def skip_unless_runnable(provider: str, device: str) -> None:
+    """Skip the calling benchmark where its provider cannot run: Triton providers run on CUDA, or on CPU under
+    the interpreter (`triton` itself only; its variants, e.g. `triton_tf32x3`, are GPU-only)."""
+    import pytest
+
+    from spidr_fast.kernels._dispatch import interpreter_on, triton_available
+
+    if provider.startswith("triton"):
+        if not triton_available() or (device == "cpu" and not interpreter_on()):
+            pytest.skip("Triton needs a GPU (or TRITON_INTERPRET=1 on CPU)")
+        if device == "cpu" and provider != "triton":
+            pytest.skip("GPU-only variant")
+
+
 def device_peaks(name: str) -> dict[str, float] | None:
     """Datasheet peaks (dense; TFLOP/s and GB/s) of a device name, from `spidr_fast.devices` (None when
     unknown: no %-of-peak is reported then). Leads, not measurements: `bench/gpu_env.py --kernels`

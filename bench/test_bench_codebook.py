@@ -20,27 +20,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from common import measure  # bench/common.py: timing + device, versions, commit
+from common import measure, skip_unless_runnable  # bench/common.py: timing + device, versions, commit
 
 from spidr_fast.kernels import codebook as cb
-from spidr_fast.kernels._dispatch import interpreter_on, triton_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # A real base step: ~6k masked frames per GPU (3.8M samples, ~11.4k frames); and the 40k of earlier runs.
 GPU_SHAPES = {"step": {"C": 8, "N": 6_000, "K": 256, "D": 768}, "40k": {"C": 8, "N": 40_000, "K": 256, "D": 768}}
 SMOKE_SHAPE = {"C": 2, "N": 200, "K": 32, "D": 48}
-
-
-# ---- helpers shared with test_bench_heads_ce.py ---------------------------------------------
-
-
-def skip_unless_runnable(provider: str, device: str) -> None:
-    """Triton providers run on CUDA, or on CPU under the interpreter."""
-    if provider.startswith("triton"):
-        if not triton_available() or (device == "cpu" and not interpreter_on()):
-            pytest.skip("Triton needs a GPU (or TRITON_INTERPRET=1 on CPU)")
-        if device == "cpu" and provider != "triton":
-            pytest.skip("GPU-only variant")
 
 
 # ---- codebook providers ------------------------------------------------------------------------

@@ -25,10 +25,9 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from common import measure  # bench/common.py: timing + device, versions, commit
+from common import measure, skip_unless_runnable  # bench/common.py: timing + device, versions, commit
 
 from spidr_fast.kernels import conv0 as c0
-from spidr_fast.kernels._dispatch import interpreter_on, triton_available
 from spidr_fast.kernels.conv_frontend import channel_layer_norm_gelu
 
 GPU_SHAPE = {"B": 16, "S": 240_000, "C": 512, "K": 10, "stride": 5}
@@ -53,8 +52,7 @@ PROVIDERS: dict[str, Callable] = {
 
 
 def run_case(benchmark, provider: str, mode: str, shape: dict, dtype: torch.dtype, device: str) -> None:
-    if provider == "triton" and (not triton_available() or (device == "cpu" and not interpreter_on())):
-        pytest.skip("Triton needs a GPU (or TRITON_INTERPRET=1 on CPU)")
+    skip_unless_runnable(provider, device)
     B, S, C, K, stride = (shape[k] for k in ("B", "S", "C", "K", "stride"))
     T = c0.num_frames(S, K, stride)
     x = torch.randn(B, S, device=device)  # the waveform: no gradient

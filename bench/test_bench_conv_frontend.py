@@ -23,10 +23,9 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from common import measure  # bench/common.py: timing + device, versions, commit
+from common import measure, skip_unless_runnable  # bench/common.py: timing + device, versions, commit
 
 from spidr_fast.kernels import conv_frontend as cf
-from spidr_fast.kernels._dispatch import interpreter_on, triton_available
 
 GPU_SHAPES = {  # a real base step: 3.8M samples per GPU, e.g. 12 utterances of 316k samples (~11.9k frames)
     "block0": {"B": 12, "C": 512, "T": 63_200, "affine": True},
@@ -42,8 +41,7 @@ TENSORS_MOVED = {"fwd": 2, "full": 5}  # x-sized tensors read or written at leas
 
 
 def run_case(benchmark, provider: str, mode: str, shape: dict, dtype: torch.dtype, device: str) -> None:
-    if provider == "triton" and (not triton_available() or (device == "cpu" and not interpreter_on())):
-        pytest.skip("Triton needs a GPU (or TRITON_INTERPRET=1 on CPU)")
+    skip_unless_runnable(provider, device)
     B, C, T, affine = shape["B"], shape["C"], shape["T"], shape["affine"]
     x = (torch.randn(B, C, T, device=device) * 2 + 0.5).to(dtype).requires_grad_(mode == "full")
     w = torch.randn(C, device=device).requires_grad_(mode == "full") if affine else None  # fp32, as in the model

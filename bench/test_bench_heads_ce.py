@@ -16,8 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from common import measure
-from test_bench_codebook import DEVICE, skip_unless_runnable  # bench/ is on sys.path under pytest
+from common import measure, skip_unless_runnable
+from test_bench_codebook import DEVICE  # bench/ is on sys.path under pytest
 
 from spidr_fast.kernels.heads_ce import heads_cross_entropy_ref
 

@@ -21,10 +21,9 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from common import measure  # bench/common.py: timing + device, versions, commit
+from common import measure, skip_unless_runnable  # bench/common.py: timing + device, versions, commit
 
 from spidr_fast.kernels import pos_conv as pc
-from spidr_fast.kernels._dispatch import interpreter_on, triton_available
 
 GPU_SHAPES = {"base": {"B": 16, "T": 749, "D": 768, "groups": 16, "k": 19, "padded": False}}
 SMOKE_SHAPE = {"B": 2, "T": 40, "D": 32, "groups": 4, "k": 5, "padded": True}
@@ -38,8 +37,7 @@ FLOP_PASSES = {"fwd": 1, "full": 3}  # forward conv; + grad_x and grad_weight
 
 
 def run_case(benchmark, provider: str, mode: str, shape: dict, dtype: torch.dtype, device: str) -> None:
-    if provider == "triton" and (not triton_available() or (device == "cpu" and not interpreter_on())):
-        pytest.skip("Triton needs a GPU (or TRITON_INTERPRET=1 on CPU)")
+    skip_unless_runnable(provider, device)
     B, T, D, groups, k = (shape[n] for n in ("B", "T", "D", "groups", "k"))
     full = mode == "full"
     x = torch.randn(B, T, D, device=device, dtype=dtype).requires_grad_(full)
