@@ -26,7 +26,6 @@ one that raises is reported with the error.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_jsonl, environment, synchronize
+from common import append_jsonl, environ, environment, synchronize
 
 from spidr_fast.kernels import attention as attn
 
@@ -52,17 +51,14 @@ def padded_inputs(lengths: list[int], heads: int, head_dim: int, dtype: torch.dt
 def run_backend(backend: str, q, k, v, mask: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], str]:
     """(output, gradients, the backend that ran). FlashAttention-4 runs forward-only calls (no dropout,
     no gradient: spidr_fast uses it for the teacher and extraction), so it is timed forward only."""
-    os.environ["SPIDR_FAST_ATTENTION"] = backend
     backward = backend != "flash_attn_4"
-    try:
+    with environ(SPIDR_FAST_ATTENTION=backend):
         padding = attn.Padding.from_mask(mask)
         with torch.set_grad_enabled(backward):
             ran = attn.select_backend(padding, q, 0.0)
             out = attn.self_attention(q, k, v, padding, dropout_p=0.0)
         real = mask[:, None, :, None]
         grads = torch.autograd.grad((out * real).float().square().sum(), (q, k, v)) if backward else ()
-    finally:
-        os.environ.pop("SPIDR_FAST_ATTENTION", None)
     return out, list(grads), ran
 
 
@@ -122,9 +118,8 @@ def dense_records(args: argparse.Namespace, device: torch.device, dtype: torch.d
     grad_out = torch.randn(batch, heads, frames, head_dim, device=device, dtype=dtype)
     ref_out, ref_grad = run_dense("sdpa", qkv.detach().to(ref_dtype).requires_grad_(), 0.0, grad_out.to(ref_dtype))
     flops = 4 * batch * heads * frames * frames * head_dim
-    saved = os.environ.pop("SPIDR_FAST_DENSE_ATTENTION", None)  # the table's own choice
     records = []
-    try:
+    with environ(SPIDR_FAST_DENSE_ATTENTION=None):  # the table's own choice
         for mode, (dropout_p, backward) in DENSE_MODES.items():
             default = attn.choose_dense_backend(device, dtype, dropout_p, backward)
             timed: dict[str, float] = {}
@@ -162,9 +157,6 @@ def dense_records(args: argparse.Namespace, device: torch.device, dtype: torch.d
                 print({key: record.get(key) for key in keys})
             records.append(dense_choice(mode, dropout_p, default, timed, device, env))
             print(records[-1]["summary"])
-    finally:
-        if saved is not None:
-            os.environ["SPIDR_FAST_DENSE_ATTENTION"] = saved
     return records
 
 

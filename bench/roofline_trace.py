@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from common import environ
 from roofline_classes import SCOPE, VIEW_OPS, op_class, region_of
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
@@ -489,10 +490,8 @@ def trace(
     cfg = load_config(config)
     samples = int(seconds * 16000)
     frames = _frames(cfg, samples)
-    saved_env = os.environ.get("SPIDR_FAST_REFERENCE_OPS")
-    os.environ["SPIDR_FAST_REFERENCE_OPS"] = variant.ref_ops
     torch.manual_seed(0)
-    try:
+    with environ(SPIDR_FAST_REFERENCE_OPS=variant.ref_ops):
         model = _build(variant.impl, cfg)
         if variant.impl == "spidr_fast":
             _scoped(model, COMPILED_REGIONS)
@@ -524,11 +523,6 @@ def trace(
                 if variant.mode == "train":
                     with torch.no_grad():
                         _ema(model)
-    finally:
-        if saved_env is None:
-            os.environ.pop("SPIDR_FAST_REFERENCE_OPS", None)
-        else:
-            os.environ["SPIDR_FAST_REFERENCE_OPS"] = saved_env
     compiled = None
     if variant.compiled:
         regions = COMPILED_REGIONS if variant.glue else LAYER_REGIONS

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import sm90  # noqa: E402
+from bench.common import environ  # noqa: E402
 
 if TYPE_CHECKING:
     import triton.language as tl
@@ -271,12 +271,8 @@ def kernel_cases() -> list[Case]:
     # each (tap, group) program reads (BLOCK_T, Cg) of dz per iteration: an element is read by K programs
     per_program = iters * pc.BLOCK_T_DW * CG / K
     cases.append(Case("_pos_conv_dw_kernel", dw, per_program, (iters,), f"bf16, {iters} T blocks"))
-    interpret = os.environ.pop("TRITON_INTERPRET", None)  # the launchers' configs on a GPU, not the interpreter's
-    try:
+    with environ(TRITON_INTERPRET=None):  # the launchers' configs on a GPU, not the interpreter's
         specs = {s["name"]: s for s in sm90.kernel_specs()}
-    finally:
-        if interpret is not None:
-            os.environ["TRITON_INTERPRET"] = interpret
     N, Kc, D = 40_000, 256, 768
     assign = specs["codebook assign x=fp32 ieee"]
     c = assign["constexprs"]

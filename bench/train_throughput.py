@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import statistics
 import sys
 import time
@@ -34,7 +33,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, append_jsonl, environment, librispeech_like_lengths, require_reference, synchronize
+from common import (
+    RESULTS_DIR,
+    append_jsonl,
+    environ,
+    environment,
+    librispeech_like_lengths,
+    require_reference,
+    synchronize,
+)
 
 from spidr_fast import SpidR, SpidRConfig
 from spidr_fast.config import DTYPES, SAMPLE_RATE, DataConfig, OptimizerConfig
@@ -162,15 +169,9 @@ def step_flops(impl: str, fields: dict[str, Any], config: str, batches: list[Bat
     key = (impl, config, index)
     if key not in _FLOPS:
         b = batches[index]
-        saved = os.environ.get("SPIDR_FAST_BACKEND")
-        os.environ["SPIDR_FAST_BACKEND"] = "reference"
-        try:
+        with environ(SPIDR_FAST_BACKEND="reference"):
             model = build(impl, fields, b.waveforms.device)
             _FLOPS[key] = count_step_flops(model, b.waveforms, b.mask_indices, dtype)
-        finally:
-            os.environ.pop("SPIDR_FAST_BACKEND")
-            if saved is not None:
-                os.environ["SPIDR_FAST_BACKEND"] = saved
     return _FLOPS[key]
 
 
@@ -250,25 +251,16 @@ def run_ablation(
     rows = ABLATION if kind == "additive" else OFF_ONE
     if "reference" not in args.impl:
         rows = [row for row in rows if row[1] != "reference"]
-    saved = {k: os.environ.get(k) for k in ("SPIDR_FAST_BACKEND", "SPIDR_FAST_REFERENCE_OPS")}
-    try:
-        for name, impl, compiled, variables in rows:
-            for k in saved:
-                os.environ.pop(k, None)
-            os.environ.update(variables)
+    for name, impl, compiled, variables in rows:
+        with environ(**{"SPIDR_FAST_BACKEND": None, "SPIDR_FAST_REFERENCE_OPS": None, **variables}):
             probe = torch.empty(0, device=args.device)
             fused = [op for op in OPS if impl == "spidr_fast" and use_fused(probe.device, op)]
             record = {**env, **run(impl, compiled, args, batches), "benchmark": "train_ablation", "ablation": name}
-            record["ablation_kind"] = kind
-            record["fused_ops"] = fused  # what actually ran fused (on CPU: none, the rows measure the same code)
-            records.append(record)
-            append_jsonl(out, [record])
-            print(f"{name:>46}: {record['audio_seconds_per_s']:9.1f} audio s/s  MFU {fmt_mfu(record)}", flush=True)
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None)
-            if v is not None:
-                os.environ[k] = v
+        record["ablation_kind"] = kind
+        record["fused_ops"] = fused  # what actually ran fused (on CPU: none, the rows measure the same code)
+        records.append(record)
+        append_jsonl(out, [record])
+        print(f"{name:>46}: {record['audio_seconds_per_s']:9.1f} audio s/s  MFU {fmt_mfu(record)}", flush=True)
     return records
 
 
