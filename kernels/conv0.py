@@ -59,7 +59,9 @@ from spidr_fast.kernels._utils import cdiv, jit_in_place, kernel_out_dtype, next
 from spidr_fast.kernels.conv_frontend import (
     _centered_ln_gelu,
     _empty,
-    _erf,  # noqa: F401 (jitted here: `_centered_ln_gelu` calls it)
+    _erf,  # noqa: F401 (jitted here, as _gelu and _gelu_grad: the shared LayerNorm + GELU tile math calls them)
+    _gelu,  # noqa: F401
+    _gelu_grad,  # noqa: F401
     _ln_gelu_backward,
     channel_layer_norm_gelu,
     channel_layer_norm_gelu_ref,
@@ -81,6 +83,8 @@ MAX_ITERS = 64  # T blocks per backward program, at most
 # tile math is conv_frontend.py's.
 KERNELS = (
     "_erf",
+    "_gelu",
+    "_gelu_grad",
     "_centered_ln_gelu",
     "_ln_gelu_backward",
     "_conv_tile",
