@@ -58,6 +58,7 @@ from torch import Tensor
 
 from spidr_fast.kernels import _dispatch
 from spidr_fast.kernels._utils import cdiv, dot_in_fp32, jit_in_place, kernel_out_dtype, next_pow2
+from spidr_fast.kernels.conv0 import conv_uses_tf32
 from spidr_fast.kernels.conv_frontend import (
     _erf,  # noqa: F401 (jitted here: `_gelu`, `_gelu_grad` call it)
     _gelu,
@@ -280,7 +281,7 @@ def _pos_conv_dw_kernel(
 
 def _dot_config(x: Tensor) -> dict:
     fp32 = dot_in_fp32(x.dtype)
-    tf32 = x.is_cuda and x.dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
+    tf32 = x.is_cuda and x.dtype == torch.float32 and conv_uses_tf32()
     return {"DOT_FP32": fp32, "INPUT_PRECISION": "tf32" if tf32 else "ieee"}
 
 
