@@ -25,6 +25,23 @@ def dot_in_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or interpreter_on()
 
 
+def fp32_uses_tf32(holders: tuple, legacy: object) -> bool:
+    """One of torch's fp32 settings (TF32 or IEEE), read so that it works on torch 2.8-2.13.
+
+    torch >= 2.9 has `fp32_precision` ("tf32", "ieee", or "none": inherit the next of `holders`, most specific
+    first), which the legacy setters also update; reading the legacy `legacy.allow_tf32` raises there once the
+    new API has set TF32. torch 2.8 has only the legacy flag.
+    """
+    for holder in holders:
+        precision = getattr(holder, "fp32_precision", None)
+        if precision not in (None, "none"):
+            return precision == "tf32"
+    try:
+        return bool(legacy.allow_tf32)
+    except RuntimeError:  # a torch that refuses the legacy read: the new API is in charge, and said nothing
+        return False
+
+
 def kernel_out_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype a kernel should store a low-precision result in; the launcher casts it afterwards.
 

@@ -55,11 +55,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from spidr_fast.kernels import _dispatch
-from spidr_fast.kernels._utils import cdiv, jit_in_place, kernel_out_dtype, next_pow2
+from spidr_fast.kernels._utils import cdiv, fp32_uses_tf32, jit_in_place, kernel_out_dtype, next_pow2
 from spidr_fast.kernels.conv_frontend import (
     _centered_ln_gelu,
     _empty,
-    _erf,  # noqa: F401 (jitted here: `_centered_ln_gelu` calls it)
+    _erf,  # noqa: F401 (jitted here, as _gelu and _gelu_grad: the shared LayerNorm + GELU tile math calls them)
+    _gelu,  # noqa: F401
+    _gelu_grad,  # noqa: F401
     _ln_gelu_backward,
     channel_layer_norm_gelu,
     channel_layer_norm_gelu_ref,
@@ -81,6 +83,8 @@ MAX_ITERS = 64  # T blocks per backward program, at most
 # tile math is conv_frontend.py's.
 KERNELS = (
     "_erf",
+    "_gelu",
+    "_gelu_grad",
     "_centered_ln_gelu",
     "_ln_gelu_backward",
     "_conv_tile",
@@ -209,18 +213,10 @@ def _blocks(C: int, tile: int, per_thread: int) -> tuple[int, int, int]:
 
 
 def conv_uses_tf32() -> bool:
-    """torch's fp32 conv setting for cuDNN (TF32 or IEEE), on torch 2.8-2.13 (as `heads_ce.fp32_matmul_uses_tf32`):
-    `torch.backends.cudnn.conv.fp32_precision` ("none": inherit cudnn's, then the global one), else the legacy
-    `allow_tf32` (whose read raises on some torch versions once the new API has set TF32)."""
+    """torch's fp32 conv setting for cuDNN (TF32 or IEEE): `torch.backends.cudnn.conv`'s, else cudnn's, else the
+    global one (`_utils.fp32_uses_tf32`, as `heads_ce.fp32_matmul_uses_tf32`)."""
     cudnn = torch.backends.cudnn
-    for holder in (getattr(cudnn, "conv", None), cudnn, torch.backends):
-        precision = getattr(holder, "fp32_precision", None)
-        if precision not in (None, "none"):
-            return precision == "tf32"
-    try:
-        return bool(cudnn.allow_tf32)
-    except RuntimeError:
-        return False
+    return fp32_uses_tf32((getattr(cudnn, "conv", None), cudnn, torch.backends), cudnn)
 
 
 def _dot_args(K: int, device: torch.device, out_dtype: torch.dtype) -> dict:

@@ -60,8 +60,8 @@ MAX_ITERS = 16  # T blocks per backward program, at most
 # --------------------------------------------------------------------------------------------
 
 # Plain functions here, `triton.jit`-decorated at the first launch (see `_utils.jit_in_place`).
-KERNELS = ("_erf", "_ln_gelu", "_centered_ln_gelu", "_ln_gelu_backward", "_cln_gelu_fwd_kernel",
-           "_cln_gelu_bwd_kernel")  # fmt: skip
+KERNELS = ("_erf", "_gelu", "_gelu_grad", "_ln_gelu", "_centered_ln_gelu", "_ln_gelu_backward",
+           "_cln_gelu_fwd_kernel", "_cln_gelu_bwd_kernel")  # fmt: skip
 
 if TYPE_CHECKING:
     import triton.language as tl
@@ -92,6 +92,20 @@ def _erf(x):
     return tl.where(a >= 1.002959966659546, tl.where(x < 0.0, -tail, tail), tl.fma(p, x, x))
 
 
+def _gelu(z):
+    """Exact GELU of an fp32 tensor (shared with `pos_conv.py`)."""
+    return 0.5 * z * (1.0 + _erf(z * 0.7071067811865476))
+
+
+def _gelu_grad(z):
+    """gelu'(z) = Phi(z) + z phi(z) of an fp32 tensor (shared with `pos_conv.py`)."""
+    s = z * 0.7071067811865476
+    cdf = 0.5 * (1.0 + _erf(s))
+    # phi(z) = exp(-s^2) / sqrt(2 pi), as exp2 (tl.exp adds a multiply and a subnormal fix-up); s * s is _erf's
+    pdf = tl.math.exp2(s * s * -1.4426950408889634) * 0.3989422804014327
+    return cdf + z * pdf
+
+
 def _ln_gelu(x, mask, C, w, bias, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_C: tl.constexpr):
     """(y, mean, rstd): gelu(LayerNorm over axis 0) of an fp32 (BLOCK_C, BLOCK_T) tile of whole columns, 0 in the
     rows past C (`mask`: False there; unread when EVEN_C, C == BLOCK_C); w, bias (BLOCK_C,) fp32 (unused without
@@ -114,7 +128,7 @@ def _centered_ln_gelu(xc, C, w, bias, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: t
         z = z * w[:, None]
     if HAS_BIAS:
         z = z + bias[:, None]
-    return 0.5 * z * (1.0 + _erf(z * 0.7071067811865476)), rstd  # exact GELU
+    return _gelu(z), rstd
 
 
 def _ln_gelu_backward(x, dy, mean, rstd, C, w, bias, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
@@ -127,12 +141,7 @@ def _ln_gelu_backward(x, dy, mean, rstd, C, w, bias, HAS_WEIGHT: tl.constexpr, H
         z = z * w[:, None]
     if HAS_BIAS:
         z = z + bias[:, None]
-    # gelu'(z) = Phi(z) + z phi(z)
-    s = z * 0.7071067811865476
-    cdf = 0.5 * (1.0 + _erf(s))
-    # phi(z) = exp(-s^2) / sqrt(2 pi), as exp2 (tl.exp adds a multiply and a subnormal fix-up); s * s is _erf's
-    pdf = tl.math.exp2(s * s * -1.4426950408889634) * 0.3989422804014327
-    dz = dy * (cdf + z * pdf)
+    dz = dy * _gelu_grad(z)
     dxhat = dz
     if HAS_WEIGHT:
         dxhat = dz * w[:, None]

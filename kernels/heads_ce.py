@@ -30,7 +30,15 @@ import torch
 from torch import Tensor
 
 from spidr_fast.kernels import _dispatch
-from spidr_fast.kernels._utils import block_size, cdiv, dot_in_fp32, jit_in_place, kernel_out_dtype, next_pow2
+from spidr_fast.kernels._utils import (
+    block_size,
+    cdiv,
+    dot_in_fp32,
+    fp32_uses_tf32,
+    jit_in_place,
+    kernel_out_dtype,
+    next_pow2,
+)
 
 MAX_V = 1024  # whole softmax rows live in registers; wider vocabularies take the reference path
 MAX_V_FMA = 512  # the same for fp32 inputs (the FFMA tiles: see `max_vocabulary`)
@@ -155,21 +163,9 @@ def _heads_ce_bwd_kernel(
 
 
 def fp32_matmul_uses_tf32() -> bool:
-    """torch's own fp32 matmul setting (TF32 or IEEE), read so that it works on torch 2.8-2.13.
-
-    torch >= 2.9 has `fp32_precision` ("tf32", "ieee", or "none": inherit the global one), which the
-    legacy setters (`allow_tf32`, `set_float32_matmul_precision`) also update; reading the legacy
-    `allow_tf32` raises there once the new API has set TF32. torch 2.8 has only the legacy flag.
-    """
-    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
-    if precision in (None, "none"):
-        precision = getattr(torch.backends, "fp32_precision", None)
-    if precision not in (None, "none"):
-        return precision == "tf32"
-    try:
-        return bool(torch.backends.cuda.matmul.allow_tf32)
-    except RuntimeError:  # a torch that refuses the legacy read: the new API is in charge, and said nothing
-        return False
+    """torch's own fp32 matmul setting (TF32 or IEEE): `torch.backends.cuda.matmul`'s, else the global one."""
+    matmul = torch.backends.cuda.matmul
+    return fp32_uses_tf32((matmul, torch.backends), matmul)
 
 
 def max_vocabulary(dtype: torch.dtype) -> int:

@@ -58,7 +58,13 @@ from torch import Tensor
 
 from spidr_fast.kernels import _dispatch
 from spidr_fast.kernels._utils import cdiv, dot_in_fp32, jit_in_place, kernel_out_dtype, next_pow2
-from spidr_fast.kernels.conv_frontend import _erf, channel_layer_norm_gelu
+from spidr_fast.kernels.conv0 import conv_uses_tf32
+from spidr_fast.kernels.conv_frontend import (
+    _erf,  # noqa: F401 (jitted here: `_gelu`, `_gelu_grad` call it)
+    _gelu,
+    _gelu_grad,
+    channel_layer_norm_gelu,
+)
 
 MAX_CG = 64  # channels per group the (Cg, Cg) weight blocks take in registers; wider groups: the reference
 MAX_D = 1024  # whole frames in the LayerNorm-GELU backward's registers; wider: the reference
@@ -79,7 +85,8 @@ BWD_TILE, BWD_PER_THREAD = 4096, 16
 # --------------------------------------------------------------------------------------------
 
 # Plain functions here, `triton.jit`-decorated at the first launch (see `_utils.jit_in_place`).
-KERNELS = ("_erf", "_gelu_norm_grad", "_pos_conv_kernel", "_pos_conv_ln_gelu_bwd_kernel", "_pos_conv_dw_kernel")
+KERNELS = ("_erf", "_gelu", "_gelu_grad", "_gelu_norm_grad", "_pos_conv_kernel", "_pos_conv_ln_gelu_bwd_kernel",
+           "_pos_conv_dw_kernel")  # fmt: skip
 
 if TYPE_CHECKING:
     import triton.language as tl
@@ -167,7 +174,7 @@ def _pos_conv_kernel(
             dmask = tmask[:, None] & (d0 + ds < D)[None, :]
             v = tl.load(u_ptr + offs, mask=dmask, other=0.0).to(tl.float32)
             z = (v - mean[:, None]) * rstd[:, None]
-            y = 0.5 * z * (1.0 + _erf(z * 0.7071067811865476))  # exact GELU
+            y = _gelu(z)
             if MASK_OUT:
                 y = y * keep_t[:, None]
             tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=dmask)
@@ -181,12 +188,7 @@ def _gelu_norm_grad(u_ptr, dy_ptr, offs, mask, mean, rstd, keep_t, HAS_KEEP: tl.
     u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     z = (u - mean[:, None]) * rstd[:, None]
-    # gelu'(z) = Phi(z) + z phi(z)
-    s = z * 0.7071067811865476
-    cdf = 0.5 * (1.0 + _erf(s))
-    # phi(z) = exp(-s^2) / sqrt(2 pi), as exp2 (tl.exp adds a multiply and a subnormal fix-up); s * s is _erf's
-    pdf = tl.math.exp2(s * s * -1.4426950408889634) * 0.3989422804014327
-    dzhat = dy * (cdf + z * pdf)
+    dzhat = dy * _gelu_grad(z)
     if HAS_KEEP:
         dzhat = dzhat * keep_t[:, None]
     return z, dzhat
@@ -279,7 +281,7 @@ def _pos_conv_dw_kernel(
 
 def _dot_config(x: Tensor) -> dict:
     fp32 = dot_in_fp32(x.dtype)
-    tf32 = x.is_cuda and x.dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
+    tf32 = x.is_cuda and x.dtype == torch.float32 and conv_uses_tf32()
     return {"DOT_FP32": fp32, "INPUT_PRECISION": "tf32" if tf32 else "ieee"}
 
 

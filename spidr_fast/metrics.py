@@ -159,13 +159,20 @@ def unit_metrics(
     if not common:
         raise ValueError("no fileid is in both `units` and `alignments`")
     counts, _, _ = phone_unit_counts(units, alignments, unit_rate=unit_rate, label_rate=label_rate, ignore=ignore)
-    raw = [np.asarray(units[f]) for f in common]
+    return metrics_from_counts(counts, [units[f] for f in common], unit_rate)
+
+
+def metrics_from_counts(counts: np.ndarray, units: Sequence[np.ndarray], unit_rate: float = 50) -> UnitMetrics:
+    """`unit_metrics` from its (phones, units) table (`phone_unit_counts`) and the units of the same
+    utterances (in the same order), for a caller that needs the table too."""
+    raw = [np.asarray(u) for u in units]
+    every_unit = np.concatenate(raw)
     return UnitMetrics(
         pnmi=pnmi(counts),
         phone_purity=phone_purity(counts),
         cluster_purity=cluster_purity(counts),
-        perplexity=perplexity(np.concatenate(raw)),
-        active_codewords=int(np.unique(np.concatenate(raw)).size),
+        perplexity=perplexity(every_unit),
+        active_codewords=int(np.unique(every_unit).size),
         bitrate=bitrate(raw, unit_rate),
         num_frames=int(counts.sum()),
         mean_run_length=mean_run_length(raw),

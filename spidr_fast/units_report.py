@@ -151,17 +151,18 @@ def main(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from spidr_fast.data.corpus import read_alignments
-    from spidr_fast.metrics import phone_unit_counts, unit_metrics
+    from spidr_fast.metrics import metrics_from_counts, phone_unit_counts
 
     alignments = read_alignments(args.alignments)
     units = match(read_units(args.units_dir), set(alignments))
     if not units:
         raise ValueError(f"no units file of {args.units_dir} matches a fileid of {args.alignments}")
     ignore = args.ignore or []
-    metrics = unit_metrics(units, alignments, unit_rate=args.unit_rate, label_rate=args.label_rate, ignore=ignore)
     counts, phones, ids = phone_unit_counts(
         units, alignments, unit_rate=args.unit_rate, label_rate=args.label_rate, ignore=ignore
     )
+    # `match` kept only fileids of `alignments`: every utterance is in the table, in sorted order.
+    metrics = metrics_from_counts(counts, [units[f] for f in sorted(units)], args.unit_rate)
     png = args.png or args.units_dir / "units-report.png"
     plot_cooccurrence(counts, phones, ids, png)
     rows = {"files": len(units), **report_rows(metrics)}

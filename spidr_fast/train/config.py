@@ -184,10 +184,17 @@ def config_from_dict(data: dict[str, Any], overridden: set[str] | None = None) -
 
 
 def resolve_path(path: str | Path) -> Path:
-    """A config path, or the name of a shipped preset (`base`, `tiny`)."""
+    """A config file, given by its path or as the name of a shipped preset (a file of `PACKAGE_CONFIGS`).
+
+    Raises:
+        FileNotFoundError: neither, naming the shipped presets.
+    """
     path = Path(path)
     if not path.exists() and (PACKAGE_CONFIGS / f"{path.name.removesuffix('.toml')}.toml").is_file():
         return PACKAGE_CONFIGS / f"{path.name.removesuffix('.toml')}.toml"
+    if not path.is_file():
+        presets = ", ".join(sorted(p.stem for p in PACKAGE_CONFIGS.glob("*.toml")))
+        raise FileNotFoundError(f"config not found: {path} (shipped presets: {presets})")
     return path
 
 
@@ -195,8 +202,6 @@ def preset_model_fields(preset: str | Path = "tiny", **overrides: Any) -> dict[s
     """A preset's `[model]` fields that every model type takes, with `overrides`: the model of tests and
     benchmarks, e.g. `SpidRConfig(**preset_model_fields("tiny", encoder_num_layers=3))`."""
     path = resolve_path(preset)
-    if not path.is_file():
-        raise FileNotFoundError(f"config not found: {path} (shipped presets: base, tiny)")
     fields = tomllib.loads(path.read_text(encoding="utf-8")).get("model", {})
     common = {f.name for f in dataclasses.fields(DinoSRConfig)}
     return {**{k: v for k, v in fields.items() if k in common}, **overrides}
@@ -205,8 +210,6 @@ def preset_model_fields(preset: str | Path = "tiny", **overrides: Any) -> dict[s
 def read_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """Read a TOML (or the JSON that `save_resolved` writes) and apply `key=value` overrides."""
     path = resolve_path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config not found: {path} (shipped presets: base, tiny)")
     text = path.read_text(encoding="utf-8")
     data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     try:

@@ -293,3 +293,25 @@ def test_gpu_base_shape(triton_backend, monkeypatch, B, T, keep, dtype):
     truth = reference(monkeypatch, leaves, mask, 16, grad_y, dtype=torch.float64)
     for name, g, p, t in zip(NAMES, got, pt, truth):
         assert_close_to_truth(name, g, p, t, 1e-3)
+
+
+def test_dot_precision_reads_the_conv_setting_through_either_torch_api():
+    """An fp32 CUDA input runs its dots in TF32 exactly where cuDNN would run the fp32 conv in TF32, read as
+    `conv0.conv_uses_tf32` reads it: with cuDNN's conv and rnn precisions set apart by the fp32_precision API,
+    torch refuses the legacy `cudnn.allow_tf32` read (the launcher raised before)."""
+    from types import SimpleNamespace
+
+    from spidr_fast.kernels import pos_conv
+
+    cudnn = torch.backends.cudnn
+    if not hasattr(cudnn, "conv") or not hasattr(cudnn.conv, "fp32_precision"):
+        pytest.skip("this torch has only the legacy TF32 flag")
+    cuda_fp32 = SimpleNamespace(is_cuda=True, dtype=torch.float32)
+    saved = cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision
+    try:
+        for conv, want in (("tf32", "tf32"), ("ieee", "ieee")):
+            cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = conv, "ieee" if conv == "tf32" else "tf32"
+            assert pos_conv._dot_config(cuda_fp32)["INPUT_PRECISION"] == want
+        assert pos_conv._dot_config(SimpleNamespace(is_cuda=False, dtype=torch.float32))["INPUT_PRECISION"] == "ieee"
+    finally:
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = saved

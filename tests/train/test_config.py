@@ -157,3 +157,12 @@ def test_preset_model_fields_are_the_presets_model() -> None:
     assert SpidRConfig(**preset_model_fields("tiny", codebook_size=16)).codebook_size == 16
     with pytest.raises(FileNotFoundError, match=r"nope\.toml"):
         preset_model_fields("nope.toml")
+
+
+def test_a_missing_config_names_every_shipped_preset(tmp_path: Path) -> None:
+    """The error lists the presets there are (the list was written out by hand and had lost `demo`)."""
+    from spidr_fast.train.config import preset_model_fields
+
+    for read in (read_config, preset_model_fields):
+        with pytest.raises(FileNotFoundError, match=r"nope\.toml \(shipped presets: base, demo, tiny\)"):
+            read(str(tmp_path / "nope.toml"))
